@@ -1,0 +1,108 @@
+"""Head-group maths and the attention function.
+
+H query heads share G key/value heads. Grouping is contiguous everywhere in gqa (as in transformers'
+`repeat_kv`, torch SDPA `enable_gqa`, vLLM and FlashInfer): query head h reads KV head h // (H // G).
+A different grouping is realised at conversion time by permuting query heads, never at run time.
+
+Nothing here repeats K/V up to H heads. Prefill goes through SDPA with `enable_gqa=True`; short query
+blocks (decode) fold the H // G query heads of a group into the rows of one matmul against their KV
+head, so every K/V element is read once per group: the reason GQA decodes faster in the first place.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .errors import GQAError
+
+# Query blocks up to this length take the grouped-matmul path; longer ones (prefill) take SDPA.
+DECODE_MAX_QUERY_LEN = 16
+
+
+def check_heads(n_heads: int, n_kv_heads: int) -> None:
+    """Raise GQAError unless n_kv_heads is a positive divisor of n_heads."""
+    if n_kv_heads < 1 or n_heads < 1:
+        raise GQAError(f"head counts must be positive, got {n_heads} query heads and {n_kv_heads} KV heads")
+    if n_kv_heads > n_heads:
+        raise GQAError(f"{n_kv_heads} KV heads is more than the {n_heads} query heads; G must divide H")
+    if n_heads % n_kv_heads:
+        divisors = [g for g in range(1, n_heads + 1) if n_heads % g == 0]
+        raise GQAError(
+            f"{n_kv_heads} KV heads does not divide {n_heads} query heads; choose one of {divisors}"
+        )
+
+
+def kv_head_of(query_head: int, n_heads: int, n_kv_heads: int) -> int:
+    """The KV head that query head `query_head` reads (contiguous grouping)."""
+    check_heads(n_heads, n_kv_heads)
+    return query_head // (n_heads // n_kv_heads)
+
+
+def build_mask(
+    query_positions: torch.Tensor,
+    key_valid: torch.Tensor,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Boolean mask [B, 1, S, T]: True where query s may attend to key t.
+
+    query_positions: [B, S] absolute position of each query (its slot in the cache).
+    key_valid: [B, T] True for keys that hold a real token (padding and unwritten cache slots are False).
+    Keys are addressed by slot index t, which equals their absolute position.
+    """
+    key_index = torch.arange(key_valid.shape[-1], device=key_valid.device)
+    allowed = key_index[None, None, :] <= query_positions[:, :, None]  # causal
+    if sliding_window is not None:
+        allowed &= key_index[None, None, :] > query_positions[:, :, None] - sliding_window
+    allowed &= key_valid[:, None, :]
+    # A padding query may have no key at all; let it see its own slot so softmax stays finite.
+    own = key_index[None, None, :] == query_positions[:, :, None]
+    allowed |= own & ~allowed.any(-1, keepdim=True)
+    return allowed[:, None]
+
+
+def grouped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Attention with the query group folded into the rows: q [B, H, S, D], k/v [B, G, T, D] -> [B, H, S, D].
+
+    q is viewed as [B, G, (H/G)·S, D], so one matmul per KV head serves its whole group and K/V are
+    never copied. Softmax runs in fp32.
+    """
+    batch, n_heads, q_len, head_dim = q.shape
+    n_kv_heads, kv_len = k.shape[1], k.shape[2]
+    group = n_heads // n_kv_heads
+    q = q.reshape(batch, n_kv_heads, group * q_len, head_dim)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    scores = scores.view(batch, n_kv_heads, group, q_len, kv_len)
+    if mask is not None:  # [B, 1, S, T] -> broadcast over (G, H/G)
+        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = torch.matmul(probs.view(batch, n_kv_heads, group * q_len, kv_len), v)
+    return out.view(batch, n_heads, q_len, v.shape[-1])
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """Grouped attention: q [B, H, S, D], k/v [B, G, T, D], mask [B, 1, S, T] bool (True = attend).
+
+    `is_causal` (only without a mask, S == T) lets SDPA pick its fastest causal kernel.
+    """
+    n_heads, n_kv_heads = q.shape[1], k.shape[1]
+    check_heads(n_heads, n_kv_heads)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if q.shape[2] <= DECODE_MAX_QUERY_LEN and not is_causal:
+        return grouped_attention(q, k, v, mask, scale)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, scale=scale,
+        enable_gqa=n_kv_heads != n_heads,
+    )

@@ -1,0 +1,192 @@
+"""Model folders on disk: config.json, safetensors weights (one file or shards), tokenizer files.
+
+Weights are read with safetensors only: a pickle (`.bin`) can run code when it is loaded, so it is refused.
+Writing goes to a temporary folder beside the destination that is renamed when complete, so an
+interrupted write never leaves something that looks like a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..errors import GQAError
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
+SHARD_BYTES = 4 * 1024**3
+
+
+def model_dir(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise GQAError(f"no model folder at {path}")
+    if not path.is_dir():
+        raise GQAError(f"{path} is a file; expected a model folder holding config.json and safetensors weights")
+    return path
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    path = model_dir(path)
+    file = path / "config.json"
+    if not file.is_file():
+        raise GQAError(f"{path} has no config.json: not a Hugging Face model folder")
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GQAError(f"{file} is not valid JSON: {e}") from None
+
+
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a folder: model.safetensors, or the shards its index names."""
+    path = model_dir(path)
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+            raise GQAError(f"{index} is not a valid safetensors index: {e}") from None
+        files = [path / name for name in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise GQAError(f"{path} is missing shards named in its index: {', '.join(missing)}")
+        return files
+    if single.is_file():
+        return [single]
+    others = sorted(path.glob("*.safetensors"))
+    if len(others) == 1:
+        return others
+    pickles = [name for name in PICKLE_WEIGHTS if (path / name).exists()] or [p.name for p in path.glob("*.bin")]
+    if pickles:
+        raise GQAError(
+            f"{path} holds weights only in pickle form ({pickles[0]}); gqa reads safetensors only, because "
+            "loading a pickle can run arbitrary code: re-save it with save_pretrained(safe_serialization=True)"
+        )
+    raise GQAError(f"{path} has no model.safetensors or model.safetensors.index.json")
+
+
+def iter_tensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of a folder, one file open at a time."""
+    for file in weight_files(path):
+        yield from iter_file(file)
+
+
+def iter_file(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    except GQAError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        raise GQAError(f"cannot read {file}: truncated or corrupt safetensors file ({one_line(e)})") from None
+
+
+def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[list[int], str]]:
+    """Name -> (shape, dtype) from the safetensors headers, without reading any weights."""
+    shapes = {}
+    for file in weight_files(path):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    s = f.get_slice(name)
+                    shapes[name] = (list(s.get_shape()), s.get_dtype())
+        except Exception as e:
+            raise GQAError(f"cannot read {file}: truncated or corrupt safetensors file ({one_line(e)})") from None
+    return shapes
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `dest`; rename it to `dest` only if the block completes."""
+    dest = Path(dest)
+    if dest.exists() and not overwrite:
+        raise GQAError(f"{dest} already exists; pass --overwrite (overwrite=True) to replace it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    try:
+        yield tmp
+        if dest.exists():
+            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def copy_tokenizer(src: str | os.PathLike | None, dest: Path) -> None:
+    if src is None:
+        return
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, dest / name)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+class ShardWriter:
+    """Writes tensors into safetensors shards of at most `shard_bytes`, then the index if there is more than one."""
+
+    def __init__(self, dest: Path, shard_bytes: int = SHARD_BYTES):
+        self.dest, self.shard_bytes = dest, shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[tuple[str, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.shard_bytes:
+            self.flush()
+        self.pending[name] = tensor.detach().contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        name = f"shard-{len(self.files):05d}.safetensors"
+        save_file(self.pending, str(self.dest / name), metadata={"format": "pt"})
+        self.files.append((name, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        self.flush()
+        if len(self.files) == 1:
+            os.replace(self.dest / self.files[0][0], self.dest / "model.safetensors")
+            return
+        n = len(self.files)
+        weight_map = {}
+        for i, (old, names) in enumerate(self.files):
+            new = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.dest / old, self.dest / new)
+            weight_map.update({t: new for t in names})
+        write_json(
+            self.dest / "model.safetensors.index.json",
+            {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map},
+        )

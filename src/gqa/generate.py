@@ -1,0 +1,111 @@
+"""Batched incremental generation: one prefill of all prompts, then one token per step against the cache.
+
+Prompts of different lengths share a batch without left padding: each sequence's cache slots start at 0 and
+its next token goes to slot `lengths[b]` (see `gqa.cache`), so no cache memory is spent on padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .errors import GQAError
+from .model import Transformer
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next tokens [B] from logits [B, vocab]: greedy at temperature 0, else top-k / top-p sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens before it already hold top_p of the mass; the first always stays
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
+    if temperature < 0:
+        raise GQAError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise GQAError(f"top_k must be >= 0, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise GQAError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 1:
+        raise GQAError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
+@torch.inference_mode()
+def generate(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Sequence[int] = (),
+    seed: int | None = None,
+) -> list[list[int]]:
+    """Continue each prompt (a list of token ids); returns the new tokens of each, up to and including a stop token."""
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise GQAError("every prompt needs at least one token")
+    lengths = [len(p) for p in prompts]
+    limit = model.config.max_positions
+    if max(lengths) > limit:
+        raise GQAError(f"a prompt of {max(lengths)} tokens is longer than the model's {limit} positions")
+    if max(lengths) + max_new_tokens > limit:
+        raise GQAError(
+            f"prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's {limit} positions"
+        )
+    device = model.device
+    batch = len(prompts)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+    tokens = torch.zeros(batch, max(lengths), dtype=torch.long, device=device)
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        tokens[b, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[b, : len(p)] = True
+    cache = model.new_cache(batch, max(lengths) + max_new_tokens)
+    logits = model(tokens, attention_mask=mask, cache=cache)
+    last = torch.as_tensor(lengths, device=device) - 1
+    logits = logits[torch.arange(batch, device=device), last]
+
+    stop = torch.as_tensor(list(stop_tokens), dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    out = []
+    for step in range(max_new_tokens):
+        next_tokens = sample(logits, temperature, top_k, top_p, generator)
+        out.append(next_tokens)
+        if stop.numel():
+            done |= torch.isin(next_tokens, stop)
+            if bool(done.all()):
+                break
+        if step + 1 < max_new_tokens:
+            logits = model(next_tokens[:, None], cache=cache)[:, -1]
+
+    generated = torch.stack(out, dim=1).tolist()
+    stop_set = set(stop_tokens)
+    results = []
+    for seq in generated:
+        end = next((i + 1 for i, t in enumerate(seq) if t in stop_set), len(seq))
+        results.append(seq[:end])
+    return results
