@@ -9,7 +9,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch
 import transformers
 
-VOCAB = 96
+VOCAB = 320  # holds the byte-level test tokenizer (256 bytes + merges + specials)
 
 CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(
@@ -54,6 +54,28 @@ def build(family: str, seed: int = 0, **overrides):
     return model.eval()
 
 
-def save(model, path) -> str:
+TEXT = (
+    "Once upon a time there was a little model with many heads. It shared its keys and values between groups "
+    "of heads, and decoding became fast. The quick brown fox jumps over the lazy dog. "
+) * 20
+
+
+def train_tokenizer():
+    """A byte-level BPE with VOCAB - 8 entries, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB - 8, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([TEXT], trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+def save(model, path, tokenizer=None) -> str:
     model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
     return str(path)

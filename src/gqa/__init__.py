@@ -2,9 +2,9 @@
 
 __version__ = "0.1.0"
 
-from .errors import GQAError  # noqa: E402
-from .model import ModelConfig, Transformer  # noqa: E402
-from .checkpoints import load, save  # noqa: E402
-from .generate import generate  # noqa: E402
+from .checkpoints import load, save
+from .errors import GQAError
+from .generate import generate
+from .model import ModelConfig, Transformer
 
-__all__ = ["GQAError", "ModelConfig", "Transformer", "load", "save", "generate", "__version__"]
+__all__ = ["GQAError", "ModelConfig", "Transformer", "__version__", "generate", "load", "save"]

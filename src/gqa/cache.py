@@ -32,7 +32,7 @@ class KVCache:
         max_len: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
-    ) -> "KVCache":
+    ) -> KVCache:
         shapes = [(batch_size, g, max_len, head_dim) for g in n_kv_heads]
         return cls(
             keys=[torch.zeros(s, dtype=dtype, device=device) for s in shapes],

@@ -8,7 +8,10 @@ KV-head layout, as GPT-BigCode for a GPT-2 model with one KV head, and otherwise
 
 from __future__ import annotations
 
+import collections
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -157,3 +160,47 @@ def save(
         for name, obj in (extra_files or {}).items():
             files.write_json(tmp / name, obj)
     return Path(dest)
+
+
+SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """What `gqa info` prints: architecture, heads per layer, parameters, KV bytes per token. Reads no weights."""
+    config, family, hf = read_model_config(path)
+    shapes = files.tensor_shapes(path)
+    ignore = family.ignore if family else ()
+    kept = {n: s for n, s in shapes.items() if not any(re.fullmatch(p, n) for p in ignore)}
+    params = sum(math.prod(shape) for shape, _ in kept.values())
+    dtypes = collections.Counter()
+    for shape, dtype in kept.values():
+        dtypes[dtype] += math.prod(shape)
+    storage = dtypes.most_common(1)[0][0] if dtypes else "F32"
+    element = SAFETENSORS_BYTES.get(storage, 4)
+    kv = config.kv_bytes_per_token(element)
+    mha = config.n_layers * 2 * config.n_heads * config.head_dim * element
+    return {
+        "path": str(path),
+        "architecture": (hf.get("architectures") or [hf.get("model_type")])[0],
+        "family": family.name if family else "gqa",
+        "layers": config.n_layers,
+        "hidden_size": config.dim,
+        "query_heads": config.n_heads,
+        "kv_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
+        "attention": attention_kind(config),
+        "vocab_size": config.vocab_size,
+        "max_positions": config.max_positions,
+        "parameters": params,
+        "dtype": storage,
+        "kv_bytes_per_token": kv,
+        "kv_bytes_per_token_if_mha": mha,
+        "kv_reduction": mha / kv,
+    }
+
+
+def attention_kind(config: ModelConfig) -> str:
+    kinds = set()
+    for g in config.n_kv_heads:
+        kinds.add("MHA" if g == config.n_heads else "MQA" if g == 1 else f"GQA-{g}")
+    return "+".join(sorted(kinds)) if len(kinds) > 1 else kinds.pop()

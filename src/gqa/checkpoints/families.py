@@ -11,8 +11,8 @@ Defaults below are the ones transformers uses when a config.json leaves a field 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

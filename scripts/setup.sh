@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# One set-up command: the CPU build of PyTorch first where no torch is present (a bare `torch` requirement
+# would pull a multi-GB CUDA build), then gqa with its test dependencies, editable.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+    "$PYTHON" -m pip install --quiet torch==2.13.0 \
+        || "$PYTHON" -m pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu
+fi
+"$PYTHON" -m pip install --quiet -e ".[dev]"

@@ -1,0 +1,148 @@
+import json
+
+import pytest
+import torch
+import transformers
+from conftest import padded_batch
+
+import gqa
+from gqa import GQAError, ModelConfig, Transformer
+from gqa.checkpoints import describe, save, target_family
+
+ATOL = 1e-4
+
+
+def hf_logits(hf, ids, mask, **kw):
+    with torch.no_grad():
+        return hf(input_ids=ids, attention_mask=mask.long(), **kw).logits
+
+
+def assert_logits_close(ours, ref, mask):
+    """Compare at real tokens only; logits at padding are undefined."""
+    torch.testing.assert_close(ours[mask], ref[mask], atol=ATOL, rtol=0)
+
+
+def test_import_matches_transformers_on_padded_batch(tiny, family):
+    hf, path = tiny(family)
+    model = gqa.load(path)
+    ids, mask = padded_batch([13, 7])
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask)
+    assert_logits_close(ours, hf_logits(hf, ids, mask), mask)
+    assert model.config.n_kv_heads == [hf.config.num_key_value_heads if family in ("mistral", "qwen2") else
+                                       1 if family == "gpt_bigcode" else 4] * 2
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "opt"])
+def test_left_padding_matches_transformers(tiny, family):
+    hf, path = tiny(family)
+    model = gqa.load(path)
+    ids, right = padded_batch([12, 5])
+    # move each row's real tokens to the right end
+    mask = right.flip(-1)
+    ids = torch.stack([torch.cat([row[~m], row[m]]) for row, m in zip(ids, right)])
+    kw = {}
+    if family != "opt":  # OPT derives positions from the mask itself
+        kw["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask)
+    assert_logits_close(ours, hf_logits(hf, ids, mask, **kw), mask)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt_bigcode", "gpt2", "gpt_neox", "opt"])
+def test_export_round_trip_through_transformers(tiny, family, tmp_path):
+    _, path = tiny(family)
+    model = gqa.load(path)
+    out = save(model, tmp_path / "export")
+    assert json.loads((out / "config.json").read_text())["architectures"] == model.hf_config["architectures"]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False).eval()
+    ids, mask = padded_batch([11, 6], seed=1)
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask)
+    assert_logits_close(ours, hf_logits(reloaded, ids, mask), mask)
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_export_keeps_grouped_heads(tiny, tmp_path):
+    _, path = tiny("mistral")  # 4 query heads, 2 KV heads
+    out = save(gqa.load(path), tmp_path / "m")
+    assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == 2
+
+
+def per_layer_model(seed=0):
+    config = ModelConfig(vocab_size=64, dim=48, n_layers=3, n_heads=6, n_kv_heads=[6, 3, 1], head_dim=8,
+                         hidden_dim=80, max_positions=64, positions="learned", norm="layer", mlp="plain",
+                         activation="gelu_tanh", qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True)
+    torch.manual_seed(seed)
+    return Transformer(config).eval()
+
+
+def test_own_format_round_trip_is_exact(tmp_path):
+    model = per_layer_model()
+    assert target_family(model) is None  # no HF family can hold per-layer KV heads with learned positions
+    out = save(model, tmp_path / "own")
+    reloaded = gqa.load(out)
+    assert reloaded.config == model.config
+    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    ids, mask = padded_batch([9, 4], vocab=64)
+    with torch.no_grad():
+        assert torch.equal(model(ids, attention_mask=mask), reloaded(ids, attention_mask=mask))
+    assert reloaded.output.weight is reloaded.tok_embeddings.weight
+    assert [k.shape[1] for k in reloaded.new_cache(2, 16).keys] == [6, 3, 1]
+
+
+def test_gpt2_cannot_be_forced_into_hf_with_partial_grouping(tmp_path):
+    model = per_layer_model()
+    with pytest.raises(GQAError, match="format='native'"):
+        save(model, tmp_path / "x", format="hf")
+
+
+def test_sharded_checkpoint_loads(tiny, tmp_path):
+    hf, _ = tiny("llama")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    model = gqa.load(tmp_path / "sharded")
+    ids, mask = padded_batch([10, 10])
+    with torch.no_grad():
+        assert_logits_close(model(ids), hf_logits(hf, ids, mask), mask)
+
+
+def test_save_writes_shards_and_index(tiny, tmp_path):
+    _, path = tiny("qwen2")
+    model = gqa.load(path)
+    out = save(model, tmp_path / "sh", shard_bytes=60_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    reloaded = gqa.load(out)
+    ids, _ = padded_batch([8])
+    with torch.no_grad():
+        assert torch.equal(model(ids), reloaded(ids))
+
+
+def test_bf16_load_and_dtype_override(tiny):
+    _, path = tiny("llama")
+    model = gqa.load(path, dtype="bfloat16")
+    assert model.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    with pytest.raises(GQAError, match="unknown dtype"):
+        gqa.load(path, dtype="float8")
+
+
+def test_describe_reports_kv_bytes(tiny):
+    _, path = tiny("mistral")
+    info = describe(path)
+    # 2 layers * 2 (K and V) * 2 KV heads * head_dim 16 * 4 bytes
+    assert info["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
+    assert info["kv_heads"] == [2, 2] and info["attention"] == "GQA-2" and info["kv_reduction"] == 2.0
+    hf, _ = tiny("mistral")
+    assert info["parameters"] == sum(p.numel() for p in hf.parameters())
+
+
+def test_existing_destination_is_refused(tiny, tmp_path):
+    _, path = tiny("llama")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(GQAError, match="already exists"):
+        save(gqa.load(path), tmp_path / "taken")
+    assert list((tmp_path / "taken").iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]  # no temporary folder left behind
