@@ -11,40 +11,33 @@ import transformers
 
 VOCAB = 320  # holds the byte-level test tokenizer (256 bytes + merges + specials)
 
-CONFIGS = {
-    "llama": lambda: transformers.LlamaConfig(
+CONFIGS = {  # family -> (config class, tiny settings)
+    "llama": (transformers.LlamaConfig, dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=128, rope_theta=500000.0,
-    ),
-    "mistral": lambda: transformers.MistralConfig(
+        num_key_value_heads=4, max_position_embeddings=128, rope_theta=500000.0)),
+    "mistral": (transformers.MistralConfig, dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, sliding_window=None,
-    ),
-    "qwen2": lambda: transformers.Qwen2Config(
+        num_key_value_heads=2, max_position_embeddings=128, sliding_window=None)),
+    "qwen2": (transformers.Qwen2Config, dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
-    ),
-    "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128),
-    "gpt_neox": lambda: transformers.GPTNeoXConfig(
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)),
+    "gpt2": (transformers.GPT2Config, dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128)),
+    "gpt_neox": (transformers.GPTNeoXConfig, dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=128, rotary_pct=0.5,
-    ),
-    "opt": lambda: transformers.OPTConfig(
+        max_position_embeddings=128, rotary_pct=0.5)),
+    "opt": (transformers.OPTConfig, dict(
         vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=128, pad_token_id=1,
-    ),
-    "gpt_bigcode": lambda: transformers.GPTBigCodeConfig(
-        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128, multi_query=True,
-    ),
+        max_position_embeddings=128, pad_token_id=1)),
+    "gpt_bigcode": (transformers.GPTBigCodeConfig, dict(
+        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128, multi_query=True)),
 }
 FAMILIES = list(CONFIGS)
 
 
 def build(family: str, seed: int = 0, **overrides):
     """A random HF model of `family` (fp32, eval mode) with non-trivial norms and biases."""
-    config = CONFIGS[family]()
-    for key, value in overrides.items():
-        setattr(config, key, value)
+    config_class, settings = CONFIGS[family]
+    config = config_class(**{**settings, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     with torch.no_grad():  # random norms and biases, so a wrong mapping of either shows in the logits

@@ -116,9 +116,27 @@ def cmd_export(args) -> None:
     from .checkpoints import load, save, target_family
 
     model = load(args.model, dtype=args.dtype)
-    family = target_family(model, args.format)
+    family = target_family(model.config, model.hf_config, args.format)
     save(model, args.out, format=args.format, overwrite=args.overwrite)
     print(f"wrote {args.out} as {family.architectures[0] if family else 'GQAForCausalLM (gqa format)'}")
+
+
+def parse_heads_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise GQAError(f"--kv-heads-per-layer takes comma-separated integers, got {text!r}") from None
+
+
+def cmd_convert(args) -> None:
+    from .conversion import convert, format_report
+
+    per_layer = parse_heads_list(args.kv_heads_per_layer) if args.kv_heads_per_layer else None
+    report = convert(
+        args.model, args.out, kv_heads=args.kv_heads, kv_heads_per_layer=per_layer, method=args.method,
+        seed=args.seed, overwrite=args.overwrite, format=args.format,
+    )
+    print(format_report(report))
 
 
 def cmd_demo(args) -> None:
@@ -171,6 +189,17 @@ def build_parser() -> Parser:
     p.add_argument("--dtype", default=None)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("convert", help="MHA -> GQA/MQA: pool K/V heads (mean, first or random), streamed")
+    p.add_argument("model")
+    p.add_argument("out")
+    p.add_argument("--kv-heads", type=int, default=None, help="KV heads in every layer (1 = MQA)")
+    p.add_argument("--kv-heads-per-layer", default=None, help="comma-separated, one per layer, e.g. 8,8,4,4,2,2,1,1")
+    p.add_argument("--method", default="mean", help="mean (default) | first | random")
+    p.add_argument("--seed", type=int, default=0, help="seed for --method random")
+    p.add_argument("--format", default="auto", choices=["auto", "hf", "native"])
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("demo", help="the end-to-end demo on the bundled corpus")
     p.add_argument("--out", default="gqa-demo")

@@ -21,7 +21,7 @@ from .. import __version__
 from ..errors import GQAError
 from ..model import ModelConfig, Transformer
 from . import files
-from .families import BIGCODE, BY_ARCHITECTURE, GPT2, Family, family_for
+from .families import BIGCODE, BY_ARCHITECTURE, DECILM, GPT2, LLAMA, MISTRAL, QWEN2, Family, family_for
 
 NATIVE_ARCHITECTURE = "GQAForCausalLM"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -52,6 +52,13 @@ def read_model_config(path: str | os.PathLike) -> tuple[ModelConfig, Family | No
         raise GQAError(f"{Path(path) / 'config.json'} lacks the field {e.args[0]!r}") from None
     except TypeError as e:
         raise GQAError(f"{Path(path) / 'config.json'} has an invalid field: {e}") from None
+
+
+def export_tensors(state: dict[str, torch.Tensor], config: ModelConfig, family: Family | None) -> dict[str, torch.Tensor]:
+    """gqa tensors -> the tensors of `family`'s files (gqa's own names when None); tied heads are not stored."""
+    if family is not None:
+        return family.export_state(state, config)
+    return {k: v for k, v in state.items() if not (k == "output.weight" and config.tie_embeddings)}
 
 
 def import_tensors(path, config: ModelConfig, family: Family | None) -> dict[str, torch.Tensor]:
@@ -99,25 +106,52 @@ def load(
     return model
 
 
-def target_family(model: Transformer, format: str = "auto") -> Family | None:
-    """The HF family `save` writes for this model, or None for gqa's own format."""
+def target_family(config: ModelConfig, hf_config: dict | None, format: str = "auto") -> Family | None:
+    """The HF family a model with this config is written as, or None for gqa's own format.
+
+    The source's own architecture when it can hold the KV-head layout; GPT-2 with one KV head becomes
+    GPT-BigCode; a Llama-style model with per-layer KV heads becomes Nemotron-NAS (DeciLM) block_configs.
+    """
     if format not in ("auto", "hf", "native"):
         raise GQAError(f"unknown format {format!r}; choose auto, hf or native")
     if format == "native":
         return None
     source = None
-    if model.hf_config:
-        source = next((BY_ARCHITECTURE[a] for a in model.hf_config.get("architectures") or [] if a in BY_ARCHITECTURE), None)
+    if hf_config:
+        archs = hf_config.get("architectures") or []
+        source = next((BY_ARCHITECTURE[a] for a in archs if a in BY_ARCHITECTURE), None)
     candidates = [source] if source else []
     if source is GPT2:
         candidates.append(BIGCODE)  # GPT-2 with one KV head is GPT-BigCode
+    if source in (LLAMA, MISTRAL, QWEN2):
+        candidates.append(DECILM)  # per-layer KV heads
     for family in candidates:
-        if family.can_express(model.config):
+        if family.can_express(config):
             return family
     if format == "hf":
         name = source.name if source else "no HF family"
-        raise GQAError(f"{name} cannot express KV heads {model.config.n_kv_heads}; save with format='native'")
+        raise GQAError(f"{name} cannot express KV heads {config.n_kv_heads}; save with format='native'")
     return None
+
+
+def config_json(config: ModelConfig, hf_config: dict | None, family: Family | None, dtype: torch.dtype) -> dict:
+    """The config.json of a folder written as `family` (None: gqa's own format)."""
+    base = dict(hf_config or {})
+    for key in ("_name_or_path", "torch_dtype", "dtype", "transformers_version"):
+        base.pop(key, None)
+    dtype_name = str(dtype).removeprefix("torch.")
+    if family is None:
+        return {
+            "architectures": [NATIVE_ARCHITECTURE],
+            "model_type": "gqa",
+            "gqa_version": __version__,
+            "gqa_config": config.to_dict(),
+            "hf_config": base or None,
+            "torch_dtype": dtype_name,
+        }
+    out = family.to_hf_config(config, base)
+    out["torch_dtype"] = dtype_name
+    return out
 
 
 def save(
@@ -131,31 +165,16 @@ def save(
 ) -> Path:
     """Write `model` to folder `dest` atomically; returns the path. Tokenizer files travel with it."""
     dtype = parse_dtype(dtype) or model.dtype
-    family = target_family(model, format)
+    family = target_family(model.config, model.hf_config, format)
     state = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    base = dict(model.hf_config or {})
-    for key in ("_name_or_path", "torch_dtype", "dtype", "transformers_version"):
-        base.pop(key, None)
-    if family is None:
-        state.pop("output.weight", None) if model.config.tie_embeddings else None
-        config_json = {
-            "architectures": [NATIVE_ARCHITECTURE],
-            "model_type": "gqa",
-            "gqa_version": __version__,
-            "gqa_config": model.config.to_dict(),
-            "hf_config": base or None,
-            "torch_dtype": str(dtype).removeprefix("torch."),
-        }
-    else:
-        state = family.export_state(state, model.config)
-        config_json = family.to_hf_config(model.config, base)
-        config_json["torch_dtype"] = str(dtype).removeprefix("torch.")
+    state = export_tensors(state, model.config, family)
+    config = config_json(model.config, model.hf_config, family, dtype)
     with files.atomic_dir(dest, overwrite=overwrite) as tmp:
         writer = files.ShardWriter(tmp, shard_bytes)
         for name, tensor in state.items():
             writer.add(name, tensor)
         writer.close()
-        files.write_json(tmp / "config.json", config_json)
+        files.write_json(tmp / "config.json", config)
         files.copy_tokenizer(model.source_dir, tmp)
         for name, obj in (extra_files or {}).items():
             files.write_json(tmp / name, obj)

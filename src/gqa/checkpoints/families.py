@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -562,7 +562,83 @@ LLAMA = llama_like("llama", "LlamaForCausalLM")
 MISTRAL = llama_like("mistral", "MistralForCausalLM")
 QWEN2 = llama_like("qwen2", "Qwen2ForCausalLM")
 
-FAMILIES: list[Family] = [LLAMA, MISTRAL, QWEN2, GPT2, NEOX, OPT, BIGCODE]
+# ------------------------------------------------------------------------- Nemotron-NAS (DeciLM) per layer
+
+def find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - n % k
+
+
+def ffn_mult_to_hidden(ffn_mult: float, dim: int) -> int:
+    """DeciLM's rule for the MLP width of a block (as vLLM, TensorRT-LLM and llama.cpp apply it)."""
+    return find_multiple(int(2 * ffn_mult * dim / 3), 256)
+
+
+def decilm_config(hf: dict) -> ModelConfig:
+    blocks = hf.get("block_configs")
+    if not isinstance(blocks, list) or len(blocks) != hf["num_hidden_layers"]:
+        raise GQAError("DeciLM config needs block_configs with one entry per layer")
+    n_heads, dim = hf["num_attention_heads"], hf["hidden_size"]
+    n_kv, widths = [], set()
+    for i, block in enumerate(blocks):
+        attn, ffn = block.get("attention", {}), block.get("ffn", {})
+        if attn.get("no_op") or attn.get("replace_with_linear") or ffn.get("no_op") or ffn.get("replace_with_linear"):
+            raise GQAError(f"DeciLM block {i}: no-op or linear-replacement blocks are not supported")
+        if attn.get("window_length") or attn.get("sparsify") or ffn.get("sparsify"):
+            raise GQAError(f"DeciLM block {i}: windowed or sparse blocks are not supported")
+        group = attn.get("n_heads_in_group")
+        if not group or n_heads % group:
+            raise GQAError(f"DeciLM block {i}: n_heads_in_group {group} does not divide {n_heads} heads")
+        n_kv.append(n_heads // group)
+        widths.add(ffn_mult_to_hidden(ffn["ffn_mult"], dim))
+    if len(widths) != 1:
+        raise GQAError("DeciLM checkpoints whose MLP width varies by layer are not supported")
+    base = dict(hf, num_key_value_heads=n_heads, intermediate_size=widths.pop())
+    config = llama_like_config(base, "llama")
+    config.n_kv_heads = n_kv
+    config.__post_init__()
+    return config
+
+
+def decilm_hf_config(config: ModelConfig, base: dict) -> dict:
+    ffn_mult = config.hidden_dim * 3 / (2 * config.dim)
+    if ffn_mult_to_hidden(ffn_mult, config.dim) != config.hidden_dim:
+        raise GQAError(f"DeciLM block_configs cannot express an MLP width of {config.hidden_dim} (not a multiple of 256)")
+    out = llama_like_hf_config(replace(config, n_kv_heads=[config.n_heads] * config.n_layers), base, "nemotron-nas",
+                               "DeciLMForCausalLM")
+    out.pop("num_key_value_heads", None)
+    out.pop("intermediate_size", None)
+    out.pop("auto_map", None)  # the remote code it names is not ours to point at
+    out["block_configs"] = [
+        {
+            "attention": {"n_heads_in_group": config.n_heads // g, "no_op": False, "replace_with_linear": False},
+            "ffn": {"ffn_mult": ffn_mult, "no_op": False, "replace_with_linear": False},
+        }
+        for g in config.n_kv_heads
+    ]
+    return out
+
+
+class DeciLMFamily(Family):
+    def can_express(self, config: ModelConfig) -> bool:
+        ffn_mult = config.hidden_dim * 3 / (2 * config.dim)
+        return (
+            config.norm == "rms" and config.positions == "rope" and config.mlp == "gated"
+            and config.qkv_bias == config.out_bias and config.sliding_window is None
+            and config.rotary_dim == config.head_dim
+            and ffn_mult_to_hidden(ffn_mult, config.dim) == config.hidden_dim
+        )
+
+
+DECILM = DeciLMFamily(
+    name="decilm",
+    architectures=("DeciLMForCausalLM",),
+    model_type="nemotron-nas",
+    rules=LLAMA_RULES,
+    to_config=decilm_config,
+    to_hf_config=decilm_hf_config,
+)
+
+FAMILIES: list[Family] = [LLAMA, MISTRAL, QWEN2, GPT2, NEOX, OPT, BIGCODE, DECILM]
 BY_ARCHITECTURE = {arch: fam for fam in FAMILIES for arch in fam.architectures}
 
 
@@ -575,5 +651,5 @@ def family_for(hf: dict, where: str) -> Family:
         if not archs and hf.get("model_type") == fam.model_type:
             return fam
     found = ", ".join(archs) or hf.get("model_type") or "none named"
-    supported = ", ".join(sorted(BY_ARCHITECTURE) + ["GQAForCausalLM (gqa's own format)", "DeciLMForCausalLM"])
+    supported = ", ".join(sorted(BY_ARCHITECTURE) + ["GQAForCausalLM (gqa's own format)"])
     raise GQAError(f"{where}: architecture {found} is not supported; supported: {supported}")

@@ -101,6 +101,34 @@ def iter_file(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
         raise GQAError(f"cannot read {file}: truncated or corrupt safetensors file ({one_line(e)})") from None
 
 
+def tensor_index(path: str | os.PathLike) -> dict[str, Path]:
+    """Name -> the file that holds it, from the headers alone."""
+    index = {}
+    for file in weight_files(path):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                index.update({name: file for name in f.keys()})
+        except Exception as e:
+            raise GQAError(f"cannot read {file}: truncated or corrupt safetensors file ({one_line(e)})") from None
+    return index
+
+
+def read_tensors(index: dict[str, Path], names: list[str]) -> dict[str, torch.Tensor]:
+    """Read `names`, opening each file once and closing it after, so its mapping does not stay resident."""
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(index[name], []).append(name)
+    out = {}
+    for file, wanted in by_file.items():
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in wanted:
+                    out[name] = f.get_tensor(name)
+        except Exception as e:
+            raise GQAError(f"cannot read {file}: truncated or corrupt safetensors file ({one_line(e)})") from None
+    return out
+
+
 def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[list[int], str]]:
     """Name -> (shape, dtype) from the safetensors headers, without reading any weights."""
     shapes = {}

@@ -1,0 +1,163 @@
+"""MHA -> GQA / MQA conversion of a model folder, streamed one layer at a time.
+
+The converter never holds the model: it reads one layer's tensors (from whichever shard holds them),
+splits fused layouts into per-head projections (`gqa.checkpoints.families`), pools the K and V
+projections (`pooling`), joins them back into the output family's layout and hands them to a shard
+writer whose shards are at most half the largest input shard. Peak memory is therefore bounded by the
+largest shard, not the model. Output goes to a temporary folder renamed when complete; config.json is
+written last, so a partial folder is never mistaken for a model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..checkpoints import config_json, export_tensors, files, read_model_config, target_family
+from ..errors import GQAError
+from .pooling import METHODS, check_method, pool_heads
+
+LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
+KV_TENSOR = re.compile(r"layers\.(\d+)\.attention\.w[kv]\.(weight|bias)")
+TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+__all__ = ["convert", "target_kv_heads", "METHODS"]
+
+
+def target_kv_heads(current: list[int], n_heads: int, kv_heads: int | None, per_layer: list[int] | None) -> list[int]:
+    """The new KV-head count of every layer, checked: each must divide the layer's current count."""
+    if (kv_heads is None) == (per_layer is None):
+        raise GQAError("give exactly one of --kv-heads or --kv-heads-per-layer")
+    new = [kv_heads] * len(current) if per_layer is None else list(per_layer)
+    if len(new) != len(current):
+        raise GQAError(f"--kv-heads-per-layer has {len(new)} entries but the model has {len(current)} layers")
+    for layer, (old, g) in enumerate(zip(current, new)):
+        if g < 1 or old % g:
+            divisors = [d for d in range(1, old + 1) if old % d == 0]
+            where = f"layer {layer}: " if per_layer is not None else ""
+            raise GQAError(f"{where}{g} KV heads does not divide the current {old} (of {n_heads} query heads); "
+                           f"choose one of {divisors}")
+    return new
+
+
+def init_std(hf: dict) -> float:
+    for key in ("initializer_range", "init_std"):
+        if isinstance(hf.get(key), (int, float)):
+            return float(hf[key])
+    return 0.02
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    kv_heads: int | None = None,
+    kv_heads_per_layer: list[int] | None = None,
+    method: str = "mean",
+    seed: int = 0,
+    overwrite: bool = False,
+    format: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """Convert the model folder `src` to `dst` with fewer KV heads; returns the report written to conversion.json."""
+    start = time.time()
+    check_method(method)
+    config, family, hf = read_model_config(src)
+    source_hf = hf.get("hf_config") if family is None else hf
+    new_heads = target_kv_heads(config.n_kv_heads, config.n_heads, kv_heads, kv_heads_per_layer)
+    new_config = replace(config, n_kv_heads=new_heads)
+    out_family = target_family(new_config, source_hf, format)
+    index = files.tensor_index(src)
+    shapes = files.tensor_shapes(src)
+    dtype_counts: dict[str, int] = {}
+    for shape, dt in shapes.values():
+        dtype_counts[dt] = dtype_counts.get(dt, 0) + math.prod(shape)
+    dtype = TORCH_DTYPES.get(max(dtype_counts, key=dtype_counts.get), torch.float32)
+    largest = max(f.stat().st_size for f in set(index.values()))
+    shard_bytes = min(files.SHARD_BYTES, max(largest // 2, 256 * 1024**2))
+
+    groups: dict[int | None, list[str]] = {}
+    for name in index:
+        m = LAYER.search(name)
+        groups.setdefault(int(m[1]) if m else None, []).append(name)
+    order = sorted(k for k in groups if k is not None) + ([None] if None in groups else [])
+
+    params_before = params_after = 0
+    std = init_std(source_hf or {})
+    with files.atomic_dir(dst, overwrite=overwrite) as tmp:
+        writer = files.ShardWriter(tmp, shard_bytes)
+        bar = tqdm(order, desc=f"converting ({method})", unit="layer", disable=not progress)
+        for key in bar:
+            raw = files.read_tensors(index, groups[key])
+            state: dict[str, torch.Tensor] = {}
+            for name, tensor in raw.items():
+                if family is None:
+                    state[name] = tensor
+                else:
+                    got = family.import_tensor(name, tensor, config)
+                    if got:
+                        params_before += tensor.numel()
+                    state.update(got)
+            if family is None:
+                params_before += sum(t.numel() for t in raw.values())
+            del raw
+            for name in list(state):
+                m = KV_TENSOR.fullmatch(name)
+                if m:
+                    layer = int(m[1])
+                    state[name] = pool_heads(state[name], config.n_kv_heads[layer], new_heads[layer], method,
+                                             name=name, seed=seed, init_std=std)
+            for name, tensor in export_tensors(state, new_config, out_family).items():
+                params_after += tensor.numel()
+                writer.add(name, tensor)
+        writer.close()
+        element = torch.empty((), dtype=dtype).element_size()
+        report = {
+            "gqa_version": __version__,
+            "source": str(Path(src).resolve()),
+            "destination": str(Path(dst).resolve()),
+            "method": method,
+            "seed": seed if method == "random" else None,
+            "architecture": (out_family.architectures[0] if out_family else "GQAForCausalLM"),
+            "query_heads": config.n_heads,
+            "kv_heads_before": config.n_kv_heads,
+            "kv_heads_after": new_heads,
+            "kv_bytes_per_token_before": config.kv_bytes_per_token(element),
+            "kv_bytes_per_token_after": new_config.kv_bytes_per_token(element),
+            "kv_reduction": config.kv_bytes_per_token(element) / new_config.kv_bytes_per_token(element),
+            "parameters_before": params_before,
+            "parameters_after": params_after,
+            "dtype": str(dtype).removeprefix("torch."),
+            "seconds": round(time.time() - start, 3),
+        }
+        files.copy_tokenizer(src, tmp)
+        files.write_json(tmp / "conversion.json", report)
+        files.write_json(tmp / "config.json", config_json(new_config, source_hf, out_family, dtype))
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The table `gqa convert` ends with."""
+    def heads(hs):
+        return f"{hs[0]} in all {len(hs)} layers" if len(set(hs)) == 1 else ",".join(map(str, hs))
+
+    rows = [
+        ("", "before", "after"),
+        ("KV heads per layer", heads(report["kv_heads_before"]), heads(report["kv_heads_after"])),
+        ("KV bytes per token", f"{report['kv_bytes_per_token_before']:,}",
+         f"{report['kv_bytes_per_token_after']:,}  ({report['kv_reduction']:.2f}x smaller)"),
+        ("parameters", f"{report['parameters_before']:,}", f"{report['parameters_after']:,}"),
+    ]
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    lines = [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
+    lines.append(f"method {report['method']}" + (f", seed {report['seed']}" if report["seed"] is not None else "")
+                 + f"; written as {report['architecture']} to {report['destination']}")
+    return "\n".join(lines)
