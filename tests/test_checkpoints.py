@@ -79,7 +79,8 @@ def per_layer_model(seed=0):
 
 def test_own_format_round_trip_is_exact(tmp_path):
     model = per_layer_model()
-    assert target_family(model.config, model.hf_config) is None  # no HF family can hold per-layer KV heads with learned positions
+    # no HF family can hold per-layer KV heads with learned positions
+    assert target_family(model.config, model.hf_config) is None
     out = save(model, tmp_path / "own")
     reloaded = gqa.load(out)
     assert reloaded.config == model.config

