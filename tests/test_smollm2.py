@@ -3,12 +3,12 @@
 import pytest
 import torch
 import transformers
+from test_convert import mha_twin
 
 import gqa
 from gqa.checkpoints.gguf import gguf_to_hf, packaged_smollm2
 from gqa.checkpoints.tokenizer import load_tokenizer
 from gqa.evaluate import perplexity
-from test_convert import mha_twin
 
 TEXT = (
     "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "

@@ -226,7 +226,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --alpha)")
     p.add_argument("--alpha", type=float, default=None, help="fraction of the pre-training tokens to train on")
     p.add_argument("--pretrain-tokens", type=float, default=None, help="tokens the model was pre-trained on, e.g. 2e12")
-    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seq-len", type=int, default=None, help="default: the model's positions, at most 1024")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch, across all ranks")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=3e-4)

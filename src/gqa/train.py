@@ -47,7 +47,7 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
 class TrainConfig:
     data: str
     out: str
-    seq_len: int = 512
+    seq_len: int | None = None  # default: the model's positions, at most 1024
     batch_size: int = 8  # sequences per micro-batch, across all ranks
     grad_accum: int = 1
     steps: int | None = None
@@ -289,6 +289,8 @@ def prepare_out(cfg: TrainConfig) -> Path | None:
 def train(model: Transformer, tokenizer, cfg: TrainConfig, init_path: str | None = None) -> dict:
     """Train `model` (already loaded) on cfg.data; returns the run's report. Call on every rank under torchrun."""
     d, device = init_distributed(cfg.device)
+    if cfg.seq_len is None:
+        cfg.seq_len = min(1024, model.config.max_positions)
     plan = plan_steps(cfg)
     if cfg.batch_size % d.world:
         raise GQAError(f"--batch-size {cfg.batch_size} does not split over {d.world} ranks")
