@@ -3,6 +3,13 @@ import sys
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+try:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU machines
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
 sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest

@@ -247,7 +247,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo(args) -> None:
-    print("gqa demo: not yet available (it lands with the demo issue); see README for what works today")
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick, overwrite=args.overwrite)
 
 
 # ------------------------------------------------------------------------------------------------ parser
@@ -330,7 +332,9 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_import_gguf)
 
     p = sub.add_parser("demo", help="the end-to-end demo on the bundled corpus")
-    p.add_argument("--out", default="gqa-demo")
+    p.add_argument("--out", default="gqa-demo", help="output folder (default: ./gqa-demo)")
+    p.add_argument("--quick", action="store_true", help="a few steps per stage: checks the pipeline, not the method")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -47,3 +47,26 @@ def perplexity(model: Transformer, tokens: torch.Tensor, seq_len: int | None = N
         total_tokens += int(mask[:, 1:].sum())
     loss = total_nll / total_tokens
     return {"perplexity": math.exp(loss), "loss": loss, "tokens": total_tokens}
+
+
+@torch.inference_mode()
+def compare_blocks(model: Transformer, blocks: torch.Tensor, teacher: Transformer | None = None, batch_size: int = 16) -> dict:
+    """Validation loss / perplexity of `model` on packed blocks [n, seq_len + 1], and, given a teacher, the
+    fraction of positions where both predict the same next token (top-1 agreement) and KL(teacher ‖ model)."""
+    nll = kl = 0.0
+    agree = count = 0
+    for i in range(0, len(blocks), batch_size):
+        chunk = blocks[i : i + batch_size].to(model.device)
+        x, y = chunk[:, :-1], chunk[:, 1:]
+        logits = model(x).float()
+        nll += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+        count += y.numel()
+        if teacher is not None:
+            ref = teacher(x.to(teacher.device)).float().to(logits.device)
+            agree += (logits.argmax(-1) == ref.argmax(-1)).sum().item()
+            log_p, log_q = F.log_softmax(ref, -1), F.log_softmax(logits, -1)
+            kl += (log_p.exp() * (log_p - log_q)).sum().item()
+    out = {"loss": nll / count, "perplexity": math.exp(nll / count), "tokens": count}
+    if teacher is not None:
+        out.update(top1_agreement=agree / count, kl=kl / count)
+    return out

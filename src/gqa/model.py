@@ -18,6 +18,7 @@ from torch import nn
 from .attention import attention, build_mask, check_heads
 from .cache import KVCache, kv_bytes_per_token
 from .errors import GQAError
+from .kernels import decode_kernel_available, gqa_decode
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -163,7 +164,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=config.out_bias)
 
-    def forward(self, x, rope, mask, is_causal, cache: KVCache | None, slots):
+    def forward(self, x, rope, mask, is_causal, cache: KVCache | None, slots, kv_lengths=None):
         batch, seq, _ = x.shape
         q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -172,7 +173,11 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.write(self.layer, k, v, slots)
-        y = attention(q, k, v, mask, is_causal=is_causal)
+        if kv_lengths is not None and seq == 1 and decode_kernel_available(q):
+            # CUDA decode: the Triton kernel reads each KV head once for its query group
+            y = gqa_decode(q[:, :, 0], k, v, kv_lengths)[:, :, None]
+        else:
+            y = attention(q, k, v, mask, is_causal=is_causal)
         return self.wo(y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
 
 
@@ -202,8 +207,8 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, mask, is_causal, cache, slots):
-        h = self.attention(self.attention_norm(x), rope, mask, is_causal, cache, slots)
+    def forward(self, x, rope, mask, is_causal, cache, slots, kv_lengths=None):
+        h = self.attention(self.attention_norm(x), rope, mask, is_causal, cache, slots, kv_lengths)
         if self.parallel_residual:
             return x + h + self.mlp(self.mlp_norm(x))
         x = x + h
@@ -283,6 +288,7 @@ class Transformer(nn.Module):
         real = None if attention_mask is None else attention_mask.to(device=device, dtype=torch.bool)
         if cache is None:
             slots = steps.expand(batch, seq)
+            kv_lengths = None
             positions = slots if real is None else (real.long().cumsum(-1) - 1).clamp(min=0)
             key_valid = real
         else:
@@ -291,7 +297,8 @@ class Transformer(nn.Module):
             slots = cache.lengths[:, None] + steps
             positions = slots
             n_new = seq if real is None else real.sum(-1)
-            key_valid = torch.arange(cache.max_len, device=device) < (cache.lengths + n_new)[:, None]
+            kv_lengths = cache.lengths + n_new
+            key_valid = torch.arange(cache.max_len, device=device) < kv_lengths[:, None]
 
         is_causal = cache is None and real is None and config.sliding_window is None
         mask = None
@@ -306,8 +313,9 @@ class Transformer(nn.Module):
             x = x + self.pos_embeddings(positions + config.position_offset)
         else:
             rope = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        kernel_lengths = kv_lengths if config.sliding_window is None else None
         for block in self.layers:
-            x = block(x, rope, mask, is_causal, cache, slots)
+            x = block(x, rope, mask, is_causal, cache, slots, kernel_lengths)
         logits = self.output(self.norm(x))
         if cache is not None:
             cache.lengths += n_new

@@ -286,8 +286,12 @@ def prepare_out(cfg: TrainConfig) -> Path | None:
     return None
 
 
-def train(model: Transformer, tokenizer, cfg: TrainConfig, init_path: str | None = None) -> dict:
-    """Train `model` (already loaded) on cfg.data; returns the run's report. Call on every rank under torchrun."""
+def train(model: Transformer, tokenizer, cfg: TrainConfig, init_path: str | None = None,
+          data: TokenData | None = None) -> dict:
+    """Train `model` (already loaded) on cfg.data; returns the run's report. Call on every rank under torchrun.
+
+    `data` may be given already prepared (the demo tokenizes its corpus once for many runs).
+    """
     d, device = init_distributed(cfg.device)
     if cfg.seq_len is None:
         cfg.seq_len = min(1024, model.config.max_positions)
@@ -302,7 +306,10 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, init_path: str | None
         shutil.rmtree(out)
     d.barrier()
 
-    data: TokenData = prepare(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction)
+    if data is None:
+        data = prepare(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction)
+    elif data.seq_len != cfg.seq_len:
+        raise GQAError(f"prepared data has blocks of {data.seq_len} tokens, the run asks for {cfg.seq_len}")
     if tokenizer.vocab_size > model.config.vocab_size:
         raise GQAError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
     teacher = None
