@@ -60,3 +60,112 @@ class KVCache:
 
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+class PageAllocator:
+    """A free list of KV pages shared by all sequences of a paged cache."""
+
+    def __init__(self, num_pages: int):
+        self.free = list(range(num_pages - 1, -1, -1))
+
+    def take(self, n: int) -> list[int]:
+        if n > len(self.free):
+            from .errors import GQAError
+
+            raise GQAError(f"out of KV-cache pages: {n} needed, {len(self.free)} free")
+        return [self.free.pop() for _ in range(n)]
+
+    def give_back(self, pages: list[int]) -> None:
+        self.free.extend(reversed(pages))
+
+
+@dataclass
+class PagedKVCache:
+    """KV pages shared by a batch: per layer [num_pages, G_layer, page_size, head_dim] for K and for V, and a
+    block table [B, max_pages] mapping each sequence's slot s to page block_table[b, s // page_size].
+
+    Sequences reserve pages for the tokens they will hold, so short and long sequences share memory and
+    more of them fit when G is small. Table entries that are not reserved point at a scratch page (the
+    last one) that absorbs the padding a right-padded prefill writes, so it never lands in a used page.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    block_table: torch.Tensor  # [B, max_pages] int32
+    lengths: torch.Tensor  # [B] int64
+    page_size: int
+    allocator: PageAllocator
+    pages: list[list[int]]  # pages reserved by each sequence
+
+    @classmethod
+    def allocate(
+        cls,
+        n_kv_heads: list[int],
+        head_dim: int,
+        batch_size: int,
+        max_len: int,
+        num_pages: int,
+        page_size: int = 16,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> "PagedKVCache":
+        shapes = [(num_pages + 1, g, page_size, head_dim) for g in n_kv_heads]  # + the scratch page
+        max_pages = -(-max_len // page_size)
+        return cls(
+            keys=[torch.zeros(s, dtype=dtype, device=device) for s in shapes],
+            values=[torch.zeros(s, dtype=dtype, device=device) for s in shapes],
+            block_table=torch.full((batch_size, max_pages), num_pages, dtype=torch.int32, device=device),
+            lengths=torch.zeros(batch_size, dtype=torch.long, device=device),
+            page_size=page_size,
+            allocator=PageAllocator(num_pages),
+            pages=[[] for _ in range(batch_size)],
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.block_table.shape[1] * self.page_size
+
+    def reserve(self, seq: int, n_tokens: int) -> None:
+        """Make sequence `seq` able to hold n_tokens tokens in all (host-side bookkeeping, between steps)."""
+        needed = -(-n_tokens // self.page_size) - len(self.pages[seq])
+        if needed > 0:
+            if len(self.pages[seq]) + needed > self.block_table.shape[1]:
+                from .errors import GQAError
+
+                raise GQAError(f"sequence {seq} would need more than {self.max_len} tokens")
+            new = self.allocator.take(needed)
+            start = len(self.pages[seq])
+            self.block_table[seq, start : start + needed] = torch.tensor(new, dtype=torch.int32)
+            self.pages[seq].extend(new)
+
+    def release(self, seq: int) -> None:
+        """Give a finished sequence's pages back (its slot of the batch can then start a new sequence)."""
+        self.allocator.give_back(self.pages[seq])
+        self.pages[seq] = []
+        self.block_table[seq] = self.keys[0].shape[0] - 1
+        self.lengths[seq] = 0
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, gather: bool = True):
+        """Store k/v [B, G, S, D] at per-sequence slots [B, S]; return the layer's K/V gathered to
+        [B, G, max_len, D] for the generic attention path (the CUDA kernel reads the pages directly)."""
+        pages = self.block_table.long().gather(1, torch.div(slots, self.page_size, rounding_mode="floor")
+                                               .clamp(max=self.block_table.shape[1] - 1))
+        offsets = slots % self.page_size
+        self.keys[layer][pages, :, offsets] = k.transpose(1, 2).to(self.keys[layer].dtype)
+        self.values[layer][pages, :, offsets] = v.transpose(1, 2).to(self.values[layer].dtype)
+        return self.gather(layer) if gather else None
+
+    def gather(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def one(store):
+            g, d = store.shape[1], store.shape[3]
+            pages = store[self.block_table.long()]  # [B, max_pages, G, page_size, D]
+            return pages.permute(0, 2, 1, 3, 4).reshape(self.batch_size, g, self.max_len, d)
+
+        return one(self.keys[layer]), one(self.values[layer])
+
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)

@@ -52,6 +52,8 @@ class DemoSettings:
     seed: int = 0
 
 
+_TOKENIZED: dict = {}
+
 QUICK = DemoSettings(eval_blocks=4, decode_batch=2, decode_context=32, decode_tokens=4, max_steps=2)
 
 
@@ -78,7 +80,9 @@ def run_demo(out: str | os.PathLike, quick: bool = False, overwrite: bool = Fals
     say(f"starting model: {ASSET.name}, MHA, pre-trained on {pretrain_tokens:,} tokens of the bundled corpus")
     tokenizer = load_tokenizer(ASSET)
     say("tokenizing the bundled corpus (Wikipedia leads + Shakespeare) ...")
-    data = prepare("bundled", tokenizer, settings.seq_len)
+    if settings.seq_len not in _TOKENIZED:  # a second demo in the same process reuses the blocks
+        _TOKENIZED[settings.seq_len] = prepare("bundled", tokenizer, settings.seq_len)
+    data = _TOKENIZED[settings.seq_len]
     val = data.val[: settings.eval_blocks]
     say(f"{data.documents:,} documents; {data.train_tokens:,} training tokens, {val.numel():,} validation tokens scored")
 

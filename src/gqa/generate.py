@@ -60,8 +60,13 @@ def generate(
     top_p: float | None = None,
     stop_tokens: Sequence[int] = (),
     seed: int | None = None,
+    page_size: int | None = None,
 ) -> list[list[int]]:
-    """Continue each prompt (a list of token ids); returns the new tokens of each, up to and including a stop token."""
+    """Continue each prompt (a list of token ids); returns the new tokens of each, up to and including a stop token.
+
+    page_size: use a paged cache holding exactly the pages each sequence needs (its prompt plus
+    max_new_tokens), instead of max(prompt) + max_new_tokens slots for every sequence.
+    """
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise GQAError("every prompt needs at least one token")
@@ -84,7 +89,13 @@ def generate(
     for b, p in enumerate(prompts):
         tokens[b, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
         mask[b, : len(p)] = True
-    cache = model.new_cache(batch, max(lengths) + max_new_tokens)
+    if page_size:
+        pages = sum(-(-(n + max_new_tokens) // page_size) for n in lengths)
+        cache = model.new_cache(batch, max(lengths) + max_new_tokens, num_pages=pages, page_size=page_size)
+        for b, n in enumerate(lengths):
+            cache.reserve(b, n + max_new_tokens)
+    else:
+        cache = model.new_cache(batch, max(lengths) + max_new_tokens)
     logits = model(tokens, attention_mask=mask, cache=cache)
     last = torch.as_tensor(lengths, device=device) - 1
     logits = logits[torch.arange(batch, device=device), last]

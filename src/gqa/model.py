@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention, build_mask, check_heads
-from .cache import KVCache, kv_bytes_per_token
+from .cache import KVCache, PagedKVCache, kv_bytes_per_token
 from .errors import GQAError
 from .kernels import decode_kernel_available, gqa_decode
 
@@ -171,13 +171,19 @@ class Attention(nn.Module):
         v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.write(self.layer, k, v, slots)
-        if kv_lengths is not None and seq == 1 and decode_kernel_available(q):
-            # CUDA decode: the Triton kernel reads each KV head once for its query group
-            y = gqa_decode(q[:, :, 0], k, v, kv_lengths)[:, :, None]
+        fast = kv_lengths is not None and seq == 1 and decode_kernel_available(q)
+        if isinstance(cache, PagedKVCache) and fast:
+            # CUDA decode over pages: the kernel follows the block table; nothing is gathered
+            cache.write(self.layer, k, v, slots, gather=False)
+            y = gqa_decode(q[:, :, 0], cache.keys[self.layer], cache.values[self.layer], kv_lengths,
+                           block_table=cache.block_table)[:, :, None]
         else:
-            y = attention(q, k, v, mask, is_causal=is_causal)
+            if cache is not None:
+                k, v = cache.write(self.layer, k, v, slots)
+            if fast:  # CUDA decode: the Triton kernel reads each KV head once for its query group
+                y = gqa_decode(q[:, :, 0], k, v, kv_lengths)[:, :, None]
+            else:
+                y = attention(q, k, v, mask, is_causal=is_causal)
         return self.wo(y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
 
 
@@ -258,12 +264,19 @@ class Transformer(nn.Module):
         element = torch.empty((), dtype=dtype or self.dtype).element_size()
         return self.config.kv_bytes_per_token(element)
 
-    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(
+        self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+        num_pages: int | None = None, page_size: int = 16,
+    ) -> KVCache | PagedKVCache:
+        """A static cache of max_len slots per sequence, or, with num_pages, a paged cache of that many
+        pages shared by the batch (each sequence reserves pages with `cache.reserve`)."""
         if max_len > self.config.max_positions:
             raise GQAError(f"a cache of {max_len} tokens exceeds the model's {self.config.max_positions} positions")
-        return KVCache.allocate(
-            self.config.n_kv_heads, self.config.head_dim, batch_size, max_len, dtype or self.dtype, self.device
-        )
+        dtype = dtype or self.dtype
+        if num_pages is not None:
+            return PagedKVCache.allocate(self.config.n_kv_heads, self.config.head_dim, batch_size, max_len,
+                                         num_pages, page_size, dtype, self.device)
+        return KVCache.allocate(self.config.n_kv_heads, self.config.head_dim, batch_size, max_len, dtype, self.device)
 
     def forward(
         self,

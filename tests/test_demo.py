@@ -1,0 +1,36 @@
+import json
+
+from gqa.cli import main
+
+REQUIRED = {"method", "kv_heads", "alpha", "seed", "tokens_trained", "val_perplexity", "val_perplexity_alpha0",
+            "reference_perplexity", "kv_bytes_per_token", "decode_tokens_per_s", "top1_agreement"}
+
+
+def test_quick_demo_writes_results_and_plot(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    assert [r["name"] for r in rows] == [
+        "MHA", "MHA + uptraining (control)", "GQA-2 mean", "GQA-2 first", "GQA-2 random", "MQA mean", "MQA first",
+        "MQA random"]
+    for r in rows:
+        assert REQUIRED <= set(r)
+        assert r["reference_perplexity"] == rows[0]["val_perplexity"]
+    mha_bytes = rows[0]["kv_bytes_per_token"]
+    assert {r["kv_heads"]: r["kv_bytes_per_token"] for r in rows} == {8: mha_bytes, 2: mha_bytes // 4, 1: mha_bytes // 8}
+    # mean pooling starts closer to the MHA model than a random initialisation of K/V
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["MQA mean"]["val_perplexity_alpha0"] < by_name["MQA random"]["val_perplexity_alpha0"]
+    assert all(r["tokens_trained"] > 0 for r in rows[1:])
+    png = (out / "perplexity_vs_kv_bytes.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "KV bytes/token" in printed and "MQA random" in printed
+    # a second run may replace the folder an earlier demo wrote, and nothing else
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    other = tmp_path / "taken"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep")
+    assert main(["demo", "--quick", "--out", str(other)]) == 2
+    assert (other / "mine.txt").read_text() == "keep"
