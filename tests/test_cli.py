@@ -62,11 +62,6 @@ def test_export_then_info(tiny, capsys, tmp_path):
     assert_user_error(capsys, ["export", path, tmp_path / "q"], "already exists")
 
 
-def test_demo_placeholder(capsys):
-    code, out, _ = run(capsys, "demo")
-    assert code == 0 and "not yet available" in out
-
-
 # ------------------------------------------------------------------------------------------ user errors
 
 def copy_model(tiny, tmp_path, family="llama"):

@@ -110,3 +110,21 @@ def test_model_decode_through_the_kernel_matches_the_default_path(tiny, family, 
     with torch.no_grad():
         model(ids[:, :2], cache=cache)
         torch.testing.assert_close(model(ids[:, 2:], cache=cache), plain, atol=1e-4, rtol=0)
+
+
+def test_bench_decode_harness_on_cpu(tmp_path, monkeypatch):
+    """The benchmark harness end to end on a tiny grid (timings on a CPU mean nothing; the structure does)."""
+    import json
+
+    from gqa.cli import main
+
+    monkeypatch.setenv("GQA_TRITON_ON_CPU", "1")
+    assert main(["bench", "decode", "--quick", "--device", "cpu", "--dtype", "float16", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench_decode.json").read_text())
+    assert len(result["rows"]) == 2 * 2 * 2
+    for row in result["rows"]:
+        assert set(row["peers"]) == {"gqa (Triton)", "torch SDPA enable_gqa"}
+        assert row["kv_bytes"] == 2 * row["batch"] * row["kv_heads"] * row["length"] * 64 * 2
+        assert all(v["us"] > 0 for v in row["peers"].values())
+    assert set(result["summary"]) >= {"fraction_at_most_best_peer", "worst_ratio_to_best_peer"}
+    assert (tmp_path / "bench_decode.png").read_bytes()[:4] == b"\x89PNG"

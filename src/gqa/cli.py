@@ -246,6 +246,33 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT")
 
 
+def cmd_bench(args) -> None:
+    import torch
+
+    from .bench import bench_decode, plot_decode, summarize_decode
+    from .checkpoints import parse_dtype
+
+    if args.what != "decode":
+        raise GQAError(f"gqa bench {args.what} is not implemented yet; available: decode")
+    device = pick_device(args.device)
+    grid = {}
+    if args.quick:
+        grid = dict(batch_sizes=(1, 2), lengths=(64, 200), kv_heads=(1, 4), n_heads=8, head_dim=64)
+    result = bench_decode(dtype=parse_dtype(args.dtype) or torch.bfloat16, device=device, **grid)
+    result["command"] = "gqa " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("gqa") else "gqa bench decode"
+    result["summary"] = summarize_decode(result)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_decode.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_decode(result, out / "bench_decode.png")
+    if args.json:
+        return print_json(result["summary"] | {"device": result["device"], "out": str(out)})
+    for r in result["rows"]:
+        cells = "  ".join(f"{k}: {v['us']:.1f} us ({v['fraction_of_bandwidth']:.0%})" for k, v in r["peers"].items())
+        print(f"B={r['batch']:<3} T={r['length']:<7} G={r['kv_heads']:<3} {cells}")
+    print(f"wrote {out / 'bench_decode.json'} and {out / 'bench_decode.png'}")
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -330,6 +357,15 @@ def build_parser() -> Parser:
     p.add_argument("out")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_import_gguf)
+
+    p = sub.add_parser("bench", help="speed benchmarks with the baselines in the same run (decode)")
+    p.add_argument("what", choices=["decode", "generate", "capacity"])
+    p.add_argument("--out", default="docs/results")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quick", action="store_true", help="a tiny grid (checks the harness, not the speed)")
+    p.add_argument("--dtype", default=None, help="bfloat16 (default) or float16")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the end-to-end demo on the bundled corpus")
     p.add_argument("--out", default="gqa-demo", help="output folder (default: ./gqa-demo)")
