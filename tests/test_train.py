@@ -127,8 +127,9 @@ def test_resume_after_sigkill_is_exact(pretrained, corpus, tmp_path):
     a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=0)
-    loss = {p: [json.loads(line).get("loss") for line in (p / "train" / "log.jsonl").read_text().splitlines()]
-            for p in (full, part)}
+    records = {p: [json.loads(line) for line in (p / "train" / "log.jsonl").read_text().splitlines()] for p in (full, part)}
+    assert [r["step"] for r in records[part]] == [r["step"] for r in records[full]] == list(range(21))
+    loss = {p: [r["loss"] for r in rs if "loss" in r] for p, rs in records.items()}
     assert loss[part] == pytest.approx(loss[full], rel=1e-6)
 
 
