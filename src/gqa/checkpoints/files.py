@@ -90,26 +90,30 @@ def iter_tensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
         yield from iter_file(file)
 
 
-def iter_file(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+@contextlib.contextmanager
+def open_weights(file: Path):
+    """safe_open, with safetensors' own errors for truncated or corrupt files turned into one GQAError line."""
     try:
         with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+            yield f
     except GQAError:
         raise
-    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+    except Exception as e:
         raise GQAError(f"cannot read {file}: truncated or corrupt safetensors file ({one_line(e)})") from None
+
+
+def iter_file(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    with open_weights(file) as f:
+        for name in f.keys():
+            yield name, f.get_tensor(name)
 
 
 def tensor_index(path: str | os.PathLike) -> dict[str, Path]:
     """Name -> the file that holds it, from the headers alone."""
     index = {}
     for file in weight_files(path):
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                index.update({name: file for name in f.keys()})
-        except Exception as e:
-            raise GQAError(f"cannot read {file}: truncated or corrupt safetensors file ({one_line(e)})") from None
+        with open_weights(file) as f:
+            index.update({name: file for name in f.keys()})
     return index
 
 
@@ -120,12 +124,9 @@ def read_tensors(index: dict[str, Path], names: list[str]) -> dict[str, torch.Te
         by_file.setdefault(index[name], []).append(name)
     out = {}
     for file, wanted in by_file.items():
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for name in wanted:
-                    out[name] = f.get_tensor(name)
-        except Exception as e:
-            raise GQAError(f"cannot read {file}: truncated or corrupt safetensors file ({one_line(e)})") from None
+        with open_weights(file) as f:
+            for name in wanted:
+                out[name] = f.get_tensor(name)
     return out
 
 
@@ -133,13 +134,10 @@ def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[list[int], str]]:
     """Name -> (shape, dtype) from the safetensors headers, without reading any weights."""
     shapes = {}
     for file in weight_files(path):
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    s = f.get_slice(name)
-                    shapes[name] = (list(s.get_shape()), s.get_dtype())
-        except Exception as e:
-            raise GQAError(f"cannot read {file}: truncated or corrupt safetensors file ({one_line(e)})") from None
+        with open_weights(file) as f:
+            for name in f.keys():
+                s = f.get_slice(name)
+                shapes[name] = (list(s.get_shape()), s.get_dtype())
     return shapes
 
 
