@@ -106,6 +106,7 @@ def cmd_generate(args) -> None:
         outs = generate(
             model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
             top_k=args.top_k, top_p=args.top_p, stop_tokens=sorted(stop), seed=args.seed,
+            cuda_graph=args.cuda_graph,
         )
         for prompt, out in zip(batch, outs):
             completion = tokenizer.decode(out, skip_special_tokens=True)
@@ -315,6 +316,7 @@ def build_parser() -> Parser:
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's end-of-sequence token")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    p.add_argument("--cuda-graph", action="store_true", help="replay decode steps from a CUDA graph (CUDA only)")
     add_device_args(p)
     p.set_defaults(func=cmd_generate)
 

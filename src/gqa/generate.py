@@ -39,6 +39,44 @@ def sample(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+class DecodeStep:
+    """One decode step, [B, 1] tokens -> [B, vocab] logits, against a cache; on CUDA optionally captured in a
+    CUDA graph and replayed, so a step costs one launch instead of one per kernel.
+
+    The step writes K/V at `cache.lengths` and advances it on the device, and the Triton decode kernel's
+    grid depends on shapes only, so the captured graph stays valid as the sequences grow. Capture needs
+    warm-up runs, which write into slots past each sequence's length (overwritten later) and advance the
+    lengths; the lengths are restored afterwards.
+    """
+
+    def __init__(self, model: Transformer, cache, cuda_graph: bool = False):
+        self.model, self.cache = model, cache
+        self.graph = None
+        if cuda_graph and model.device.type == "cuda":
+            self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=model.device)
+            saved = cache.lengths.clone()
+            stream = torch.cuda.Stream(model.device)
+            stream.wait_stream(torch.cuda.current_stream(model.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    model(self.tokens, cache=cache)
+            torch.cuda.current_stream(model.device).wait_stream(stream)
+            cache.lengths.copy_(saved)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = model(self.tokens, cache=cache)[:, -1]
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.graph is None:
+            return self.model(tokens[:, None], cache=self.cache)[:, -1]
+        self.tokens.copy_(tokens[:, None])
+        self.graph.replay()
+        return self.logits
+
+
+STOP_CHECK_EVERY = 8  # steps between host reads of "all sequences stopped" (each read synchronises)
+
+
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
     if temperature < 0:
         raise GQAError(f"temperature must be >= 0, got {temperature}")
@@ -61,11 +99,13 @@ def generate(
     stop_tokens: Sequence[int] = (),
     seed: int | None = None,
     page_size: int | None = None,
+    cuda_graph: bool = False,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids); returns the new tokens of each, up to and including a stop token.
 
     page_size: use a paged cache holding exactly the pages each sequence needs (its prompt plus
     max_new_tokens), instead of max(prompt) + max_new_tokens slots for every sequence.
+    cuda_graph: on CUDA, replay each decode step from a CUDA graph (not yet measured on a GPU: opt-in).
     """
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -102,16 +142,17 @@ def generate(
 
     stop = torch.as_tensor(list(stop_tokens), dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
+    step_fn = DecodeStep(model, cache, cuda_graph=cuda_graph) if max_new_tokens > 1 else None
     out = []
     for step in range(max_new_tokens):
         next_tokens = sample(logits, temperature, top_k, top_p, generator)
         out.append(next_tokens)
         if stop.numel():
             done |= torch.isin(next_tokens, stop)
-            if bool(done.all()):
+            if (step + 1) % STOP_CHECK_EVERY == 0 and bool(done.all()):
                 break
         if step + 1 < max_new_tokens:
-            logits = model(next_tokens[:, None], cache=cache)[:, -1]
+            logits = step_fn(next_tokens)
 
     generated = torch.stack(out, dim=1).tolist()
     stop_set = set(stop_tokens)
