@@ -128,3 +128,19 @@ def test_bench_decode_harness_on_cpu(tmp_path, monkeypatch):
         assert all(v["us"] > 0 for v in row["peers"].values())
     assert set(result["summary"]) >= {"fraction_at_most_best_peer", "worst_ratio_to_best_peer"}
     assert (tmp_path / "bench_decode.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_generate_harness_on_cpu(tmp_path):
+    """Whole-model decode benchmark end to end on a tiny model: ours and transformers, roofline, speed-ups."""
+    import json
+
+    from gqa.cli import main
+
+    assert main(["bench", "generate", "--quick", "--device", "cpu", "--dtype", "float32", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench_generate.json").read_text())
+    assert [(r["kv_heads"], r["batch"]) for r in result["rows"]] == [(4, 1), (4, 2), (1, 1), (1, 2)]
+    for r in result["rows"]:
+        assert set(r["tokens_per_s"]) == {"gqa", "transformers generate (static cache)"}
+        assert r["kv_bytes"] == r["batch"] * (r["prompt"] + 2) * 2 * 2 * r["kv_heads"] * 16 * 4
+    assert [s["kv_heads"] for s in result["speedups"]] == [1, 1]
+    assert all(s["roofline_ratio"] > 1 for s in result["speedups"])

@@ -201,3 +201,118 @@ def plot_decode(result: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ whole-model decode
+
+def llama_config(n_kv_heads: int, layers: int = 24, dim: int = 2048, n_heads: int = 16, head_dim: int = 128,
+                 hidden: int = 5632, vocab: int = 32000, max_positions: int = 4096):
+    from .model import ModelConfig
+
+    return ModelConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                       head_dim=head_dim, hidden_dim=hidden, max_positions=max_positions)
+
+
+@torch.inference_mode()
+def decode_seconds_per_step(model: Transformer, batch: int, prompt_len: int, new_tokens: int,
+                            cuda_graph: bool = False, warmup: int = 3) -> float:
+    """Seconds per greedy decode step after a prefill of `prompt_len` random tokens (the prefill is not timed)."""
+    from .generate import DecodeStep
+
+    cache = model.new_cache(batch, prompt_len + new_tokens + warmup + 2)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=model.device)
+    tokens = model(prompt, cache=cache)[:, -1].argmax(-1)
+    step = DecodeStep(model, cache, cuda_graph=cuda_graph)
+    for _ in range(warmup):
+        tokens = step(tokens).argmax(-1)
+    synchronize(model.device)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        tokens = step(tokens).argmax(-1)
+    synchronize(model.device)
+    return (time.perf_counter() - start) / new_tokens
+
+
+@torch.inference_mode()
+def transformers_seconds_per_step(model: Transformer, batch: int, prompt_len: int, new_tokens: int) -> float:
+    """The same model in transformers (LlamaForCausalLM, same weights), `generate` with a static cache:
+    (time for N new tokens - time for 1) / (N - 1), so the prefill cancels."""
+    import transformers
+
+    from .checkpoints.families import LLAMA
+
+    hf_config = transformers.LlamaConfig(**LLAMA.to_hf_config(model.config, {}))
+    hf = transformers.LlamaForCausalLM(hf_config).to(device=model.device, dtype=model.dtype).eval()
+    hf.load_state_dict(LLAMA.export_state(model.state_dict(), model.config))
+    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=model.device)
+
+    def run(n):
+        synchronize(model.device)
+        start = time.perf_counter()
+        hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation="static",
+                    pad_token_id=0)
+        synchronize(model.device)
+        return time.perf_counter() - start
+
+    run(new_tokens)  # warm-up (and compilation, where transformers compiles static-cache decoding)
+    return (run(new_tokens) - run(1)) / (new_tokens - 1)
+
+
+def bench_generate(
+    kv_heads=(16, 4, 1),
+    shapes=((1, 1024), (32, 2048)),
+    new_tokens: int = 128,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cuda",
+    config_kwargs: dict | None = None,
+    transformers_baseline: bool = True,
+) -> dict:
+    """Whole-model decode tokens/s for each G and (batch, prompt), with the roofline of each point:
+    a step must read every weight and the whole KV cache once, so tokens/s <= batch · bandwidth / bytes."""
+    from .train import init_weights
+
+    device = torch.device(device)
+    bandwidth = measured_bandwidth(device, 1.0 if device.type == "cuda" else 0.05)
+    rows = []
+    for g in kv_heads:
+        config = llama_config(g, **(config_kwargs or {}))
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = Transformer(config)
+        init_weights(model)
+        model = model.to(dtype).eval()
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        for batch, prompt in shapes:
+            kv_bytes = batch * (prompt + new_tokens // 2) * model.kv_bytes_per_token()
+            roofline = batch * bandwidth / (weight_bytes + kv_bytes)
+            peers = {"gqa": batch / decode_seconds_per_step(model, batch, prompt, new_tokens)}
+            if device.type == "cuda":
+                peers["gqa + CUDA graph"] = batch / decode_seconds_per_step(model, batch, prompt, new_tokens, True)
+            if transformers_baseline:
+                peers["transformers generate (static cache)"] = batch / transformers_seconds_per_step(
+                    model, batch, prompt, new_tokens)
+            rows.append({
+                "kv_heads": g, "batch": batch, "prompt": prompt, "new_tokens": new_tokens,
+                "weight_bytes": weight_bytes, "kv_bytes": kv_bytes, "roofline_tokens_per_s": roofline,
+                "tokens_per_s": peers, "fraction_of_roofline": {k: v / roofline for k, v in peers.items()},
+            })
+        del model
+    result = {"device": device_name(device), "bandwidth_bytes_per_s": bandwidth,
+              "dtype": str(dtype).removeprefix("torch."), "rows": rows}
+    result["speedups"] = speedups(rows, max(kv_heads))
+    return result
+
+
+def speedups(rows: list[dict], mha_heads: int) -> list[dict]:
+    """Realised MHA -> G speed-up of each peer next to the roofline ratio, per (batch, prompt)."""
+    out = []
+    for r in rows:
+        if r["kv_heads"] == mha_heads:
+            continue
+        base = next(x for x in rows if x["kv_heads"] == mha_heads and x["batch"] == r["batch"]
+                    and x["prompt"] == r["prompt"])
+        roofline = r["roofline_tokens_per_s"] / base["roofline_tokens_per_s"]
+        realised = {k: v / base["tokens_per_s"][k] for k, v in r["tokens_per_s"].items()}
+        out.append({"kv_heads": r["kv_heads"], "batch": r["batch"], "prompt": r["prompt"], "roofline_ratio": roofline,
+                    "realised": realised, "fraction_of_roofline_ratio": {k: v / roofline for k, v in realised.items()}})
+    return out

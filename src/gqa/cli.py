@@ -253,9 +253,11 @@ def cmd_bench(args) -> None:
     from .bench import bench_decode, plot_decode, summarize_decode
     from .checkpoints import parse_dtype
 
-    if args.what != "decode":
-        raise GQAError(f"gqa bench {args.what} is not implemented yet; available: decode")
+    if args.what == "capacity":
+        raise GQAError("gqa bench capacity is not implemented yet; available: decode, generate")
     device = pick_device(args.device)
+    if args.what == "generate":
+        return bench_generate_cmd(args, device)
     grid = {}
     if args.quick:
         grid = dict(batch_sizes=(1, 2), lengths=(64, 200), kv_heads=(1, 4), n_heads=8, head_dim=64)
@@ -272,6 +274,30 @@ def cmd_bench(args) -> None:
         cells = "  ".join(f"{k}: {v['us']:.1f} us ({v['fraction_of_bandwidth']:.0%})" for k, v in r["peers"].items())
         print(f"B={r['batch']:<3} T={r['length']:<7} G={r['kv_heads']:<3} {cells}")
     print(f"wrote {out / 'bench_decode.json'} and {out / 'bench_decode.png'}")
+
+
+def bench_generate_cmd(args, device) -> None:
+    import torch
+
+    from .bench import bench_generate
+    from .checkpoints import parse_dtype
+
+    grid = {}
+    if args.quick:
+        grid = dict(kv_heads=(4, 1), shapes=((1, 16), (2, 24)), new_tokens=4,
+                    config_kwargs=dict(layers=2, dim=64, n_heads=4, head_dim=16, hidden=128, vocab=320))
+    result = bench_generate(dtype=parse_dtype(args.dtype) or torch.bfloat16, device=device, **grid)
+    result["command"] = "gqa bench generate" + (" --quick" if args.quick else "")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_generate.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        return print_json({"device": result["device"], "speedups": result["speedups"], "out": str(out)})
+    for r in result["rows"]:
+        cells = "  ".join(f"{k}: {v:,.0f} tok/s ({r['fraction_of_roofline'][k]:.0%})" for k, v in r["tokens_per_s"].items())
+        point = f"G={r['kv_heads']:<3} B={r['batch']:<3} prompt={r['prompt']:<5}"
+        print(f"{point} roofline {r['roofline_tokens_per_s']:,.0f}  {cells}")
+    print(f"wrote {out / 'bench_generate.json'}")
 
 
 def cmd_demo(args) -> None:
