@@ -144,3 +144,21 @@ def test_bench_generate_harness_on_cpu(tmp_path):
         assert r["kv_bytes"] == r["batch"] * (r["prompt"] + 2) * 2 * 2 * r["kv_heads"] * 16 * 4
     assert [s["kv_heads"] for s in result["speedups"]] == [1, 1]
     assert all(s["roofline_ratio"] > 1 for s in result["speedups"])
+
+
+def test_bench_capacity_on_cpu(tmp_path):
+    """At a fixed budget, a G-times smaller cache holds H/G times more sequences (up to rounding)."""
+    import json
+
+    from gqa.cli import main
+
+    argv = ["bench", "capacity", "--quick", "--device", "cpu", "--dtype", "float32", "--memory-gb", "0.01",
+            "--context", "64", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "bench_capacity.json").read_text())["rows"]
+    mha, mqa = rows
+    assert mha["kv_bytes_per_sequence"] == 4 * mqa["kv_bytes_per_sequence"] == 64 * 2 * 2 * 4 * 16 * 4
+    for r in rows:  # what is left beside the weights (MQA's are smaller: fewer K/V rows), in whole sequences
+        assert r["max_sequences"] == int((0.01 * 1024**3 * 0.9 - r["weight_bytes"]) // r["kv_bytes_per_sequence"])
+    assert mqa["max_sequences"] >= 4 * mha["max_sequences"]
+    assert mha["tokens_per_s"] > 0 and mqa["tokens_per_s"] > 0

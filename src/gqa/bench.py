@@ -316,3 +316,61 @@ def speedups(rows: list[dict], mha_heads: int) -> list[dict]:
         out.append({"kv_heads": r["kv_heads"], "batch": r["batch"], "prompt": r["prompt"], "roofline_ratio": roofline,
                     "realised": realised, "fraction_of_roofline_ratio": {k: v / roofline for k, v in realised.items()}})
     return out
+
+
+@torch.inference_mode()
+def bench_capacity(
+    memory_gb: float = 60.0,
+    context: int = 4096,
+    kv_heads=(16, 4, 1),
+    new_tokens: int = 32,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cuda",
+    config_kwargs: dict | None = None,
+    reserve_fraction: float = 0.1,
+) -> dict:
+    """At a memory budget, how many sequences of `context` tokens fit beside the weights for each G, and the
+    decode tokens/s of that batch. `reserve_fraction` of the budget is kept for activations and workspace.
+
+    The cache is filled with random K/V rather than prefilled (a prefill of hundreds of long sequences would
+    need far more activation memory than decoding them; decode speed does not depend on the values).
+    """
+    from .generate import DecodeStep
+    from .train import init_weights
+
+    device = torch.device(device)
+    budget = memory_gb * 1024**3
+    rows = []
+    for g in kv_heads:
+        config = llama_config(g, **({"max_positions": context} | (config_kwargs or {})))
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = Transformer(config)
+        init_weights(model)
+        model = model.to(dtype).eval()
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        per_sequence = context * model.kv_bytes_per_token()
+        sequences = int((budget * (1 - reserve_fraction) - weight_bytes) // per_sequence)
+        row = {"kv_heads": g, "weight_bytes": weight_bytes, "kv_bytes_per_sequence": per_sequence,
+               "max_sequences": max(0, sequences)}
+        if sequences >= 1:
+            cache = model.new_cache(sequences, context)
+            for k, v in zip(cache.keys, cache.values):
+                k.normal_()
+                v.normal_()
+            cache.lengths.fill_(context - new_tokens - 4)
+            step = DecodeStep(model, cache, cuda_graph=device.type == "cuda")
+            tokens = torch.zeros(sequences, dtype=torch.long, device=device)
+            for _ in range(2):
+                tokens = step(tokens).argmax(-1)
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(new_tokens):
+                tokens = step(tokens).argmax(-1)
+            synchronize(device)
+            row["tokens_per_s"] = sequences * new_tokens / (time.perf_counter() - start)
+            del cache, step
+        rows.append(row)
+        del model
+    return {"device": device_name(device), "memory_gb": memory_gb, "context": context,
+            "dtype": str(dtype).removeprefix("torch."), "rows": rows}

@@ -253,9 +253,9 @@ def cmd_bench(args) -> None:
     from .bench import bench_decode, plot_decode, summarize_decode
     from .checkpoints import parse_dtype
 
-    if args.what == "capacity":
-        raise GQAError("gqa bench capacity is not implemented yet; available: decode, generate")
     device = pick_device(args.device)
+    if args.what == "capacity":
+        return bench_capacity_cmd(args, device)
     if args.what == "generate":
         return bench_generate_cmd(args, device)
     grid = {}
@@ -298,6 +298,31 @@ def bench_generate_cmd(args, device) -> None:
         point = f"G={r['kv_heads']:<3} B={r['batch']:<3} prompt={r['prompt']:<5}"
         print(f"{point} roofline {r['roofline_tokens_per_s']:,.0f}  {cells}")
     print(f"wrote {out / 'bench_generate.json'}")
+
+
+def bench_capacity_cmd(args, device) -> None:
+    import torch
+
+    from .bench import bench_capacity
+    from .checkpoints import parse_dtype
+
+    grid = {}
+    if args.quick:
+        grid = dict(kv_heads=(4, 1), new_tokens=4,
+                    config_kwargs=dict(layers=2, dim=64, n_heads=4, head_dim=16, hidden=128, vocab=320))
+    result = bench_capacity(memory_gb=args.memory_gb, context=args.context,
+                            dtype=parse_dtype(args.dtype) or torch.bfloat16, device=device, **grid)
+    result["command"] = f"gqa bench capacity --memory-gb {args.memory_gb} --context {args.context}" + (
+        " --quick" if args.quick else "")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_capacity.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        return print_json(result)
+    for r in result["rows"]:
+        speed = f"{r['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in r else "-"
+        print(f"G={r['kv_heads']:<3} {r['max_sequences']:>6} sequences of {args.context} tokens  {speed}")
+    print(f"wrote {out / 'bench_capacity.json'}")
 
 
 def cmd_demo(args) -> None:
@@ -393,6 +418,8 @@ def build_parser() -> Parser:
     p.add_argument("--quick", action="store_true", help="a tiny grid (checks the harness, not the speed)")
     p.add_argument("--dtype", default=None, help="bfloat16 (default) or float16")
     p.add_argument("--device", default=None)
+    p.add_argument("--memory-gb", type=float, default=60.0, help="capacity: memory budget for weights + cache")
+    p.add_argument("--context", type=int, default=4096, help="capacity: tokens per sequence")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the end-to-end demo on the bundled corpus")
