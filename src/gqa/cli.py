@@ -325,6 +325,13 @@ def bench_capacity_cmd(args, device) -> None:
     print(f"wrote {out / 'bench_capacity.json'}")
 
 
+def cmd_experiment(args) -> None:
+    from .experiments import run_paper
+
+    results = run_paper(args.out, quick=args.quick, device=args.device)
+    print(f"wrote {args.out}/results.json, README.md and figures in {results['seconds']:.0f} s")
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -421,6 +428,13 @@ def build_parser() -> Parser:
     p.add_argument("--memory-gb", type=float, default=60.0, help="capacity: memory budget for weights + cache")
     p.add_argument("--context", type=int, default=4096, help="capacity: tokens per sequence")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("experiment", help="the GQA paper's experiments at small scale (sized for one H100 run)")
+    p.add_argument("which", choices=["paper"])
+    p.add_argument("--out", default="docs/results/paper")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a pipeline check on a CPU")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("demo", help="the end-to-end demo on the bundled corpus")
     p.add_argument("--out", default="gqa-demo", help="output folder (default: ./gqa-demo)")

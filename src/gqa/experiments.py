@@ -1,0 +1,263 @@
+"""`gqa experiment paper`: the GQA paper's experiments at small scale, in one command.
+
+1. Pre-train an MHA Llama (12 layers, hidden 512, 8 heads of 64, ~52 M parameters with the demo's 4,096-token
+   vocabulary) on the bundled corpus.
+2. Convert it to G in {1, 2, 4} (4 = H/2) with mean / first / random and uptrain each for α = 0.05, with two
+   seeds (the conversion-method ablation, the paper's Fig. 4).
+3. Uptrain the mean-pooled models for α in {0.01, 0.025, 0.1, 0.2} as well (quality vs α, Fig. 5); α = 0 is
+   the converted model itself.
+4. Train the same GQA/MQA architectures from scratch for the pre-training tokens plus α = 0.05 of them, two
+   seeds (the reference the paper compares uptraining against).
+5. Measure decode time per token of each architecture on this device (quality vs decode time, Fig. 3/6).
+
+Every run's numbers go to results.json; the figures and README.md are made from that file, and each
+statement in the README is computed from it, so it can be checked by a script. Sizes are set for one
+~10-minute run on an H100; `--quick` shrinks everything to a CPU pipeline check.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .bench import decode_tokens_per_s, device_name
+from .checkpoints import load
+from .checkpoints.tokenizer import load_tokenizer
+from .conversion import convert
+from .data import prepare
+from .demo import ASSET
+from .evaluate import compare_blocks
+from .model import ModelConfig, Transformer
+from .train import TrainConfig, init_weights, train
+
+
+@dataclass
+class PaperSettings:
+    model: dict = field(default_factory=lambda: dict(
+        vocab_size=4096, dim=512, n_layers=12, n_heads=8, n_kv_heads=8, head_dim=64, hidden_dim=2048,
+        max_positions=512, tie_embeddings=True))
+    kv_heads: tuple[int, ...] = (1, 2, 4)
+    methods: tuple[str, ...] = ("mean", "first", "random")
+    alpha: float = 0.05
+    alphas: tuple[float, ...] = (0.01, 0.025, 0.05, 0.1, 0.2)
+    seeds: tuple[int, ...] = (0, 1)
+    pretrain_steps: int = 1500
+    seq_len: int = 512
+    batch_size: int = 32
+    lr: float = 1e-3
+    uptrain_lr: float = 3e-4
+    eval_blocks: int = 128
+    compile: bool = True
+    decode_batch: int = 8
+    decode_context: int = 448
+
+
+QUICK = PaperSettings(
+    model=dict(vocab_size=4096, dim=32, n_layers=2, n_heads=8, n_kv_heads=8, head_dim=4, hidden_dim=64,
+               max_positions=64, tie_embeddings=True),
+    alphas=(0.05, 0.2), pretrain_steps=20, seq_len=32, batch_size=4, eval_blocks=4, compile=False,
+    decode_batch=2, decode_context=16,
+)
+
+
+def run_paper(out: str | Path, quick: bool = False, device: str | None = None) -> dict:
+    s = QUICK if quick else PaperSettings()
+    out = Path(out)
+    runs = out / "runs"
+    shutil.rmtree(runs, ignore_errors=True)
+    runs.mkdir(parents=True)
+    started = time.time()
+    tokenizer = load_tokenizer(ASSET)
+    data = prepare("bundled", tokenizer, s.seq_len)
+    val = data.val[: s.eval_blocks]
+    base = dict(data="bundled", seq_len=s.seq_len, batch_size=s.batch_size, eval_every=10**9,
+                eval_blocks=s.eval_blocks, save_every=10**9, compile=s.compile, device=device, overwrite=True)
+
+    def fresh(config: ModelConfig, seed: int) -> Transformer:
+        torch.manual_seed(seed)
+        model = Transformer(config)
+        init_weights(model)
+        model.hf_config, model.source_dir = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, ASSET
+        return model
+
+    def evaluate(path: Path) -> dict:
+        model = load(path, dtype=torch.float32, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return compare_blocks(model, val.to(model.device))
+
+    # 1. the MHA starting point
+    mha_config = ModelConfig(**s.model)
+    pre = train(fresh(mha_config, 0), tokenizer, TrainConfig(out=str(runs / "mha"), steps=s.pretrain_steps, lr=s.lr,
+                                                             seed=0, **base), data=data)
+    pretrain_tokens = pre["tokens"]
+    rows = [{"kind": "mha", "kv_heads": mha_config.n_heads, "method": "none", "alpha": 0.0, "seed": 0,
+             "tokens": pretrain_tokens, "val_perplexity": evaluate(runs / "mha")["perplexity"]}]
+
+    def uptrain(src: Path, dest: Path, alpha: float, seed: int) -> dict:
+        cfg = TrainConfig(out=str(dest), alpha=alpha, pretrain_tokens=pretrain_tokens, lr=s.uptrain_lr, seed=seed,
+                          **base)
+        return train(load(src, dtype=torch.float32), tokenizer, cfg, init_path=str(src), data=data)
+
+    # 2-3. conversions, the method ablation at α = 0.05 (two seeds), the α sweep for mean pooling
+    for g in s.kv_heads:
+        for method in s.methods:
+            for seed in s.seeds if method == "random" else s.seeds[:1]:
+                conv = runs / f"g{g}-{method}-s{seed}"
+                convert(runs / "mha", conv, kv_heads=g, method=method, seed=seed, progress=False)
+                rows.append({"kind": "uptrained", "kv_heads": g, "method": method, "alpha": 0.0, "seed": seed,
+                             "tokens": pretrain_tokens, "val_perplexity": evaluate(conv)["perplexity"]})
+                alphas = s.alphas if method == "mean" else (s.alpha,)
+                for alpha in alphas:
+                    for train_seed in s.seeds if alpha == s.alpha else s.seeds[:1]:
+                        dest = runs / f"g{g}-{method}-s{seed}-a{alpha}-t{train_seed}"
+                        report = uptrain(conv, dest, alpha, train_seed)
+                        rows.append({"kind": "uptrained", "kv_heads": g, "method": method, "alpha": alpha,
+                                     "seed": train_seed, "init_seed": seed,
+                                     "tokens": pretrain_tokens + report["tokens"],
+                                     "val_perplexity": evaluate(dest)["perplexity"]})
+                        shutil.rmtree(dest / "train" / "checkpoints", ignore_errors=True)
+
+    # 4. the same architectures from scratch, for the same total tokens as α = 0.05 uptraining
+    scratch_steps = round(s.pretrain_steps * (1 + s.alpha))
+    for g in s.kv_heads:
+        for seed in s.seeds:
+            dest = runs / f"scratch-g{g}-s{seed}"
+            config = ModelConfig(**{**s.model, "n_kv_heads": g})
+            report = train(fresh(config, seed), tokenizer,
+                           TrainConfig(out=str(dest), steps=scratch_steps, lr=s.lr, seed=seed, **base), data=data)
+            rows.append({"kind": "scratch", "kv_heads": g, "method": "scratch", "alpha": None, "seed": seed,
+                         "tokens": report["tokens"], "val_perplexity": evaluate(dest)["perplexity"]})
+
+    # 5. decode time per token of each architecture on this device
+    decode = {}
+    for g in (mha_config.n_heads, *s.kv_heads):
+        path = runs / "mha" if g == mha_config.n_heads else runs / f"g{g}-mean-s0"
+        model = load(path, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+                     device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        tps = decode_tokens_per_s(model, s.decode_batch, s.decode_context, 32 if not quick else 4)
+        decode[g] = {"tokens_per_s": tps, "ms_per_token": 1e3 * s.decode_batch / tps,
+                     "kv_bytes_per_token": model.kv_bytes_per_token(torch.bfloat16)}
+
+    results = {
+        "command": "gqa experiment paper" + (" --quick" if quick else ""),
+        "device": device_name(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))),
+        "settings": asdict(s),
+        "pretrain_tokens": pretrain_tokens,
+        "validation_tokens": int(len(val) * s.seq_len),
+        "rows": rows,
+        "decode": {str(k): v for k, v in decode.items()},
+        "seconds": round(time.time() - started, 1),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    figures(results, out)
+    (out / "README.md").write_text(findings(results))
+    return results
+
+
+def mean_ppl(rows, **match) -> float | None:
+    values = [r["val_perplexity"] for r in rows if all(r.get(k) == v for k, v in match.items())]
+    return statistics.mean(values) if values else None
+
+
+def findings(results: dict) -> str:
+    """The README of the run: a table and the paper's claims checked against the numbers, all from the JSON."""
+    rows, s = results["rows"], results["settings"]
+    alpha = s["alpha"]
+    mha = rows[0]["val_perplexity"]
+    lines = ["# The GQA paper at small scale\n", f"```\n{results['command']}\n```\n",
+             f"Device: {results['device']}; {results['seconds']:.0f} s; pre-training {results['pretrain_tokens']:,} "
+             f"tokens; validation {results['validation_tokens']:,} tokens. Every number below is in "
+             f"[results.json](results.json).\n",
+             f"MHA perplexity: {mha:.2f}.\n",
+             f"| G | mean α=0 | mean α={alpha} | first α={alpha} | random α={alpha} | from scratch |",
+             "|---|---|---|---|---|---|"]
+    for g in s["kv_heads"]:
+        cells = [mean_ppl(rows, kv_heads=g, method="mean", alpha=0.0)]
+        cells += [mean_ppl(rows, kv_heads=g, method=m, alpha=alpha) for m in ("mean", "first", "random")]
+        cells.append(mean_ppl(rows, kv_heads=g, kind="scratch"))
+        lines.append(f"| {g} | " + " | ".join("—" if c is None else f"{c:.2f}" for c in cells) + " |")
+    lines.append("\n## The paper's findings, checked\n")
+    for g in s["kv_heads"]:
+        ppl = {m: mean_ppl(rows, kv_heads=g, method=m, alpha=alpha) for m in ("mean", "first", "random")}
+        order = sorted(ppl, key=ppl.get)
+        holds = order == ["mean", "first", "random"]
+        lines.append(f"- G = {g}: mean pooling > first head > random at α = {alpha}: "
+                     f"{'holds' if holds else 'does not hold'} (perplexity "
+                     + ", ".join(f"{m} {ppl[m]:.2f}" for m in ("mean", "first", "random")) + ").")
+        sweep = [(a, mean_ppl(rows, kv_heads=g, method="mean", alpha=a)) for a in [0.0, *s["alphas"]]]
+        sweep = [(a, p) for a, p in sweep if p is not None]
+        gains = [(sweep[i][1] - sweep[i + 1][1], sweep[i][0], sweep[i + 1][0]) for i in range(len(sweep) - 1)]
+        lines.append("  Quality vs α (mean): " + ", ".join(f"α={a}: {p:.2f}" for a, p in sweep)
+                     + "; largest step " + (f"{max(gains)[1]}→{max(gains)[2]}" if gains else "—") + ".")
+        scratch = mean_ppl(rows, kv_heads=g, kind="scratch")
+        if scratch is not None:
+            lines.append(f"  Uptrained (α={alpha}, mean) {ppl['mean']:.2f} vs trained from scratch with the same "
+                         f"total tokens {scratch:.2f}: uptraining is "
+                         f"{'better' if ppl['mean'] < scratch else 'not better'}.")
+    d = results["decode"]
+    mha_key = str(rows[0]["kv_heads"])
+    lines.append("\n## Decode time per token on this device\n")
+    for g, v in d.items():
+        lines.append(f"- G = {g}: {v['ms_per_token']:.3f} ms per step of {s['decode_batch']} sequences "
+                     f"({v['tokens_per_s']:,.0f} tokens/s, {d[mha_key]['ms_per_token'] / v['ms_per_token']:.2f}× MHA), "
+                     f"{v['kv_bytes_per_token']:,} KV bytes per token.")
+    lines.append("\nFigures: quality vs decode time (quality_vs_time.png), conversion methods (methods.png), "
+                 "quality vs α (alpha.png).\n")
+    return "\n".join(lines)
+
+
+def figures(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, s = results["rows"], results["settings"]
+    alpha = s["alpha"]
+    mha_g = rows[0]["kv_heads"]
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for g, v in results["decode"].items():
+        g = int(g)
+        p = rows[0]["val_perplexity"] if g == mha_g else mean_ppl(rows, kv_heads=g, method="mean", alpha=alpha)
+        ax.scatter(v["ms_per_token"], p, s=60)
+        ax.annotate("MHA" if g == mha_g else ("MQA" if g == 1 else f"GQA-{g}"), (v["ms_per_token"], p))
+    ax.set_xlabel("decode time per step (ms)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title(f"quality vs decode time (uptrained, α = {alpha})")
+    fig.tight_layout()
+    fig.savefig(out / "quality_vs_time.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = 0.25
+    for i, m in enumerate(("mean", "first", "random")):
+        values = [mean_ppl(rows, kv_heads=g, method=m, alpha=alpha) for g in s["kv_heads"]]
+        ax.bar([j + i * width for j in range(len(values))], values, width, label=m)
+    ax.set_xticks([j + width for j in range(len(s["kv_heads"]))], [f"G = {g}" for g in s["kv_heads"]])
+    ax.set_ylabel("validation perplexity")
+    ax.set_title(f"conversion method (α = {alpha}, mean of seeds)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "methods.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for g in s["kv_heads"]:
+        pts = [(a, mean_ppl(rows, kv_heads=g, method="mean", alpha=a)) for a in [0.0, *s["alphas"]]]
+        pts = [(a, p) for a, p in pts if p is not None]
+        ax.plot(*zip(*pts), marker="o", label="MQA" if g == 1 else f"GQA-{g}")
+    ax.axhline(rows[0]["val_perplexity"], color="black", linestyle="--", label="MHA")
+    ax.set_xlabel("uptraining proportion α")
+    ax.set_ylabel("validation perplexity")
+    ax.set_yscale("log")
+    ax.set_title("quality vs α (mean pooling)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "alpha.png", dpi=110)
+    plt.close(fig)

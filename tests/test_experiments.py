@@ -1,0 +1,27 @@
+import json
+
+from gqa.cli import main
+
+
+def test_paper_experiment_quick(tmp_path):
+    """The paper pipeline end to end at toy size: every point the findings rest on is in results.json."""
+    out = tmp_path / "paper"
+    assert main(["experiment", "paper", "--quick", "--out", str(out), "--device", "cpu"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    points = {(r["kind"], r["kv_heads"], r["method"], r["alpha"], r["seed"]) for r in rows}
+    for g in (1, 2, 4):
+        for method in ("mean", "first", "random"):
+            assert ("uptrained", g, method, 0.0, 0) in points  # α = 0: the converted model
+            for seed in (0, 1):  # two seeds where the conclusions rest
+                assert ("uptrained", g, method, 0.05, seed) in points
+        assert ("uptrained", g, "mean", 0.2, 0) in points
+        assert {("scratch", g, "scratch", None, s) for s in (0, 1)} <= points
+    assert rows[0]["kind"] == "mha" and rows[0]["kv_heads"] == 8
+    scratch = [r for r in rows if r["kind"] == "scratch"]
+    assert all(r["tokens"] == round(20 * 1.05) * 4 * 32 for r in scratch)  # same total tokens as α = 0.05
+    assert set(results["decode"]) == {"8", "1", "2", "4"}
+    readme = (out / "README.md").read_text()
+    assert "mean pooling > first head > random" in readme and "from scratch" in readme
+    for name in ("quality_vs_time.png", "methods.png", "alpha.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
