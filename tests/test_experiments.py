@@ -25,3 +25,17 @@ def test_paper_experiment_quick(tmp_path):
     assert "mean pooling > first head > random" in readme and "from scratch" in readme
     for name in ("quality_vs_time.png", "methods.png", "alpha.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_smollm2_experiment_quick(tmp_path):
+    """SmolLM2 -> MQA, uptrained with and without distillation, at toy size: curves start at the converted model."""
+    out = tmp_path / "smol"
+    assert main(["experiment", "smollm2", "--quick", "--out", str(out), "--device", "cpu"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    plain, distilled = results["curves"]
+    assert (plain["distill"], distilled["distill"]) == (False, True)
+    assert plain["val_perplexity_converted"] == distilled["val_perplexity_converted"]  # the same converted model
+    assert plain["val_perplexity_converted"] > 10 * results["original_perplexity"]  # MQA mean pooling hurts
+    assert [t for t, _ in plain["points"]] == [0, 64, 128]
+    assert (out / "recovery.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Original SmolLM2-135M" in (out / "README.md").read_text()

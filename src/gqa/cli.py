@@ -326,10 +326,12 @@ def bench_capacity_cmd(args, device) -> None:
 
 
 def cmd_experiment(args) -> None:
-    from .experiments import run_paper
+    from .experiments import run_paper, run_smollm2
 
-    results = run_paper(args.out, quick=args.quick, device=args.device)
-    print(f"wrote {args.out}/results.json, README.md and figures in {results['seconds']:.0f} s")
+    run = run_paper if args.which == "paper" else run_smollm2
+    out = args.out or f"docs/results/{args.which}"
+    results = run(out, quick=args.quick, device=args.device)
+    print(f"wrote {out}/results.json, README.md and figures in {results['seconds']:.0f} s")
 
 
 def cmd_demo(args) -> None:
@@ -430,8 +432,8 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("experiment", help="the GQA paper's experiments at small scale (sized for one H100 run)")
-    p.add_argument("which", choices=["paper"])
-    p.add_argument("--out", default="docs/results/paper")
+    p.add_argument("which", choices=["paper", "smollm2"])
+    p.add_argument("--out", default=None, help="default: docs/results/<which>")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a pipeline check on a CPU")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_experiment)

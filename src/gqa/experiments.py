@@ -261,3 +261,111 @@ def figures(results: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "alpha.png", dpi=110)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ SmolLM2
+
+@dataclass
+class SmolSettings:
+    methods: tuple[str, ...] = ("mean", "first", "random")
+    distill: tuple[bool, ...] = (False, True)
+    steps: int = 500
+    seq_len: int = 512
+    batch_size: int = 16
+    lr: float = 3e-4
+    eval_every: int = 50
+    eval_blocks: int = 64
+    distill_weight: float = 0.5
+    compile: bool = True
+
+
+SMOL_QUICK = SmolSettings(methods=("mean",), steps=2, seq_len=32, batch_size=2, eval_every=1, eval_blocks=2,
+                          compile=False)
+
+
+def run_smollm2(out: str | Path, quick: bool = False, device: str | None = None) -> dict:
+    """SmolLM2-135M (9 query heads, 3 KV heads) -> MQA with mean / first / random, uptrained on the bundled
+    corpus with and without distillation from the original; held-out perplexity along uptraining."""
+    from .checkpoints.gguf import gguf_to_hf, packaged_smollm2
+
+    s = SMOL_QUICK if quick else SmolSettings()
+    out = Path(out)
+    runs = out / "runs"
+    shutil.rmtree(runs, ignore_errors=True)
+    runs.mkdir(parents=True)
+    started = time.time()
+    original = gguf_to_hf(packaged_smollm2(), runs / "smollm2")
+    tokenizer = load_tokenizer(original)
+    data = prepare("bundled", tokenizer, s.seq_len)
+    val = data.val[: s.eval_blocks]
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    def ppl(path: Path) -> float:
+        return compare_blocks(load(path, dtype=torch.float32, device=dev), val.to(dev))["perplexity"]
+
+    curves = []
+    before = ppl(original)
+    for method in s.methods:
+        conv = runs / f"converted-{method}"
+        convert(original, conv, kv_heads=1, method=method, progress=False)
+        for distill in s.distill:
+            dest = runs / f"uptrained-{method}{'-distill' if distill else ''}"
+            cfg = TrainConfig(data="bundled", out=str(dest), seq_len=s.seq_len, batch_size=s.batch_size,
+                              steps=s.steps, lr=s.lr, eval_every=s.eval_every, eval_blocks=s.eval_blocks,
+                              save_every=10**9, compile=s.compile, device=device, overwrite=True,
+                              teacher=str(original) if distill else None, distill_weight=s.distill_weight)
+            train(load(conv, dtype=torch.float32), tokenizer, cfg, init_path=str(conv), data=data)
+            log = [json.loads(line) for line in (dest / "train" / "log.jsonl").read_text().splitlines()]
+            points = [(r["tokens"], r["val_perplexity"]) for r in log if "val_perplexity" in r]
+            curves.append({"method": method, "distill": distill, "kv_heads": 1, "points": points,
+                           "val_perplexity_converted": points[0][1], "val_perplexity_final": points[-1][1]})
+            shutil.rmtree(dest / "train" / "checkpoints", ignore_errors=True)
+    results = {
+        "command": "gqa experiment smollm2" + (" --quick" if quick else ""),
+        "device": device_name(torch.device(dev)),
+        "settings": asdict(s),
+        "validation_tokens": int(len(val) * s.seq_len),
+        "original_perplexity": before,
+        "curves": curves,
+        "seconds": round(time.time() - started, 1),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    smol_figure(results, out / "recovery.png")
+    lines = ["# SmolLM2-135M: 3 KV heads -> 1 (MQA), uptrained on the bundled corpus\n",
+             f"```\n{results['command']}\n```\n",
+             f"Device: {results['device']}; {results['seconds']:.0f} s; validation {results['validation_tokens']:,} "
+             f"held-out tokens of the bundled corpus. Numbers from [results.json](results.json); "
+             f"curve in [recovery.png](recovery.png).\n",
+             f"Original SmolLM2-135M (GQA-3): perplexity {before:.2f}.\n",
+             "| K/V init | distillation | after conversion | after uptraining | tokens |", "|---|---|---|---|---|"]
+    for c in curves:
+        lines.append(f"| {c['method']} | {'yes' if c['distill'] else 'no'} | {c['val_perplexity_converted']:.2f} | "
+                     f"{c['val_perplexity_final']:.2f} | {c['points'][-1][0]:,} |")
+    best = min(curves, key=lambda c: c["val_perplexity_final"])
+    lines.append(f"\nBest after uptraining: {best['method']}{' with distillation' if best['distill'] else ''}, "
+                 f"{best['val_perplexity_final']:.2f} ({best['val_perplexity_final'] / before:.2f}× the original's "
+                 f"perplexity).\n")
+    (out / "README.md").write_text("\n".join(lines))
+    return results
+
+
+def smol_figure(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for c in results["curves"]:
+        tokens, ppl = zip(*c["points"])
+        ax.plot(tokens, ppl, marker=".", linestyle="--" if c["distill"] else "-",
+                label=f"{c['method']}{' + distillation' if c['distill'] else ''}")
+    ax.axhline(results["original_perplexity"], color="black", linestyle=":", label="original (3 KV heads)")
+    ax.set_yscale("log")
+    ax.set_xlabel("uptraining tokens")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title("SmolLM2-135M converted to MQA: recovery during uptraining")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
