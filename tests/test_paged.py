@@ -43,7 +43,10 @@ def test_paged_decode_through_the_kernel(tiny, monkeypatch):
     model = gqa.load(path)
     prompts = [[5, 17, 33, 8, 90, 12, 7], [44, 3]]
     expected = gqa.generate(model, prompts, max_new_tokens=5)
-    monkeypatch.setenv("GQA_TRITON_ON_CPU", "1")
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    else:
+        monkeypatch.setenv("GQA_TRITON_ON_CPU", "1")
     assert gqa.generate(model, prompts, max_new_tokens=5, page_size=4) == expected
 
 
