@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +148,23 @@ def test_existing_destination_is_refused(tiny, tmp_path):
         save(gqa.load(path), tmp_path / "taken")
     assert list((tmp_path / "taken").iterdir()) == []
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]  # no temporary folder left behind
+
+
+def test_old_style_names_and_buffers_load(tiny, tmp_path):
+    """Checkpoints from older writers: GPT-2 without the `transformer.` prefix and with its causal-mask
+    buffers, Llama with saved rotary tables. The buffers are skipped, the names mapped."""
+    from safetensors.torch import load_file, save_file
+
+    for family, rename, extra in (
+        ("gpt2", lambda n: n.removeprefix("transformer."), {"h.0.attn.bias": torch.ones(1, 1, 128, 128)}),
+        ("llama", lambda n: n, {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}),
+    ):
+        hf, path = tiny(family)
+        folder = tmp_path / family
+        folder.mkdir()
+        (folder / "config.json").write_text((Path(path) / "config.json").read_text())
+        tensors = {rename(k): v for k, v in load_file(f"{path}/model.safetensors").items()} | extra
+        save_file(tensors, str(folder / "model.safetensors"))
+        ids, mask = padded_batch([7, 7])
+        with torch.no_grad():
+            assert_logits_close(gqa.load(folder)(ids), hf_logits(hf, ids, mask), mask)

@@ -184,6 +184,10 @@ LLAMA_RULES = [
 ]
 
 
+# older transformers saved the rotary table as a buffer; it is recomputed from the config
+LLAMA_BUFFERS = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"model\.rotary_emb\.inv_freq")
+
+
 def llama_like_config(hf: dict, family: str) -> ModelConfig:
     n_heads = hf["num_attention_heads"]
     n_kv = hf.get("num_key_value_heads") or n_heads
@@ -273,6 +277,7 @@ def llama_like(name: str, arch: str) -> Family:
         rules=LLAMA_RULES,
         to_config=lambda hf: llama_like_config(hf, name),
         to_hf_config=lambda c, base: llama_like_hf_config(c, base, name, arch),
+        ignore=LLAMA_BUFFERS,
     )
 
 
@@ -636,6 +641,7 @@ DECILM = DeciLMFamily(
     rules=LLAMA_RULES,
     to_config=decilm_config,
     to_hf_config=decilm_hf_config,
+    ignore=LLAMA_BUFFERS,
 )
 
 FAMILIES: list[Family] = [LLAMA, MISTRAL, QWEN2, GPT2, NEOX, OPT, BIGCODE, DECILM]
