@@ -159,3 +159,12 @@ def test_entry_point_exit_code_without_traceback(tmp_path):
 def test_bad_sampling_arguments(tiny, capsys, argv, message):
     _, path = tiny("llama")
     assert_user_error(capsys, ["generate", path, "--prompt", "hi", *argv], message)
+
+
+def test_eval_on_a_bundled_corpus_uses_its_validation_split(capsys):
+    from gqa.demo import ASSET
+
+    code, out, _ = run(capsys, "eval", ASSET, "--data", "shakespeare", "--json", "--seq-len", "256")
+    result = json.loads(out)
+    assert code == 0 and result["tokens"] > 10_000
+    assert result["perplexity"] < 500  # the demo model has read the training split of this corpus

@@ -71,14 +71,19 @@ def read_text(path: str) -> str:
 def cmd_eval(args) -> None:
     import torch
 
+    from . import corpus
     from .checkpoints import load
     from .checkpoints.tokenizer import load_tokenizer
+    from .data import is_validation, tokenize
     from .evaluate import perplexity
 
-    text = read_text(args.data)
     tokenizer = load_tokenizer(args.model)
+    if args.data in corpus.NAMES:  # a bundled corpus: its held-out documents, the split training never sees
+        docs = [d for d in corpus.documents(args.data) if is_validation(d, 0.05)]
+        tokens = tokenize(docs, tokenizer)
+    else:
+        tokens = torch.tensor(tokenizer(read_text(args.data))["input_ids"], dtype=torch.long)
     model = load(args.model, dtype=args.dtype, device=pick_device(args.device))
-    tokens = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
     result = perplexity(model, tokens, seq_len=args.seq_len, batch_size=args.batch_size)
     if args.json:
         return print_json(result)
@@ -356,7 +361,8 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("eval", help="perplexity on a text file")
     p.add_argument("model")
-    p.add_argument("--data", required=True, help="a UTF-8 text file")
+    p.add_argument("--data", required=True,
+                   help="a UTF-8 text file, or bundled / wiki / shakespeare for that corpus's validation split")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: min(positions, 1024))")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", action="store_true")
