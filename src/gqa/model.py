@@ -164,7 +164,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=config.out_bias)
 
-    def forward(self, x, rope, mask, is_causal, cache: KVCache | None, slots, kv_lengths=None):
+    def forward(self, x, rope, mask, is_causal, cache: KVCache | PagedKVCache | None, slots, kv_lengths=None):
         batch, seq, _ = x.shape
         q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -282,7 +282,7 @@ class Transformer(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | PagedKVCache | None = None,
     ) -> torch.Tensor:
         """Logits [B, S, vocab].
 
