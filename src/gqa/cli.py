@@ -77,12 +77,13 @@ def cmd_eval(args) -> None:
     from .data import is_validation, tokenize
     from .evaluate import perplexity
 
+    text = None if args.data in corpus.NAMES else read_text(args.data)  # check the data before loading anything
     tokenizer = load_tokenizer(args.model)
-    if args.data in corpus.NAMES:  # a bundled corpus: its held-out documents, the split training never sees
+    if text is None:  # a bundled corpus: its held-out documents, the split training never sees
         docs = [d for d in corpus.documents(args.data) if is_validation(d, 0.05)]
         tokens = tokenize(docs, tokenizer)
     else:
-        tokens = torch.tensor(tokenizer(read_text(args.data))["input_ids"], dtype=torch.long)
+        tokens = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
     model = load(args.model, dtype=args.dtype, device=pick_device(args.device))
     result = perplexity(model, tokens, seq_len=args.seq_len, batch_size=args.batch_size)
     if args.json:
