@@ -241,6 +241,18 @@ def llama_config(n_kv_heads: int, layers: int = 24, dim: int = 2048, n_heads: in
                        head_dim=head_dim, hidden_dim=hidden, max_positions=max_positions)
 
 
+def random_llama(n_kv_heads: int, dtype: torch.dtype, device: torch.device, **config_kwargs) -> tuple[Transformer, int]:
+    """A Llama-style model with random weights (seed 0) and its weight bytes: speed does not depend on the values."""
+    from .train import init_weights
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Transformer(llama_config(n_kv_heads, **config_kwargs))
+    init_weights(model)
+    model = model.to(dtype).eval()
+    return model, sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 @torch.inference_mode()
 def decode_seconds_per_step(model: Transformer, batch: int, prompt_len: int, new_tokens: int,
                             cuda_graph: bool = False, warmup: int = 3) -> float:
@@ -297,19 +309,11 @@ def bench_generate(
 ) -> dict:
     """Whole-model decode tokens/s for each G and (batch, prompt), with the roofline of each point:
     a step must read every weight and the whole KV cache once, so tokens/s <= batch · bandwidth / bytes."""
-    from .train import init_weights
-
     device = torch.device(device)
     bandwidth = measured_bandwidth(device, 1.0 if device.type == "cuda" else 0.05)
     rows = []
     for g in kv_heads:
-        config = llama_config(g, **(config_kwargs or {}))
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = Transformer(config)
-        init_weights(model)
-        model = model.to(dtype).eval()
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        model, weight_bytes = random_llama(g, dtype, device, **(config_kwargs or {}))
         for batch, prompt in shapes:
             kv_bytes = batch * (prompt + new_tokens // 2) * model.kv_bytes_per_token()
             roofline = batch * bandwidth / (weight_bytes + kv_bytes)
@@ -364,19 +368,12 @@ def bench_capacity(
     need far more activation memory than decoding them; decode speed does not depend on the values).
     """
     from .generate import DecodeStep
-    from .train import init_weights
 
     device = torch.device(device)
     budget = memory_gb * 1024**3
     rows = []
     for g in kv_heads:
-        config = llama_config(g, **({"max_positions": context} | (config_kwargs or {})))
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = Transformer(config)
-        init_weights(model)
-        model = model.to(dtype).eval()
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        model, weight_bytes = random_llama(g, dtype, device, **({"max_positions": context} | (config_kwargs or {})))
         per_sequence = context * model.kv_bytes_per_token()
         sequences = int((budget * (1 - reserve_fraction) - weight_bytes) // per_sequence)
         row = {"kv_heads": g, "weight_bytes": weight_bytes, "kv_bytes_per_sequence": per_sequence,

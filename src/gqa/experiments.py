@@ -66,12 +66,18 @@ QUICK = PaperSettings(
 )
 
 
-def run_paper(out: str | Path, quick: bool = False, device: str | None = None) -> dict:
-    s = QUICK if quick else PaperSettings()
-    out = Path(out)
+def fresh_runs(out: Path) -> Path:
+    """OUT/runs, emptied: each experiment starts from nothing."""
     runs = out / "runs"
     shutil.rmtree(runs, ignore_errors=True)
     runs.mkdir(parents=True)
+    return runs
+
+
+def run_paper(out: str | Path, quick: bool = False, device: str | None = None) -> dict:
+    s = QUICK if quick else PaperSettings()
+    out = Path(out)
+    runs = fresh_runs(out)
     started = time.time()
     tokenizer = load_tokenizer(ASSET)
     data = prepare("bundled", tokenizer, s.seq_len)
@@ -290,9 +296,7 @@ def run_smollm2(out: str | Path, quick: bool = False, device: str | None = None)
 
     s = SMOL_QUICK if quick else SmolSettings()
     out = Path(out)
-    runs = out / "runs"
-    shutil.rmtree(runs, ignore_errors=True)
-    runs.mkdir(parents=True)
+    runs = fresh_runs(out)
     started = time.time()
     original = gguf_to_hf(packaged_smollm2(), runs / "smollm2")
     tokenizer = load_tokenizer(original)
