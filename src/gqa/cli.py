@@ -427,7 +427,7 @@ def build_parser() -> Parser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_import_gguf)
 
-    p = sub.add_parser("bench", help="speed benchmarks with the baselines in the same run (decode)")
+    p = sub.add_parser("bench", help="speed benchmarks with the baselines in the same run: decode, generate, capacity")
     p.add_argument("what", choices=["decode", "generate", "capacity"])
     p.add_argument("--out", default="docs/results")
     p.add_argument("--json", action="store_true")
