@@ -144,10 +144,21 @@ def test_bench_generate_harness_on_cpu(tmp_path):
     result = json.loads((tmp_path / "bench_generate.json").read_text())
     assert [(r["kv_heads"], r["batch"]) for r in result["rows"]] == [(4, 1), (4, 2), (1, 1), (1, 2)]
     for r in result["rows"]:
-        assert set(r["tokens_per_s"]) == {"gqa", "transformers generate (static cache)"}
+        assert set(r["tokens_per_s"]) == {"gqa", "transformers generate (static cache)",
+                                          "plain PyTorch + eager (K/V repeat_interleave)",
+                                          "plain PyTorch + eager (SDPA enable_gqa)"}
         assert r["kv_bytes"] == r["batch"] * (r["prompt"] + 2) * 2 * 2 * r["kv_heads"] * 16 * 4
     assert [s["kv_heads"] for s in result["speedups"]] == [1, 1]
     assert all(s["roofline_ratio"] > 1 for s in result["speedups"])
+    assert result["command"] == "gqa bench generate"
+
+
+def test_bench_generate_rejects_unknown_peer(tmp_path, capsys):
+    from gqa.cli import main
+
+    assert main(["bench", "generate", "--quick", "--device", "cpu", "--peers", "vllm", "--out", str(tmp_path)]) == 2
+    assert "unknown generate peers ['vllm']; known: transformers, plain, plain-gqa" in capsys.readouterr().err
+    assert not (tmp_path / "bench_generate.json").exists()
 
 
 def test_bench_capacity_on_cpu(tmp_path):

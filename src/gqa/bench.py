@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from .errors import GQAError
 from .model import Transformer
 
 
@@ -298,6 +299,41 @@ def transformers_seconds_per_step(model: Transformer, batch: int, prompt_len: in
     return (run(new_tokens) - run(1)) / (new_tokens - 1)
 
 
+@torch.inference_mode()
+def plain_seconds_per_step(model: Transformer, batch: int, prompt_len: int, new_tokens: int, expand_kv: bool = True,
+                           compile: bool = True, warmup: int = 3) -> float:
+    """Seconds per greedy decode step of the plain-PyTorch static-cache decoder (gqa.plain_decoder) on the same
+    weights, its step compiled with torch.compile(mode="reduce-overhead", fullgraph=True); the prefill is
+    eager and not timed, and the warm-up steps absorb the compilation."""
+    from .plain_decoder import PlainDecoder
+
+    decoder = PlainDecoder(model, batch, prompt_len + new_tokens + warmup + 2, expand_kv=expand_kv)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=model.device)
+    tokens = decoder(prompt, torch.arange(prompt_len, device=model.device))[:, -1].argmax(-1)
+    step = torch.compile(decoder, mode="reduce-overhead", fullgraph=True) if compile else decoder
+    position = torch.tensor([prompt_len], device=model.device)
+
+    def run(n, tokens):
+        for _ in range(n):
+            tokens = step(tokens[:, None], position)[:, -1].argmax(-1)
+            position.add_(1)
+        return tokens
+
+    tokens = run(warmup, tokens)
+    synchronize(model.device)
+    start = time.perf_counter()
+    run(new_tokens, tokens)
+    synchronize(model.device)
+    return (time.perf_counter() - start) / new_tokens
+
+
+GENERATE_PEERS = {  # name in the results -> what it is
+    "transformers": "transformers generate (static cache)",
+    "plain": "plain PyTorch + torch.compile (K/V repeat_interleave)",
+    "plain-gqa": "plain PyTorch + torch.compile (SDPA enable_gqa)",
+}
+
+
 def bench_generate(
     kv_heads=(16, 4, 1),
     shapes=((1, 1024), (32, 2048)),
@@ -305,10 +341,18 @@ def bench_generate(
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cuda",
     config_kwargs: dict | None = None,
-    transformers_baseline: bool = True,
+    peers=tuple(GENERATE_PEERS),
+    compile_plain: bool = True,
 ) -> dict:
     """Whole-model decode tokens/s for each G and (batch, prompt), with the roofline of each point:
-    a step must read every weight and the whole KV cache once, so tokens/s <= batch · bandwidth / bytes."""
+    a step must read every weight and the whole KV cache once, so tokens/s <= batch · bandwidth / bytes.
+
+    peers: which of GENERATE_PEERS run beside ours (the plain decoders compile once per point);
+    compile_plain=False runs them eagerly (a harness check: compiling costs ~40 s a point on a CPU)."""
+    unknown = set(peers) - set(GENERATE_PEERS)
+    if unknown:
+        raise GQAError(f"unknown generate peers {sorted(unknown)}; known: {', '.join(GENERATE_PEERS)}")
+    wanted = tuple(peers)
     device = torch.device(device)
     bandwidth = measured_bandwidth(device, 1.0 if device.type == "cuda" else 0.05)
     rows = []
@@ -320,9 +364,15 @@ def bench_generate(
             peers = {"gqa": batch / decode_seconds_per_step(model, batch, prompt, new_tokens)}
             if device.type == "cuda":
                 peers["gqa + CUDA graph"] = batch / decode_seconds_per_step(model, batch, prompt, new_tokens, True)
-            if transformers_baseline:
-                peers["transformers generate (static cache)"] = batch / transformers_seconds_per_step(
+            if "transformers" in wanted:
+                peers[GENERATE_PEERS["transformers"]] = batch / transformers_seconds_per_step(
                     model, batch, prompt, new_tokens)
+            for name, expand_kv in (("plain", True), ("plain-gqa", False)):
+                if name in wanted:
+                    label = GENERATE_PEERS[name].replace("torch.compile", "torch.compile" if compile_plain else "eager")
+                    peers[label] = batch / plain_seconds_per_step(model, batch, prompt, new_tokens, expand_kv=expand_kv,
+                                                                  compile=compile_plain)
+                    torch._dynamo.reset()  # the next point's decoder is a new module: start from a clean cache
             rows.append({
                 "kv_heads": g, "batch": batch, "prompt": prompt, "new_tokens": new_tokens,
                 "weight_bytes": weight_bytes, "kv_bytes": kv_bytes, "roofline_tokens_per_s": roofline,

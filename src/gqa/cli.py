@@ -285,15 +285,16 @@ def cmd_bench(args) -> None:
 def bench_generate_cmd(args, device) -> None:
     import torch
 
-    from .bench import bench_generate
+    from .bench import GENERATE_PEERS, bench_generate
     from .checkpoints import parse_dtype
 
     grid = {}
     if args.quick:
-        grid = dict(kv_heads=(4, 1), shapes=((1, 16), (2, 24)), new_tokens=4,
+        grid = dict(kv_heads=(4, 1), shapes=((1, 16), (2, 24)), new_tokens=4, compile_plain=False,
                     config_kwargs=dict(layers=2, dim=64, n_heads=4, head_dim=16, hidden=128, vocab=320))
-    result = bench_generate(dtype=parse_dtype(args.dtype) or torch.bfloat16, device=device, **grid)
-    result["command"] = "gqa bench generate" + (" --quick" if args.quick else "")
+    peers = tuple(p for p in args.peers.split(",") if p) if args.peers is not None else tuple(GENERATE_PEERS)
+    result = bench_generate(dtype=parse_dtype(args.dtype) or torch.bfloat16, device=device, peers=peers, **grid)
+    result["command"] = "gqa " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("gqa") else "gqa bench generate"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_generate.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -336,7 +337,7 @@ def cmd_experiment(args) -> None:
 
     run = run_paper if args.which == "paper" else run_smollm2
     out = args.out or f"docs/results/{args.which}"
-    results = run(out, quick=args.quick, device=args.device)
+    results = run(out, quick=args.quick, device=args.device, settings=args.settings)
     print(f"wrote {out}/results.json, README.md and figures in {results['seconds']:.0f} s")
 
 
@@ -436,12 +437,16 @@ def build_parser() -> Parser:
     p.add_argument("--device", default=None)
     p.add_argument("--memory-gb", type=float, default=60.0, help="capacity: memory budget for weights + cache")
     p.add_argument("--context", type=int, default=4096, help="capacity: tokens per sequence")
+    p.add_argument("--peers", default=None,
+                   help="generate: comma-separated peers beside ours (default all: transformers,plain,plain-gqa)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("experiment", help="the GQA paper's experiments at small scale (sized for one H100 run)")
     p.add_argument("which", choices=["paper", "smollm2"])
     p.add_argument("--out", default=None, help="default: docs/results/<which>")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a pipeline check on a CPU")
+    p.add_argument("--settings", default=None,
+                   help="JSON file of settings to change (e.g. a scale that fits a CPU); recorded in results.json")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_experiment)
 

@@ -21,7 +21,7 @@ import json
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ from .checkpoints.tokenizer import load_tokenizer
 from .conversion import convert
 from .data import prepare
 from .demo import ASSET
+from .errors import GQAError
 from .evaluate import compare_blocks
 from .model import ModelConfig, Transformer
 from .train import TrainConfig, init_weights, train
@@ -66,6 +67,29 @@ QUICK = PaperSettings(
 )
 
 
+def read_settings(defaults, path: str | Path | None):
+    """`defaults` with the fields named in a JSON file replaced (lists become tuples): how a run at another
+    scale (say, one that fits a CPU) is described and recorded."""
+    if path is None:
+        return defaults
+    try:
+        given = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise GQAError(f"settings file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise GQAError(f"settings file {path} is not JSON: {e}") from None
+    names = {f.name for f in fields(defaults)}
+    if not isinstance(given, dict) or set(given) - names:
+        unknown = sorted(set(given) - names) if isinstance(given, dict) else "not an object"
+        raise GQAError(f"settings file {path}: unknown settings {unknown}; known: {', '.join(sorted(names))}")
+    return replace(defaults, **{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+
+
+def command_line(which: str, quick: bool, settings: str | Path | None, out: Path) -> str:
+    return " ".join(["gqa experiment", which, *(["--quick"] if quick else []),
+                     *([f"--settings {settings}"] if settings else []), f"--out {out}"])
+
+
 def fresh_runs(out: Path) -> Path:
     """OUT/runs, emptied: each experiment starts from nothing."""
     runs = out / "runs"
@@ -74,8 +98,9 @@ def fresh_runs(out: Path) -> Path:
     return runs
 
 
-def run_paper(out: str | Path, quick: bool = False, device: str | None = None) -> dict:
-    s = QUICK if quick else PaperSettings()
+def run_paper(out: str | Path, quick: bool = False, device: str | None = None,
+              settings: str | Path | None = None) -> dict:
+    s = read_settings(QUICK if quick else PaperSettings(), settings)
     out = Path(out)
     runs = fresh_runs(out)
     started = time.time()
@@ -101,8 +126,15 @@ def run_paper(out: str | Path, quick: bool = False, device: str | None = None) -
     pre = train(fresh(mha_config, 0), tokenizer, TrainConfig(out=str(runs / "mha"), steps=s.pretrain_steps, lr=s.lr,
                                                              seed=0, **base), data=data)
     pretrain_tokens = pre["tokens"]
-    rows = [{"kind": "mha", "kv_heads": mha_config.n_heads, "method": "none", "alpha": 0.0, "seed": 0,
-             "tokens": pretrain_tokens, "val_perplexity": evaluate(runs / "mha")["perplexity"]}]
+    rows = []
+
+    def add(row: dict) -> None:  # also logged as it comes, so a run cut short keeps what it measured
+        rows.append(row)
+        with open(runs / "rows.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    add({"kind": "mha", "kv_heads": mha_config.n_heads, "method": "none", "alpha": 0.0, "seed": 0,
+         "tokens": pretrain_tokens, "val_perplexity": evaluate(runs / "mha")["perplexity"]})
 
     def uptrain(src: Path, dest: Path, alpha: float, seed: int) -> dict:
         cfg = TrainConfig(out=str(dest), alpha=alpha, pretrain_tokens=pretrain_tokens, lr=s.uptrain_lr, seed=seed,
@@ -115,17 +147,16 @@ def run_paper(out: str | Path, quick: bool = False, device: str | None = None) -
             for seed in s.seeds if method == "random" else s.seeds[:1]:
                 conv = runs / f"g{g}-{method}-s{seed}"
                 convert(runs / "mha", conv, kv_heads=g, method=method, seed=seed, progress=False)
-                rows.append({"kind": "uptrained", "kv_heads": g, "method": method, "alpha": 0.0, "seed": seed,
-                             "tokens": pretrain_tokens, "val_perplexity": evaluate(conv)["perplexity"]})
+                add({"kind": "uptrained", "kv_heads": g, "method": method, "alpha": 0.0, "seed": seed,
+                     "tokens": pretrain_tokens, "val_perplexity": evaluate(conv)["perplexity"]})
                 alphas = s.alphas if method == "mean" else (s.alpha,)
                 for alpha in alphas:
                     for train_seed in s.seeds if alpha == s.alpha else s.seeds[:1]:
                         dest = runs / f"g{g}-{method}-s{seed}-a{alpha}-t{train_seed}"
                         report = uptrain(conv, dest, alpha, train_seed)
-                        rows.append({"kind": "uptrained", "kv_heads": g, "method": method, "alpha": alpha,
-                                     "seed": train_seed, "init_seed": seed,
-                                     "tokens": pretrain_tokens + report["tokens"],
-                                     "val_perplexity": evaluate(dest)["perplexity"]})
+                        add({"kind": "uptrained", "kv_heads": g, "method": method, "alpha": alpha,
+                             "seed": train_seed, "init_seed": seed, "tokens": pretrain_tokens + report["tokens"],
+                             "val_perplexity": evaluate(dest)["perplexity"]})
                         shutil.rmtree(dest / "train" / "checkpoints", ignore_errors=True)
 
     # 4. the same architectures from scratch, for the same total tokens as α = 0.05 uptraining
@@ -136,8 +167,8 @@ def run_paper(out: str | Path, quick: bool = False, device: str | None = None) -
             config = ModelConfig(**{**s.model, "n_kv_heads": g})
             report = train(fresh(config, seed), tokenizer,
                            TrainConfig(out=str(dest), steps=scratch_steps, lr=s.lr, seed=seed, **base), data=data)
-            rows.append({"kind": "scratch", "kv_heads": g, "method": "scratch", "alpha": None, "seed": seed,
-                         "tokens": report["tokens"], "val_perplexity": evaluate(dest)["perplexity"]})
+            add({"kind": "scratch", "kv_heads": g, "method": "scratch", "alpha": None, "seed": seed,
+                 "tokens": report["tokens"], "val_perplexity": evaluate(dest)["perplexity"]})
 
     # 5. decode time per token of each architecture on this device
     decode = {}
@@ -150,7 +181,7 @@ def run_paper(out: str | Path, quick: bool = False, device: str | None = None) -
                      "kv_bytes_per_token": model.kv_bytes_per_token(torch.bfloat16)}
 
     results = {
-        "command": "gqa experiment paper" + (" --quick" if quick else ""),
+        "command": command_line("paper", quick, settings, out),
         "device": device_name(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))),
         "settings": asdict(s),
         "pretrain_tokens": pretrain_tokens,
@@ -289,12 +320,13 @@ SMOL_QUICK = SmolSettings(methods=("mean",), steps=2, seq_len=32, batch_size=2, 
                           compile=False)
 
 
-def run_smollm2(out: str | Path, quick: bool = False, device: str | None = None) -> dict:
+def run_smollm2(out: str | Path, quick: bool = False, device: str | None = None,
+                settings: str | Path | None = None) -> dict:
     """SmolLM2-135M (9 query heads, 3 KV heads) -> MQA with mean / first / random, uptrained on the bundled
     corpus with and without distillation from the original; held-out perplexity along uptraining."""
     from .checkpoints.gguf import gguf_to_hf, packaged_smollm2
 
-    s = SMOL_QUICK if quick else SmolSettings()
+    s = read_settings(SMOL_QUICK if quick else SmolSettings(), settings)
     out = Path(out)
     runs = fresh_runs(out)
     started = time.time()
@@ -325,7 +357,7 @@ def run_smollm2(out: str | Path, quick: bool = False, device: str | None = None)
                            "val_perplexity_converted": points[0][1], "val_perplexity_final": points[-1][1]})
             shutil.rmtree(dest / "train" / "checkpoints", ignore_errors=True)
     results = {
-        "command": "gqa experiment smollm2" + (" --quick" if quick else ""),
+        "command": command_line("smollm2", quick, settings, out),
         "device": device_name(torch.device(dev)),
         "settings": asdict(s),
         "validation_tokens": int(len(val) * s.seq_len),
