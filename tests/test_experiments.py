@@ -37,5 +37,26 @@ def test_smollm2_experiment_quick(tmp_path):
     assert plain["val_perplexity_converted"] == distilled["val_perplexity_converted"]  # the same converted model
     assert plain["val_perplexity_converted"] > 10 * results["original_perplexity"]  # MQA mean pooling hurts
     assert [t for t, _ in plain["points"]] == [0, 64, 128]
+    assert results["converted_perplexity"] == {"mean": plain["val_perplexity_converted"]}
     assert (out / "recovery.png").read_bytes()[:4] == b"\x89PNG"
-    assert "Original SmolLM2-135M" in (out / "README.md").read_text()
+    readme = (out / "README.md").read_text()
+    assert "Original SmolLM2-135M" in readme and "- mean: distillation from the original" in readme
+
+
+def test_experiment_settings_file(tmp_path, capsys):
+    """--settings changes named fields (recorded in results.json); an unknown field is a one-line error, exit 2."""
+    settings = tmp_path / "s.json"
+    settings.write_text(json.dumps({"methods": ["mean", "first"], "uptrain_methods": ["mean"], "distill": [False]}))
+    out = tmp_path / "smol"
+    assert main(["experiment", "smollm2", "--quick", "--settings", str(settings), "--out", str(out), "--device", "cpu"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["methods"] == ["mean", "first"] and results["settings"]["steps"] == 2
+    assert set(results["converted_perplexity"]) == {"mean", "first"}
+    assert [(c["method"], c["distill"]) for c in results["curves"]] == [("mean", False)]
+    assert f"--settings {settings}" in results["command"]
+    settings.write_text(json.dumps({"pretrain_step": 5}))
+    capsys.readouterr()
+    assert main(["experiment", "paper", "--settings", str(settings), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown settings ['pretrain_step']" in err and err.count("\n") == 1
+    assert not (tmp_path / "p").exists()

@@ -228,9 +228,17 @@ def findings(results: dict) -> str:
                      + ", ".join(f"{m} {ppl[m]:.2f}" for m in ("mean", "first", "random")) + ").")
         sweep = [(a, mean_ppl(rows, kv_heads=g, method="mean", alpha=a)) for a in [0.0, *s["alphas"]]]
         sweep = [(a, p) for a, p in sweep if p is not None]
-        gains = [(sweep[i][1] - sweep[i + 1][1], sweep[i][0], sweep[i + 1][0]) for i in range(len(sweep) - 1)]
-        lines.append("  Quality vs α (mean): " + ", ".join(f"α={a}: {p:.2f}" for a, p in sweep)
-                     + "; largest step " + (f"{max(gains)[1]}→{max(gains)[2]}" if gains else "—") + ".")
+        line = "  Quality vs α (mean): " + ", ".join(f"α={a}: {p:.2f}" for a, p in sweep)
+        ppl_at = dict(sweep)
+        if 0.0 in ppl_at and alpha in ppl_at and len(sweep) > 2 and sweep[-1][0] > alpha:
+            top_alpha, top = sweep[-1]
+            share = (ppl_at[0.0] - ppl_at[alpha]) / (ppl_at[0.0] - top) if ppl_at[0.0] != top else float("nan")
+            line += f"; α={alpha} gets {share:.0%} of the improvement α={top_alpha} gets"
+        lines.append(line + ".")
+        at_zero = {m: mean_ppl(rows, kv_heads=g, method=m, alpha=0.0) for m in ("mean", "first", "random")}
+        if all(v is not None for v in at_zero.values()):
+            lines.append("  Before uptraining (α = 0): " + ", ".join(f"{m} {v:.2f}" for m, v in at_zero.items())
+                         + f"; best {min(at_zero, key=at_zero.get)}.")
         scratch = mean_ppl(rows, kv_heads=g, kind="scratch")
         if scratch is not None:
             lines.append(f"  Uptrained (α={alpha}, mean) {ppl['mean']:.2f} vs trained from scratch with the same "
@@ -304,7 +312,8 @@ def figures(results: dict, out: Path) -> None:
 
 @dataclass
 class SmolSettings:
-    methods: tuple[str, ...] = ("mean", "first", "random")
+    methods: tuple[str, ...] = ("mean", "first", "random")  # converted and evaluated
+    uptrain_methods: tuple[str, ...] | None = None  # of those, uptrained (default: all)
     distill: tuple[bool, ...] = (False, True)
     steps: int = 500
     seq_len: int = 512
@@ -339,11 +348,14 @@ def run_smollm2(out: str | Path, quick: bool = False, device: str | None = None,
     def ppl(path: Path) -> float:
         return compare_blocks(load(path, dtype=torch.float32, device=dev), val.to(dev))["perplexity"]
 
-    curves = []
+    curves, converted = [], {}
     before = ppl(original)
     for method in s.methods:
         conv = runs / f"converted-{method}"
         convert(original, conv, kv_heads=1, method=method, progress=False)
+        converted[method] = ppl(conv)
+        if s.uptrain_methods is not None and method not in s.uptrain_methods:
+            continue
         for distill in s.distill:
             dest = runs / f"uptrained-{method}{'-distill' if distill else ''}"
             cfg = TrainConfig(data="bundled", out=str(dest), seq_len=s.seq_len, batch_size=s.batch_size,
@@ -362,6 +374,7 @@ def run_smollm2(out: str | Path, quick: bool = False, device: str | None = None,
         "settings": asdict(s),
         "validation_tokens": int(len(val) * s.seq_len),
         "original_perplexity": before,
+        "converted_perplexity": converted,
         "curves": curves,
         "seconds": round(time.time() - started, 1),
     }
@@ -372,7 +385,8 @@ def run_smollm2(out: str | Path, quick: bool = False, device: str | None = None,
              f"Device: {results['device']}; {results['seconds']:.0f} s; validation {results['validation_tokens']:,} "
              f"held-out tokens of the bundled corpus. Numbers from [results.json](results.json); "
              f"curve in [recovery.png](recovery.png).\n",
-             f"Original SmolLM2-135M (GQA-3): perplexity {before:.2f}.\n",
+             f"Original SmolLM2-135M (GQA-3): perplexity {before:.2f}. Converted to MQA, before uptraining: "
+             + ", ".join(f"{m} {p:,.2f}" for m, p in converted.items()) + ".\n",
              "| K/V init | distillation | after conversion | after uptraining | tokens |", "|---|---|---|---|---|"]
     for c in curves:
         lines.append(f"| {c['method']} | {'yes' if c['distill'] else 'no'} | {c['val_perplexity_converted']:.2f} | "
@@ -381,7 +395,13 @@ def run_smollm2(out: str | Path, quick: bool = False, device: str | None = None,
     lines.append(f"\nBest after uptraining: {best['method']}{' with distillation' if best['distill'] else ''}, "
                  f"{best['val_perplexity_final']:.2f} ({best['val_perplexity_final'] / before:.2f}× the original's "
                  f"perplexity).\n")
-    (out / "README.md").write_text("\n".join(lines))
+    for method in dict.fromkeys(c["method"] for c in curves):
+        pair = {c["distill"]: c["val_perplexity_final"] for c in curves if c["method"] == method}
+        if len(pair) == 2:
+            verdict = "helps" if pair[True] < pair[False] else "does not help"
+            lines.append(f"- {method}: distillation from the original {verdict} at this budget "
+                         f"({pair[True]:.2f} with, {pair[False]:.2f} without).")
+    (out / "README.md").write_text("\n".join(lines) + "\n")
     return results
 
 
