@@ -177,3 +177,35 @@ def test_bench_capacity_on_cpu(tmp_path):
         assert r["max_sequences"] == int((0.01 * 1024**3 * 0.9 - r["weight_bytes"]) // r["kv_bytes_per_sequence"])
     assert mqa["max_sequences"] >= 4 * mha["max_sequences"]
     assert mha["tokens_per_s"] > 0 and mqa["tokens_per_s"] > 0
+
+
+def test_bench_keeps_going_when_a_peer_fails(tmp_path, monkeypatch):
+    """A peer that cannot run a point (out of memory, a JIT that fails) is recorded with its error, and the
+    run goes on with the others: a GPU run is too short to lose to one peer."""
+    import json
+
+    from gqa import bench
+    from gqa.cli import main
+
+    def broken(q, k, v):
+        raise RuntimeError("no kernel image is available\nsecond line")
+
+    real_peers = bench.decode_peers
+    monkeypatch.setattr(bench, "decode_peers", lambda device: real_peers(device) | {"broken": broken})
+    assert main(["bench", "decode", "--quick", "--device", "cpu", "--dtype", "float16", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_decode.json").read_text())["rows"]
+    assert len(rows) == 8 and all(r["failed"] == {"broken": "RuntimeError: no kernel image is available"} for r in rows)
+    assert all(set(r["peers"]) == {"torch SDPA enable_gqa"} for r in rows)
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(bench, "transformers_seconds_per_step", out_of_memory)
+    argv = ["bench", "generate", "--quick", "--device", "cpu", "--dtype", "float32", "--peers", "transformers,plain",
+            "--out", str(tmp_path)]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "bench_generate.json").read_text())
+    for r in result["rows"]:
+        assert r["failed"] == {"transformers generate (static cache)": "MemoryError: "}
+        assert set(r["tokens_per_s"]) == {"gqa", "plain PyTorch + eager (K/V repeat_interleave)"}
+    assert all(set(s["realised"]) == {"gqa", "plain PyTorch + eager (K/V repeat_interleave)"} for s in result["speedups"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -160,19 +161,31 @@ def bench_decode(
                 row = {"batch": b, "length": t, "kv_heads": g, "kv_bytes": kv_bytes, "copies": copies,
                        "roofline_us": kv_bytes / bandwidth * 1e6, "peers": {}}
                 for name, make in peers.items():
-                    calls = [make(q, k, v) for q, k, v in sets]
+                    try:
+                        calls = [make(q, k, v) for q, k, v in sets]
 
-                    def run(calls=calls):
-                        for call in calls:
-                            call()
-                    seconds = time_call(run, device) / copies
-                    calls = None
+                        def run(calls=calls):
+                            for call in calls:
+                                call()
+                        seconds = time_call(run, device) / copies
+                    except Exception as e:  # a peer that cannot run a point (memory, JIT) must not end the run
+                        row.setdefault("failed", {})[name] = failure(e)
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        continue
+                    finally:
+                        calls = None
                     row["peers"][name] = {"us": seconds * 1e6, "gb_per_s": kv_bytes / seconds / 1e9,
                                           "fraction_of_bandwidth": kv_bytes / seconds / bandwidth}
                 rows.append(row)
                 sets = None  # free this point's buffers before the next is allocated
     return {"device": device_name(device), "bandwidth_bytes_per_s": bandwidth, "n_heads": n_heads,
             "head_dim": head_dim, "dtype": str(dtype).removeprefix("torch."), "rows": rows, "skipped": skipped}
+
+
+def failure(e: Exception) -> str:
+    """One line for a peer that failed at a point, kept in the results instead of ending the run."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
 def device_name(device: torch.device) -> str:
@@ -361,24 +374,34 @@ def bench_generate(
         for batch, prompt in shapes:
             kv_bytes = batch * (prompt + new_tokens // 2) * model.kv_bytes_per_token()
             roofline = batch * bandwidth / (weight_bytes + kv_bytes)
-            peers = {"gqa": batch / decode_seconds_per_step(model, batch, prompt, new_tokens)}
+            point = (model, batch, prompt, new_tokens)
+            runs = {"gqa": functools.partial(decode_seconds_per_step, *point)}
             if device.type == "cuda":
-                peers["gqa + CUDA graph"] = batch / decode_seconds_per_step(model, batch, prompt, new_tokens, True)
+                runs["gqa + CUDA graph"] = functools.partial(decode_seconds_per_step, *point, cuda_graph=True)
             if "transformers" in wanted:
-                peers[GENERATE_PEERS["transformers"]] = batch / transformers_seconds_per_step(
-                    model, batch, prompt, new_tokens)
+                runs[GENERATE_PEERS["transformers"]] = functools.partial(transformers_seconds_per_step, *point)
             for name, expand_kv in (("plain", True), ("plain-gqa", False)):
                 if name in wanted:
                     label = GENERATE_PEERS[name].replace("torch.compile", "torch.compile" if compile_plain else "eager")
-                    peers[label] = batch / plain_seconds_per_step(model, batch, prompt, new_tokens, expand_kv=expand_kv,
-                                                                  compile=compile_plain)
-                    torch._dynamo.reset()  # the next point's decoder is a new module: start from a clean cache
+                    runs[label] = functools.partial(plain_seconds_per_step, *point, expand_kv=expand_kv,
+                                                    compile=compile_plain)
+            peers, failed = {}, {}
+            for name, seconds_per_step in runs.items():
+                try:
+                    peers[name] = batch / seconds_per_step()
+                except Exception as e:  # one peer failing at one point (memory, compilation) must not end the run
+                    failed[name] = failure(e)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                finally:
+                    torch._dynamo.reset()  # the next run's module is new: start compiling from a clean cache
             rows.append({
                 "kv_heads": g, "batch": batch, "prompt": prompt, "new_tokens": new_tokens,
                 "weight_bytes": weight_bytes, "kv_bytes": kv_bytes, "roofline_tokens_per_s": roofline,
                 "tokens_per_s": peers, "fraction_of_roofline": {k: v / roofline for k, v in peers.items()},
+                **({"failed": failed} if failed else {}),
             })
-        del model
+        del model, runs, point
     result = {"device": device_name(device), "bandwidth_bytes_per_s": bandwidth,
               "dtype": str(dtype).removeprefix("torch."), "rows": rows}
     result["speedups"] = speedups(rows, max(kv_heads))
@@ -394,7 +417,8 @@ def speedups(rows: list[dict], mha_heads: int) -> list[dict]:
         base = next(x for x in rows if x["kv_heads"] == mha_heads and x["batch"] == r["batch"]
                     and x["prompt"] == r["prompt"])
         roofline = r["roofline_tokens_per_s"] / base["roofline_tokens_per_s"]
-        realised = {k: v / base["tokens_per_s"][k] for k, v in r["tokens_per_s"].items()}
+        realised = {k: v / base["tokens_per_s"][k] for k, v in r["tokens_per_s"].items()
+                    if k in base["tokens_per_s"]}  # a peer that failed at either point has no ratio
         out.append({"kv_heads": r["kv_heads"], "batch": r["batch"], "prompt": r["prompt"], "roofline_ratio": roofline,
                     "realised": realised, "fraction_of_roofline_ratio": {k: v / roofline for k, v in realised.items()}})
     return out
