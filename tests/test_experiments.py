@@ -18,6 +18,7 @@ def test_paper_experiment_quick(tmp_path):
         assert ("uptrained", g, "mean", 0.2, 0) in points
         assert {("scratch", g, "scratch", None, s) for s in (0, 1)} <= points
     assert rows[0]["kind"] == "mha" and rows[0]["kv_heads"] == 8
+    assert all(r["reference_perplexity"] == rows[0]["val_perplexity"] for r in rows)
     scratch = [r for r in rows if r["kind"] == "scratch"]
     assert all(r["tokens"] == round(20 * 1.05) * 4 * 32 for r in scratch)  # same total tokens as α = 0.05
     assert set(results["decode"]) == {"8", "1", "2", "4"}

@@ -129,6 +129,7 @@ def run_paper(out: str | Path, quick: bool = False, device: str | None = None,
     rows = []
 
     def add(row: dict) -> None:  # also logged as it comes, so a run cut short keeps what it measured
+        row["reference_perplexity"] = rows[0]["val_perplexity"] if rows else row["val_perplexity"]  # the MHA model's
         rows.append(row)
         with open(runs / "rows.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
