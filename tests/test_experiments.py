@@ -18,14 +18,19 @@ def test_paper_experiment_quick(tmp_path):
         assert ("uptrained", g, "mean", 0.2, 0) in points
         assert {("scratch", g, "scratch", None, s) for s in (0, 1)} <= points
     assert rows[0]["kind"] == "mha" and rows[0]["kv_heads"] == 8
+    assert {("control", 8, "none", 0.05, s) for s in (0, 1)} <= points  # MHA uptrained the same way
     assert all(r["reference_perplexity"] == rows[0]["val_perplexity"] for r in rows)
     scratch = [r for r in rows if r["kind"] == "scratch"]
     assert all(r["tokens"] == round(20 * 1.05) * 4 * 32 for r in scratch)  # same total tokens as α = 0.05
     assert set(results["decode"]) == {"8", "1", "2", "4"}
     readme = (out / "README.md").read_text()
     assert "mean pooling > first head > random" in readme and "from scratch" in readme
+    assert "uptrained the same way for α = 0.05 (control" in readme
     for name in ("quality_vs_time.png", "methods.png", "alpha.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    (out / "README.md").unlink()
+    assert main(["experiment", "paper", "--report", "--out", str(out)]) == 0  # from results.json alone
+    assert (out / "README.md").read_text() == readme
 
 
 def test_smollm2_experiment_quick(tmp_path):
@@ -42,6 +47,8 @@ def test_smollm2_experiment_quick(tmp_path):
     assert (out / "recovery.png").read_bytes()[:4] == b"\x89PNG"
     readme = (out / "README.md").read_text()
     assert "Original SmolLM2-135M" in readme and "- mean: distillation from the original" in readme
+    assert main(["experiment", "smollm2", "--report", "--out", str(out)]) == 0
+    assert (out / "README.md").read_text() == readme
 
 
 def test_experiment_settings_file(tmp_path, capsys):
@@ -61,3 +68,5 @@ def test_experiment_settings_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown settings ['pretrain_step']" in err and err.count("\n") == 1
     assert not (tmp_path / "p").exists()
+    assert main(["experiment", "paper", "--report", "--out", str(tmp_path / "p")]) == 2
+    assert "no results.json in" in capsys.readouterr().err

@@ -333,10 +333,13 @@ def bench_capacity_cmd(args, device) -> None:
 
 
 def cmd_experiment(args) -> None:
-    from .experiments import run_paper, run_smollm2
+    from .experiments import rewrite_report, run_paper, run_smollm2
 
-    run = run_paper if args.which == "paper" else run_smollm2
     out = args.out or f"docs/results/{args.which}"
+    if args.report:
+        rewrite_report(args.which, out)
+        return print(f"rewrote {out}/README.md and figures from {out}/results.json")
+    run = run_paper if args.which == "paper" else run_smollm2
     results = run(out, quick=args.quick, device=args.device, settings=args.settings)
     print(f"wrote {out}/results.json, README.md and figures in {results['seconds']:.0f} s")
 
@@ -447,6 +450,7 @@ def build_parser() -> Parser:
     p.add_argument("--quick", action="store_true", help="tiny sizes: a pipeline check on a CPU")
     p.add_argument("--settings", default=None,
                    help="JSON file of settings to change (e.g. a scale that fits a CPU); recorded in results.json")
+    p.add_argument("--report", action="store_true", help="only rewrite README.md and figures from OUT/results.json")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_experiment)
 

@@ -142,6 +142,15 @@ def run_paper(out: str | Path, quick: bool = False, device: str | None = None,
                           **base)
         return train(load(src, dtype=torch.float32), tokenizer, cfg, init_path=str(src), data=data)
 
+    # the control: the MHA model itself uptrained for α = 0.05. While the starting model still improves with
+    # more tokens (it does at small scale), part of any uptrained model's gain is just more training.
+    for train_seed in s.seeds:
+        dest = runs / f"mha-a{s.alpha}-t{train_seed}"
+        report = uptrain(runs / "mha", dest, s.alpha, train_seed)
+        add({"kind": "control", "kv_heads": mha_config.n_heads, "method": "none", "alpha": s.alpha, "seed": train_seed,
+             "tokens": pretrain_tokens + report["tokens"], "val_perplexity": evaluate(dest)["perplexity"]})
+        shutil.rmtree(dest / "train" / "checkpoints", ignore_errors=True)
+
     # 2-3. conversions, the method ablation at α = 0.05 (two seeds), the α sweep for mean pooling
     for g in s.kv_heads:
         for method in s.methods:
@@ -197,9 +206,33 @@ def run_paper(out: str | Path, quick: bool = False, device: str | None = None,
     return results
 
 
+def rewrite_report(which: str, out: str | Path) -> dict:
+    """README.md and figures again from OUT/results.json (they are functions of it), without re-running."""
+    out = Path(out)
+    try:
+        results = json.loads((out / "results.json").read_text())
+    except FileNotFoundError:
+        raise GQAError(f"no results.json in {out} to rewrite the report from") from None
+    if which == "paper":
+        figures(results, out)
+        (out / "README.md").write_text(findings(results))
+    else:
+        smol_figure(results, out / "recovery.png")
+        (out / "README.md").write_text(smol_readme(results))
+    return results
+
+
 def mean_ppl(rows, **match) -> float | None:
     values = [r["val_perplexity"] for r in rows if all(r.get(k) == v for k, v in match.items())]
     return statistics.mean(values) if values else None
+
+
+def control_line(rows: list[dict], alpha: float) -> str:
+    control = mean_ppl(rows, kind="control")
+    if control is None:
+        return " (No MHA control in this run.)"
+    return (f" The MHA model uptrained the same way for α = {alpha} (control, mean of seeds): {control:.2f}; "
+            f"an uptrained GQA/MQA model is best read against this, not only against the MHA model.")
 
 
 def findings(results: dict) -> str:
@@ -211,7 +244,7 @@ def findings(results: dict) -> str:
              f"Device: {results['device']}; {results['seconds']:.0f} s; pre-training {results['pretrain_tokens']:,} "
              f"tokens; validation {results['validation_tokens']:,} tokens. Every number below is in "
              f"[results.json](results.json).\n",
-             f"MHA perplexity: {mha:.2f}.\n",
+             f"MHA perplexity: {mha:.2f}." + control_line(rows, alpha) + "\n",
              f"| G | mean α=0 | mean α={alpha} | first α={alpha} | random α={alpha} | from scratch |",
              "|---|---|---|---|---|---|"]
     for g in s["kv_heads"]:
@@ -299,6 +332,9 @@ def figures(results: dict, out: Path) -> None:
         pts = [(a, p) for a, p in pts if p is not None]
         ax.plot(*zip(*pts), marker="o", label="MQA" if g == 1 else f"GQA-{g}")
     ax.axhline(rows[0]["val_perplexity"], color="black", linestyle="--", label="MHA")
+    control = mean_ppl(rows, kind="control")
+    if control is not None:
+        ax.axhline(control, color="gray", linestyle=":", label=f"MHA uptrained α={alpha}")
     ax.set_xlabel("uptraining proportion α")
     ax.set_ylabel("validation perplexity")
     ax.set_yscale("log")
@@ -381,6 +417,12 @@ def run_smollm2(out: str | Path, quick: bool = False, device: str | None = None,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     smol_figure(results, out / "recovery.png")
+    (out / "README.md").write_text(smol_readme(results))
+    return results
+
+
+def smol_readme(results: dict) -> str:
+    before, converted, curves = results["original_perplexity"], results["converted_perplexity"], results["curves"]
     lines = ["# SmolLM2-135M: 3 KV heads -> 1 (MQA), uptrained on the bundled corpus\n",
              f"```\n{results['command']}\n```\n",
              f"Device: {results['device']}; {results['seconds']:.0f} s; validation {results['validation_tokens']:,} "
@@ -402,8 +444,7 @@ def run_smollm2(out: str | Path, quick: bool = False, device: str | None = None,
             verdict = "helps" if pair[True] < pair[False] else "does not help"
             lines.append(f"- {method}: distillation from the original {verdict} at this budget "
                          f"({pair[True]:.2f} with, {pair[False]:.2f} without).")
-    (out / "README.md").write_text("\n".join(lines) + "\n")
-    return results
+    return "\n".join(lines) + "\n"
 
 
 def smol_figure(results: dict, path: Path) -> None:
