@@ -227,6 +227,20 @@ def mean_ppl(rows, **match) -> float | None:
     return statistics.mean(values) if values else None
 
 
+def seed_spread(rows, **match) -> float:
+    """max - min of the perplexities of the runs that differ only by seed: the run-to-run noise of a point."""
+    values = [r["val_perplexity"] for r in rows if all(r.get(k) == v for k, v in match.items())]
+    return max(values) - min(values) if len(values) > 1 else 0.0
+
+
+def compare(a: str, b: str, ppl: dict, noise: dict) -> tuple[str, str]:
+    """Is method a better than b? A difference within the larger seed spread of the two is a tie."""
+    diff, tol = ppl[b] - ppl[a], max(noise[a], noise[b])
+    verdict = "tie" if abs(diff) <= tol else ("better" if diff > 0 else "worse")
+    words = {"better": "better than", "worse": "worse than", "tie": "a tie with"}[verdict]
+    return verdict, f"{a} {ppl[a]:.2f} {words} {b} {ppl[b]:.2f}, seed spread {tol:.2f}"
+
+
 def control_line(rows: list[dict], alpha: float) -> str:
     control = mean_ppl(rows, kind="control")
     if control is None:
@@ -255,11 +269,12 @@ def findings(results: dict) -> str:
     lines.append("\n## The paper's findings, checked\n")
     for g in s["kv_heads"]:
         ppl = {m: mean_ppl(rows, kv_heads=g, method=m, alpha=alpha) for m in ("mean", "first", "random")}
-        order = sorted(ppl, key=ppl.get)
-        holds = order == ["mean", "first", "random"]
-        lines.append(f"- G = {g}: mean pooling > first head > random at α = {alpha}: "
-                     f"{'holds' if holds else 'does not hold'} (perplexity "
-                     + ", ".join(f"{m} {ppl[m]:.2f}" for m in ("mean", "first", "random")) + ").")
+        noise = {m: seed_spread(rows, kv_heads=g, method=m, alpha=alpha) for m in ("mean", "first", "random")}
+        pairs = [compare(a, b, ppl, noise) for a, b in (("mean", "first"), ("first", "random"))]
+        verdict = ("does not hold" if any(v == "worse" for v, _ in pairs) else
+                   "holds" if all(v == "better" for v, _ in pairs) else "holds only up to a tie")
+        lines.append(f"- G = {g}: mean pooling > first head > random at α = {alpha}: {verdict} ("
+                     + "; ".join(text for _, text in pairs) + ").")
         sweep = [(a, mean_ppl(rows, kv_heads=g, method="mean", alpha=a)) for a in [0.0, *s["alphas"]]]
         sweep = [(a, p) for a, p in sweep if p is not None]
         line = "  Quality vs α (mean): " + ", ".join(f"α={a}: {p:.2f}" for a, p in sweep)
@@ -275,9 +290,10 @@ def findings(results: dict) -> str:
                          + f"; best {min(at_zero, key=at_zero.get)}.")
         scratch = mean_ppl(rows, kv_heads=g, kind="scratch")
         if scratch is not None:
-            lines.append(f"  Uptrained (α={alpha}, mean) {ppl['mean']:.2f} vs trained from scratch with the same "
-                         f"total tokens {scratch:.2f}: uptraining is "
-                         f"{'better' if ppl['mean'] < scratch else 'not better'}.")
+            ppl["from scratch"], noise["from scratch"] = scratch, seed_spread(rows, kv_heads=g, kind="scratch")
+            verdict, text = compare("mean", "from scratch", ppl, noise)
+            lines.append(f"  Uptrained (α={alpha}) vs the same architecture trained from scratch on the same total "
+                         f"tokens: {text} — uptraining is {dict(better='better', worse='worse', tie='no better')[verdict]}.")
     d = results["decode"]
     mha_key = str(rows[0]["kv_heads"])
     lines.append("\n## Decode time per token on this device\n")
