@@ -306,6 +306,16 @@ def findings(results: dict) -> str:
     return "\n".join(lines)
 
 
+def log_y(ax) -> None:
+    """Log-scale y with plain numbers on the ticks (perplexities, not powers of ten)."""
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_minor_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
+
+
 def figures(results: dict, out: Path) -> None:
     import matplotlib
 
@@ -337,7 +347,10 @@ def figures(results: dict, out: Path) -> None:
     ax.set_xticks([j + width for j in range(len(s["kv_heads"]))], [f"G = {g}" for g in s["kv_heads"]])
     ax.set_ylabel("validation perplexity")
     ax.set_title(f"conversion method (α = {alpha}, mean of seeds)")
-    ax.legend()
+    heights = [p.get_height() for p in ax.patches] + [rows[0]["val_perplexity"]]
+    ax.set_ylim(0.9 * min(heights), 1.05 * max(heights))  # the differences, not the distance from zero
+    ax.axhline(rows[0]["val_perplexity"], color="black", linestyle="--", label="MHA")
+    ax.legend(fontsize=8, ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
     fig.savefig(out / "methods.png", dpi=110)
     plt.close(fig)
@@ -353,7 +366,7 @@ def figures(results: dict, out: Path) -> None:
         ax.axhline(control, color="gray", linestyle=":", label=f"MHA uptrained α={alpha}")
     ax.set_xlabel("uptraining proportion α")
     ax.set_ylabel("validation perplexity")
-    ax.set_yscale("log")
+    log_y(ax)
     ax.set_title("quality vs α (mean pooling)")
     ax.legend()
     fig.tight_layout()
@@ -475,7 +488,7 @@ def smol_figure(results: dict, path: Path) -> None:
         ax.plot(tokens, ppl, marker=".", linestyle="--" if c["distill"] else "-",
                 label=f"{c['method']}{' + distillation' if c['distill'] else ''}")
     ax.axhline(results["original_perplexity"], color="black", linestyle=":", label="original (3 KV heads)")
-    ax.set_yscale("log")
+    log_y(ax)
     ax.set_xlabel("uptraining tokens")
     ax.set_ylabel("held-out perplexity")
     ax.set_title("SmolLM2-135M converted to MQA: recovery during uptraining")
