@@ -267,6 +267,18 @@ def random_llama(n_kv_heads: int, dtype: torch.dtype, device: torch.device, **co
     return model, sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def greedy_seconds_per_step(step, tokens: torch.Tensor, device: torch.device, new_tokens: int, warmup: int) -> float:
+    """Seconds per greedy decode step, `step(tokens [B]) -> logits [B, vocab]`; the warm-up steps are not timed."""
+    for _ in range(warmup):
+        tokens = step(tokens).argmax(-1)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        tokens = step(tokens).argmax(-1)
+    synchronize(device)
+    return (time.perf_counter() - start) / new_tokens
+
+
 @torch.inference_mode()
 def decode_seconds_per_step(model: Transformer, batch: int, prompt_len: int, new_tokens: int,
                             cuda_graph: bool = False, warmup: int = 3) -> float:
@@ -276,15 +288,8 @@ def decode_seconds_per_step(model: Transformer, batch: int, prompt_len: int, new
     cache = model.new_cache(batch, prompt_len + new_tokens + warmup + 2)
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=model.device)
     tokens = model(prompt, cache=cache)[:, -1].argmax(-1)
-    step = DecodeStep(model, cache, cuda_graph=cuda_graph)
-    for _ in range(warmup):
-        tokens = step(tokens).argmax(-1)
-    synchronize(model.device)
-    start = time.perf_counter()
-    for _ in range(new_tokens):
-        tokens = step(tokens).argmax(-1)
-    synchronize(model.device)
-    return (time.perf_counter() - start) / new_tokens
+    return greedy_seconds_per_step(DecodeStep(model, cache, cuda_graph=cuda_graph), tokens, model.device,
+                                   new_tokens, warmup)
 
 
 @torch.inference_mode()
@@ -323,21 +328,15 @@ def plain_seconds_per_step(model: Transformer, batch: int, prompt_len: int, new_
     decoder = PlainDecoder(model, batch, prompt_len + new_tokens + warmup + 2, expand_kv=expand_kv)
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=model.device)
     tokens = decoder(prompt, torch.arange(prompt_len, device=model.device))[:, -1].argmax(-1)
-    step = torch.compile(decoder, mode="reduce-overhead", fullgraph=True) if compile else decoder
+    forward = torch.compile(decoder, mode="reduce-overhead", fullgraph=True) if compile else decoder
     position = torch.tensor([prompt_len], device=model.device)
 
-    def run(n, tokens):
-        for _ in range(n):
-            tokens = step(tokens[:, None], position)[:, -1].argmax(-1)
-            position.add_(1)
-        return tokens
+    def step(tokens):
+        logits = forward(tokens[:, None], position)[:, -1]
+        position.add_(1)
+        return logits
 
-    tokens = run(warmup, tokens)
-    synchronize(model.device)
-    start = time.perf_counter()
-    run(new_tokens, tokens)
-    synchronize(model.device)
-    return (time.perf_counter() - start) / new_tokens
+    return greedy_seconds_per_step(step, tokens, model.device, new_tokens, warmup)
 
 
 GENERATE_PEERS = {  # name in the results -> what it is
@@ -460,14 +459,7 @@ def bench_capacity(
             cache.lengths.fill_(context - new_tokens - 4)
             step = DecodeStep(model, cache, cuda_graph=device.type == "cuda")
             tokens = torch.zeros(sequences, dtype=torch.long, device=device)
-            for _ in range(2):
-                tokens = step(tokens).argmax(-1)
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(new_tokens):
-                tokens = step(tokens).argmax(-1)
-            synchronize(device)
-            row["tokens_per_s"] = sequences * new_tokens / (time.perf_counter() - start)
+            row["tokens_per_s"] = sequences / greedy_seconds_per_step(step, tokens, device, new_tokens, warmup=2)
             del cache, step
         rows.append(row)
         del model

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import GQAError
-from .model import Transformer, apply_rope
+from .model import Transformer, apply_rope, rope_cos_sin
 
 
 class StaticCache(nn.Module):
@@ -46,11 +46,9 @@ class PlainDecoder(nn.Module):
         self.model, self.config, self.expand_kv = model, c, expand_kv
         self.caches = nn.ModuleList(
             StaticCache(batch, g, max_len, c.head_dim, model.dtype, model.device) for g in c.n_kv_heads)
-        positions = torch.arange(max_len, device=model.device)
-        freqs = positions[:, None].float() * model.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos().to(model.dtype), persistent=False)
-        self.register_buffer("sin", emb.sin().to(model.dtype), persistent=False)
+        cos, sin = rope_cos_sin(model.inv_freq, torch.arange(max_len, device=model.device)[None], model.dtype)
+        self.register_buffer("cos", cos[0, 0], persistent=False)  # [max_len, head_dim], indexed by position
+        self.register_buffer("sin", sin[0, 0], persistent=False)
         self.register_buffer("causal", torch.ones(max_len, max_len, dtype=torch.bool, device=model.device).tril(),
                              persistent=False)
 
