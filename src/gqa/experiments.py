@@ -107,6 +107,7 @@ def run_paper(out: str | Path, quick: bool = False, device: str | None = None,
     tokenizer = load_tokenizer(ASSET)
     data = prepare("bundled", tokenizer, s.seq_len)
     val = data.val[: s.eval_blocks]
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     base = dict(data="bundled", seq_len=s.seq_len, batch_size=s.batch_size, eval_every=10**9,
                 eval_blocks=s.eval_blocks, save_every=10**9, compile=s.compile, device=device, overwrite=True)
 
@@ -118,7 +119,7 @@ def run_paper(out: str | Path, quick: bool = False, device: str | None = None,
         return model
 
     def evaluate(path: Path) -> dict:
-        model = load(path, dtype=torch.float32, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = load(path, dtype=torch.float32, device=dev)
         return compare_blocks(model, val.to(model.device))
 
     # 1. the MHA starting point
@@ -149,7 +150,6 @@ def run_paper(out: str | Path, quick: bool = False, device: str | None = None,
         report = uptrain(runs / "mha", dest, s.alpha, train_seed)
         add({"kind": "control", "kv_heads": mha_config.n_heads, "method": "none", "alpha": s.alpha, "seed": train_seed,
              "tokens": pretrain_tokens + report["tokens"], "val_perplexity": evaluate(dest)["perplexity"]})
-        shutil.rmtree(dest / "train" / "checkpoints", ignore_errors=True)
 
     # 2-3. conversions, the method ablation at α = 0.05 (two seeds), the α sweep for mean pooling
     for g in s.kv_heads:
@@ -167,7 +167,6 @@ def run_paper(out: str | Path, quick: bool = False, device: str | None = None,
                         add({"kind": "uptrained", "kv_heads": g, "method": method, "alpha": alpha,
                              "seed": train_seed, "init_seed": seed, "tokens": pretrain_tokens + report["tokens"],
                              "val_perplexity": evaluate(dest)["perplexity"]})
-                        shutil.rmtree(dest / "train" / "checkpoints", ignore_errors=True)
 
     # 4. the same architectures from scratch, for the same total tokens as α = 0.05 uptraining
     scratch_steps = round(s.pretrain_steps * (1 + s.alpha))
@@ -184,15 +183,14 @@ def run_paper(out: str | Path, quick: bool = False, device: str | None = None,
     decode = {}
     for g in (mha_config.n_heads, *s.kv_heads):
         path = runs / "mha" if g == mha_config.n_heads else runs / f"g{g}-mean-s0"
-        model = load(path, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
-                     device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = load(path, dtype=torch.bfloat16 if dev.startswith("cuda") else torch.float32, device=dev)
         tps = decode_tokens_per_s(model, s.decode_batch, s.decode_context, 32 if not quick else 4)
         decode[g] = {"tokens_per_s": tps, "ms_per_token": 1e3 * s.decode_batch / tps,
                      "kv_bytes_per_token": model.kv_bytes_per_token(torch.bfloat16)}
 
     results = {
         "command": command_line("paper", quick, settings, out),
-        "device": device_name(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))),
+        "device": device_name(torch.device(dev)),
         "settings": asdict(s),
         "pretrain_tokens": pretrain_tokens,
         "validation_tokens": int(len(val) * s.seq_len),
@@ -222,14 +220,18 @@ def rewrite_report(which: str, out: str | Path) -> dict:
     return results
 
 
+def perplexities(rows, **match) -> list[float]:
+    return [r["val_perplexity"] for r in rows if all(r.get(k) == v for k, v in match.items())]
+
+
 def mean_ppl(rows, **match) -> float | None:
-    values = [r["val_perplexity"] for r in rows if all(r.get(k) == v for k, v in match.items())]
+    values = perplexities(rows, **match)
     return statistics.mean(values) if values else None
 
 
 def seed_spread(rows, **match) -> float:
     """max - min of the perplexities of the runs that differ only by seed: the run-to-run noise of a point."""
-    values = [r["val_perplexity"] for r in rows if all(r.get(k) == v for k, v in match.items())]
+    values = perplexities(rows, **match)
     return max(values) - min(values) if len(values) > 1 else 0.0
 
 
@@ -433,7 +435,6 @@ def run_smollm2(out: str | Path, quick: bool = False, device: str | None = None,
             points = [(r["tokens"], r["val_perplexity"]) for r in log if "val_perplexity" in r]
             curves.append({"method": method, "distill": distill, "kv_heads": 1, "points": points,
                            "val_perplexity_converted": points[0][1], "val_perplexity_final": points[-1][1]})
-            shutil.rmtree(dest / "train" / "checkpoints", ignore_errors=True)
     results = {
         "command": command_line("smollm2", quick, settings, out),
         "device": device_name(torch.device(dev)),
