@@ -253,6 +253,18 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT")
 
 
+def invoked_as(fallback: str) -> str:
+    """The command line as typed when run as `gqa`; `fallback` when called another way (python -m, tests)."""
+    return "gqa " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("gqa") else fallback
+
+
+def write_result(result: dict, out: str, name: str) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(json.dumps(result, indent=2) + "\n")
+    return out
+
+
 def cmd_bench(args) -> None:
     import torch
 
@@ -268,11 +280,9 @@ def cmd_bench(args) -> None:
     if args.quick:
         grid = dict(batch_sizes=(1, 2), lengths=(64, 200), kv_heads=(1, 4), n_heads=8, head_dim=64)
     result = bench_decode(dtype=parse_dtype(args.dtype) or torch.bfloat16, device=device, **grid)
-    result["command"] = "gqa " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("gqa") else "gqa bench decode"
+    result["command"] = invoked_as("gqa bench decode")
     result["summary"] = summarize_decode(result)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_decode.json").write_text(json.dumps(result, indent=2) + "\n")
+    out = write_result(result, args.out, "bench_decode.json")
     plot_decode(result, out / "bench_decode.png")
     if args.json:
         return print_json(result["summary"] | {"device": result["device"], "out": str(out)})
@@ -294,10 +304,8 @@ def bench_generate_cmd(args, device) -> None:
                     config_kwargs=dict(layers=2, dim=64, n_heads=4, head_dim=16, hidden=128, vocab=320))
     peers = tuple(p for p in args.peers.split(",") if p) if args.peers is not None else tuple(GENERATE_PEERS)
     result = bench_generate(dtype=parse_dtype(args.dtype) or torch.bfloat16, device=device, peers=peers, **grid)
-    result["command"] = "gqa " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("gqa") else "gqa bench generate"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_generate.json").write_text(json.dumps(result, indent=2) + "\n")
+    result["command"] = invoked_as("gqa bench generate")
+    out = write_result(result, args.out, "bench_generate.json")
     if args.json:
         return print_json({"device": result["device"], "speedups": result["speedups"], "out": str(out)})
     for r in result["rows"]:
@@ -321,9 +329,7 @@ def bench_capacity_cmd(args, device) -> None:
                             dtype=parse_dtype(args.dtype) or torch.bfloat16, device=device, **grid)
     result["command"] = f"gqa bench capacity --memory-gb {args.memory_gb} --context {args.context}" + (
         " --quick" if args.quick else "")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_capacity.json").write_text(json.dumps(result, indent=2) + "\n")
+    out = write_result(result, args.out, "bench_capacity.json")
     if args.json:
         return print_json(result)
     for r in result["rows"]:
