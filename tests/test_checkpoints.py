@@ -96,7 +96,7 @@ def test_own_format_round_trip_is_exact(tmp_path):
 
 def test_gpt2_cannot_be_forced_into_hf_with_partial_grouping(tmp_path):
     model = per_layer_model()
-    with pytest.raises(GQAError, match="format='native'"):
+    with pytest.raises(GQAError, match=r"own format instead \(--format native\)"):
         save(model, tmp_path / "x", format="hf")
 
 

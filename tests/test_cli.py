@@ -152,9 +152,9 @@ def test_entry_point_exit_code_without_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--temperature", "-1"], "temperature must be >= 0"),
-    (["--top-p", "1.5"], "top_p must be in (0, 1]"),
-    (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+    (["--temperature", "-1"], "argument --temperature: must be a finite number >= 0, got -1"),
+    (["--top-p", "1.5"], "argument --top-p: must be a finite number in (0, 1], got 1.5"),
+    (["--max-new-tokens", "0"], "argument --max-new-tokens: must be >= 1, got 0"),
 ])
 def test_bad_sampling_arguments(tiny, capsys, argv, message):
     _, path = tiny("llama")

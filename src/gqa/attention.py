@@ -96,8 +96,7 @@ def attention(
 
     `is_causal` (only without a mask, S == T) lets SDPA pick its fastest causal kernel.
     """
-    n_heads, n_kv_heads = q.shape[1], k.shape[1]
-    check_heads(n_heads, n_kv_heads)
+    n_heads, n_kv_heads = q.shape[1], k.shape[1]  # checked once, when the model was built (ModelConfig)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if q.shape[2] <= DECODE_MAX_QUERY_LEN and not is_causal:

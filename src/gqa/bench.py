@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import statistics
 import time
 
@@ -18,27 +19,34 @@ def synchronize(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def decode_tokens_per_s(
-    model: Transformer, batch_size: int = 8, context: int = 384, new_tokens: int = 32, repeats: int = 3, seed: int = 0
-) -> float:
-    """Greedy decode throughput (tokens/s over the batch) after a prefill of `context` random tokens.
-
-    Only the decode steps are timed: each reads every weight and the whole KV cache once, which is where
-    G KV heads instead of H pay off. The median of `repeats` runs.
-    """
+def decode_rate(model: Transformer, batch_size: int, context: int, new_tokens: int, seed: int = 0) -> float:
+    """One sample of greedy decode throughput (tokens/s over the batch) after an untimed prefill of `context`
+    random tokens. Only the decode steps are timed: each reads every weight and the whole KV cache once,
+    which is where G KV heads instead of H pay off."""
     generator = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, model.config.vocab_size, (batch_size, context), generator=generator).to(model.device)
-    rates = []
-    for _ in range(repeats):
-        cache = model.new_cache(batch_size, context + new_tokens)
-        token = model(prompt, cache=cache)[:, -1:].argmax(-1)
-        synchronize(model.device)
-        start = time.perf_counter()
-        for _ in range(new_tokens):
-            token = model(token, cache=cache)[:, -1:].argmax(-1)
-        synchronize(model.device)
-        rates.append(batch_size * new_tokens / (time.perf_counter() - start))
-    return statistics.median(rates)
+    cache = model.new_cache(batch_size, context + new_tokens)
+    token = model(prompt, cache=cache)[:, -1:].argmax(-1)
+    synchronize(model.device)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        token = model(token, cache=cache)[:, -1:].argmax(-1)
+    synchronize(model.device)
+    return batch_size * new_tokens / (time.perf_counter() - start)
+
+
+def interleaved_decode_rates(models: dict[str, Transformer], batch_size: int = 8, context: int = 384,
+                             new_tokens: int = 32, repeats: int = 5, warmup: int = 1) -> dict[str, dict]:
+    """Each model's decode tokens/s, measured in turns (A B C A B C ...) so that a stretch of a busy machine
+    slows every model alike: median, min and max of `repeats` samples taken after `warmup` untimed rounds."""
+    samples: dict[str, list[float]] = {name: [] for name in models}
+    for round_ in range(warmup + repeats):
+        for name, model in models.items():
+            rate = decode_rate(model, batch_size, context, new_tokens, seed=round_)
+            if round_ >= warmup:
+                samples[name].append(rate)
+    return {name: {"median": statistics.median(v), "min": min(v), "max": max(v), "samples": v}
+            for name, v in samples.items()}
 
 
 # ------------------------------------------------------------------------------------------ decode kernels
@@ -133,6 +141,7 @@ def bench_decode(
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cuda",
     memory_fraction: float = 0.4,
+    repeats: int = 20,
 ) -> dict:
     """Decode attention for one query per sequence over a full cache: every peer, every grid point, one run.
 
@@ -167,7 +176,7 @@ def bench_decode(
                         def run(calls=calls):
                             for call in calls:
                                 call()
-                        seconds = time_call(run, device) / copies
+                        seconds = time_call(run, device, repeats) / copies
                     except Exception as e:  # a peer that cannot run a point (memory, JIT) must not end the run
                         row.setdefault("failed", {})[name] = failure(e)
                         if device.type == "cuda":
@@ -247,6 +256,15 @@ def plot_decode(result: dict, path) -> None:
 
 # ------------------------------------------------------------------------------------------ whole-model decode
 
+TINY_LLAMA = dict(layers=2, dim=64, n_heads=4, head_dim=16, hidden=128, vocab=320)
+QUICK = {  # `gqa bench ... --quick`: tiny grids that check the harness on any machine, not the speed
+    "decode": dict(batch_sizes=(1, 2), lengths=(64, 200), kv_heads=(1, 4), n_heads=8, head_dim=64, repeats=3),
+    "generate": dict(kv_heads=(4, 1), shapes=((1, 16), (2, 24)), new_tokens=4, compile_plain=False,
+                     config_kwargs=TINY_LLAMA),
+    "capacity": dict(kv_heads=(4, 1), new_tokens=4, config_kwargs=TINY_LLAMA),
+}
+
+
 def llama_config(n_kv_heads: int, layers: int = 24, dim: int = 2048, n_heads: int = 16, head_dim: int = 128,
                  hidden: int = 5632, vocab: int = 32000, max_positions: int = 4096):
     from .model import ModelConfig
@@ -257,12 +275,10 @@ def llama_config(n_kv_heads: int, layers: int = 24, dim: int = 2048, n_heads: in
 
 def random_llama(n_kv_heads: int, dtype: torch.dtype, device: torch.device, **config_kwargs) -> tuple[Transformer, int]:
     """A Llama-style model with random weights (seed 0) and its weight bytes: speed does not depend on the values."""
-    from .train import init_weights
-
     torch.manual_seed(0)
     with torch.device(device):
         model = Transformer(llama_config(n_kv_heads, **config_kwargs))
-    init_weights(model)
+    model.init_weights()
     model = model.to(dtype).eval()
     return model, sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -423,6 +439,34 @@ def speedups(rows: list[dict], mha_heads: int) -> list[dict]:
     return out
 
 
+def weight_bytes(config, dtype: torch.dtype) -> int:
+    """Bytes of a model's weights, counted on the meta device (nothing is allocated)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    return model.num_parameters() * torch.empty((), dtype=dtype).element_size()
+
+
+def check_capacity_request(memory_gb: float, context: int, new_tokens: int, device: torch.device, kv_heads,
+                           dtype: torch.dtype, config_kwargs: dict) -> None:
+    """Refuse a capacity run that cannot work, before anything is allocated: a budget this machine does not
+    have (the kernel would kill the run), one the weights alone fill, a context too short to decode in."""
+    from .devices import available_memory
+
+    if not (math.isfinite(memory_gb) and memory_gb > 0):
+        raise GQAError(f"--memory-gb must be a finite number > 0, got {memory_gb}")
+    if context < new_tokens + 5:
+        raise GQAError(f"--context must be at least {new_tokens + 5} tokens (it holds the {new_tokens} decoded ones)")
+    free, total = available_memory(device)
+    if memory_gb * 1024**3 > free:
+        fits = math.floor(0.9 * free / 1024**3 * 10) / 10
+        raise GQAError(f"--memory-gb {memory_gb:g} is more than {device.type} memory has available now "
+                       f"({free / 1024**3:.1f} of {total / 1024**3:.1f} GiB free); pass --memory-gb {fits:g} or less")
+    largest = max(weight_bytes(llama_config(g, **{"max_positions": context} | config_kwargs), dtype) for g in kv_heads)
+    if largest >= 0.9 * memory_gb * 1024**3:
+        raise GQAError(f"the model's weights alone take {largest / 1024**3:.2f} GiB, no room for a cache in "
+                       f"--memory-gb {memory_gb:g}")
+
+
 @torch.inference_mode()
 def bench_capacity(
     memory_gb: float = 60.0,
@@ -444,6 +488,7 @@ def bench_capacity(
 
     device = torch.device(device)
     budget = memory_gb * 1024**3
+    check_capacity_request(memory_gb, context, new_tokens, device, kv_heads, dtype, config_kwargs or {})
     rows = []
     for g in kv_heads:
         model, weight_bytes = random_llama(g, dtype, device, **({"max_positions": context} | (config_kwargs or {})))

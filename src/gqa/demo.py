@@ -7,33 +7,37 @@ KV bytes per token, validation perplexity before (α = 0) and after uptraining, 
 MHA model, and greedy decode tokens/s on this machine. The MHA model is uptrained for the same tokens as a
 control, so that gains from simply training longer are not credited to grouping.
 
+Decode speed depends on the architecture only (MHA, GQA-2, MQA), so it is measured once per G, at the end,
+with the three models taking turns (median and range of several rounds): one sample per model, taken
+while the machine happens to be busy, can be off by a factor of ten.
+
 Writes results.json (one row per model, with everything needed to check the findings by script), a PNG
-(perplexity against KV bytes per token) and prints one table.
+(perplexity and decode speed against KV bytes per token) and prints one table.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from . import __version__
-from .bench import decode_tokens_per_s
+from .bench import interleaved_decode_rates
 from .checkpoints import load
+from .checkpoints.files import check_destination
 from .checkpoints.tokenizer import load_tokenizer
-from .conversion import convert
 from .data import prepare
 from .errors import GQAError
-from .evaluate import compare_blocks
-from .train import TrainConfig, train
+from .jsonfiles import read_json, write_json
+from .pipeline import Pipeline, settings_for
+from .version import __version__
 
 ASSET = Path(__file__).parent / "assets" / "demo-mha"
+MARKER = ".gqa-demo"  # in a folder the demo wrote, which a later demo may replace
 
 
 @dataclass
@@ -46,180 +50,190 @@ class DemoSettings:
     lr: float = 5e-4  # the pre-training run ended at 2e-4; 1e-3 made the MHA control worse, 2e-4 recovers less
     eval_blocks: int = 64
     decode_batch: int = 8
-    decode_context: int = 384
+    decode_context: int = 448
     decode_tokens: int = 32
+    decode_repeats: int = 5
     max_steps: int | None = None  # --quick caps the uptraining steps
     seed: int = 0
 
 
-_TOKENIZED: dict = {}
+QUICK = dict(eval_blocks=4, decode_batch=2, decode_context=32, decode_tokens=4, decode_repeats=2, max_steps=2)
 
-QUICK = DemoSettings(eval_blocks=4, decode_batch=2, decode_context=32, decode_tokens=4, max_steps=2)
+_TOKENIZED: dict = {}  # a second demo in the same process (the tests) reuses the tokenized corpus
 
 
 def say(message: str) -> None:
     print(f"[gqa demo] {message}", flush=True)
 
 
-def run_demo(out: str | os.PathLike, quick: bool = False, overwrite: bool = False) -> dict:
-    settings = QUICK if quick else DemoSettings()
-    out = Path(out)
-    earlier_demo = (out / ".gqa-demo").is_file()  # a folder an earlier demo wrote may be replaced
-    if out.exists() and any(out.iterdir()) and not (overwrite or earlier_demo):
+def prepare_folder(out: Path, overwrite: bool) -> None:
+    check_destination(out, overwrite=True)  # creatable; whether an existing folder may go is decided here
+    if out.exists() and any(out.iterdir()) and not (overwrite or (out / MARKER).is_file()):
         raise GQAError(f"{out} already exists; pass --overwrite or choose another --out")
     if not (ASSET / "config.json").is_file():
         raise GQAError(f"the demo checkpoint is missing from the installation ({ASSET})")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    (out / ".gqa-demo").write_text("written by gqa demo; a later `gqa demo` may replace this folder\n")
-    started = time.time()
-    torch.manual_seed(settings.seed)
+    (out / MARKER).write_text("written by gqa demo; a later `gqa demo` may replace this folder\n")
 
-    pretraining = json.loads((ASSET / "pretraining.json").read_text())
-    pretrain_tokens = pretraining["tokens"]
-    say(f"starting model: {ASSET.name}, MHA, pre-trained on {pretrain_tokens:,} tokens of the bundled corpus")
+
+def demo_pipeline(s: DemoSettings, pretrain_tokens: int) -> Pipeline:
     tokenizer = load_tokenizer(ASSET)
     say("tokenizing the bundled corpus (Wikipedia leads + Shakespeare) ...")
-    if settings.seq_len not in _TOKENIZED:  # a second demo in the same process reuses the blocks
-        _TOKENIZED[settings.seq_len] = prepare("bundled", tokenizer, settings.seq_len)
-    data = _TOKENIZED[settings.seq_len]
-    val = data.val[: settings.eval_blocks]
+    if s.seq_len not in _TOKENIZED:
+        _TOKENIZED[s.seq_len] = prepare("bundled", tokenizer, s.seq_len)
+    data = _TOKENIZED[s.seq_len]
+    pipe = Pipeline(tokenizer, data, s.eval_blocks, reference=load(ASSET, dtype=torch.float32), train_settings=dict(
+        data="bundled", seq_len=s.seq_len, batch_size=s.batch_size, alpha=s.alpha, pretrain_tokens=pretrain_tokens,
+        steps=s.max_steps, lr=s.lr, eval_every=None, eval_blocks=s.eval_blocks, save_every=None, seed=s.seed))
     say(f"{data.documents:,} documents; {data.train_tokens:,} training tokens, {data.val_tokens:,} validation "
-        f"tokens, of which the first {len(val) * settings.seq_len:,} are scored")
+        f"tokens, of which the first {pipe.val.numel() - len(pipe.val):,} predictions are scored")
+    return pipe
 
-    mha = load(ASSET, dtype=torch.float32)
-    reference = compare_blocks(mha, val)
+
+def kv_name(n_kv_heads: int, n_heads: int) -> str:
+    return "MHA" if n_kv_heads == n_heads else "MQA" if n_kv_heads == 1 else f"GQA-{n_kv_heads}"
+
+
+def row(name: str, method: str, n_kv_heads: int, mha, before: dict, after: dict, report: dict | None) -> dict:
+    kv_bytes = mha.config.kv_bytes_per_token(2) * n_kv_heads // mha.config.n_heads  # bf16, uniform G
+    return {
+        "name": name, "method": method, "kv_heads": n_kv_heads, "query_heads": mha.config.n_heads,
+        "alpha": report["alpha_effective"] if report else 0.0, "tokens_trained": report["tokens"] if report else 0,
+        "kv_bytes_per_token": kv_bytes, "kv_reduction": mha.config.kv_bytes_per_token(2) / kv_bytes,
+        "val_perplexity_alpha0": before["perplexity"], "val_perplexity": after["perplexity"],
+        "top1_agreement_alpha0": before.get("top1_agreement", 1.0), "top1_agreement": after.get("top1_agreement", 1.0),
+    }
+
+
+def run_demo(out: str | os.PathLike, quick: bool = False, overwrite: bool = False,
+             settings: str | os.PathLike | None = None) -> dict:
+    s = settings_for(DemoSettings(), QUICK, quick, settings)
+    out = Path(out)
+    prepare_folder(out, overwrite)
+    started = time.time()
+    torch.manual_seed(s.seed)
+    pretrain_tokens = read_json(ASSET / "pretraining.json")["tokens"]
+    say(f"starting model: {ASSET.name}, MHA, pre-trained on {pretrain_tokens:,} tokens of the bundled corpus")
+    pipe = demo_pipeline(s, pretrain_tokens)
+    mha = pipe.reference
+    reference = pipe.evaluate(ASSET)
     say(f"MHA validation perplexity {reference['perplexity']:.2f}")
-    speed_cache: dict[int, float] = {}
-
-    def speed(model) -> float:
-        g = model.config.n_kv_heads[0]
-        if g not in speed_cache:
-            say(f"measuring decode speed with {g} KV heads ...")
-            speed_cache[g] = decode_tokens_per_s(model, settings.decode_batch, settings.decode_context,
-                                                 settings.decode_tokens)
-        return speed_cache[g]
-
-    def uptrain(source: Path, dest: Path) -> dict:
-        cfg = TrainConfig(
-            data="bundled", out=str(dest), seq_len=settings.seq_len, batch_size=settings.batch_size,
-            alpha=settings.alpha, pretrain_tokens=pretrain_tokens, steps=settings.max_steps, lr=settings.lr,
-            eval_every=10**9, eval_blocks=settings.eval_blocks, save_every=10**9, seed=settings.seed,
-            overwrite=True, progress=True,
-        )
-        return train(load(source, dtype=torch.float32), tokenizer, cfg, init_path=str(source), data=data)
-
-    rows = []
-    mha_bytes = mha.kv_bytes_per_token(torch.bfloat16)
-
-    def row(name, method, g, model_alpha0, alpha0, uptrained, report, tokens_per_s):
-        return {
-            "name": name,
-            "method": method,
-            "kv_heads": g,
-            "query_heads": mha.config.n_heads,
-            "alpha": report["tokens"] / pretrain_tokens if report else 0.0,
-            "alpha_target": settings.alpha,
-            "seed": settings.seed,
-            "tokens_trained": report["tokens"] if report else 0,
-            "kv_bytes_per_token": model_alpha0.kv_bytes_per_token(torch.bfloat16),
-            "kv_reduction": mha_bytes / model_alpha0.kv_bytes_per_token(torch.bfloat16),
-            "val_perplexity_alpha0": alpha0["perplexity"],
-            "val_perplexity": uptrained["perplexity"],
-            "reference_perplexity": reference["perplexity"],
-            "top1_agreement_alpha0": alpha0.get("top1_agreement", 1.0),
-            "top1_agreement": uptrained.get("top1_agreement", 1.0),
-            "decode_tokens_per_s": tokens_per_s,
-        }
-
-    mha_speed = speed(mha)
-    rows.append(row("MHA", "none", mha.config.n_heads, mha, reference, reference, None, mha_speed))
-
+    rows = [row("MHA", "none", mha.config.n_heads, mha, reference, reference, None)]
     say("control: the MHA model uptrained for the same tokens")
-    report = uptrain(ASSET, out / "mha-uptrained")
-    control = compare_blocks(load(out / "mha-uptrained", dtype=torch.float32), val, teacher=mha)
-    rows.append(row("MHA + uptraining (control)", "none", mha.config.n_heads, mha, reference, control, report, mha_speed))
-
-    for g in settings.kv_heads:
-        for method in settings.methods:
-            label = ("MQA" if g == 1 else f"GQA-{g}") + f" {method}"
-            dest = out / f"g{g}-{method}"
+    report, control = pipe.uptrain(ASSET, out / "mha-uptrained")
+    rows.append(row("MHA + uptraining (control)", "none", mha.config.n_heads, mha, reference, control, report))
+    for g in s.kv_heads:
+        for method in s.methods:
+            label, dest = f"{kv_name(g, mha.config.n_heads)} {method}", out / f"g{g}-{method}"
             say(f"{label}: converting ...")
-            convert(ASSET, dest / "converted", kv_heads=g, method=method, seed=settings.seed, progress=False)
-            converted = load(dest / "converted", dtype=torch.float32)
-            alpha0 = compare_blocks(converted, val, teacher=mha)
-            say(f"{label}: perplexity at α = 0 is {alpha0['perplexity']:.2f}; uptraining ...")
-            report = uptrain(dest / "converted", dest / "uptrained")
-            after = compare_blocks(load(dest / "uptrained", dtype=torch.float32), val, teacher=mha)
-            rows.append(row(label, method, g, converted, alpha0, after, report, speed(converted)))
-
+            before = pipe.convert(ASSET, dest / "converted", g, method, seed=s.seed)
+            say(f"{label}: perplexity at α = 0 is {before['perplexity']:.2f}; uptraining ...")
+            report, after = pipe.uptrain(dest / "converted", dest / "uptrained")
+            rows.append(row(label, method, g, mha, before, after, report))
+    decode = measure_decode(s, mha, out)
+    for r in rows:
+        r.update(reference_perplexity=reference["perplexity"], alpha_target=s.alpha, seed=s.seed,
+                 decode_tokens_per_s=decode[r["kv_heads"]]["median"],
+                 decode_tokens_per_s_range=[decode[r["kv_heads"]]["min"], decode[r["kv_heads"]]["max"]])
     results = {
-        "gqa_version": __version__,
-        "command": "gqa demo" + (" --quick" if quick else ""),
+        "gqa_version": __version__, "command": "gqa demo" + (" --quick" if quick else ""),
         "device": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                    "torch": torch.__version__, "threads": torch.get_num_threads()},
         "starting_model": {"path": str(ASSET), "pretrain_tokens": pretrain_tokens,
                            "parameters": mha.num_parameters(), "reference_perplexity": reference["perplexity"]},
-        "settings": settings.__dict__ | {"kv_heads": list(settings.kv_heads), "methods": list(settings.methods)},
-        "validation_tokens": reference["tokens"],
-        "seconds": None,
-        "rows": rows,
+        "settings": asdict(s), "validation_tokens": reference["tokens"],
+        "decode": {"what": decode_description(s), "by_kv_heads": {str(g): v for g, v in decode.items()}},
+        "seconds": None, "rows": rows,
     }
     plot(rows, out / "perplexity_vs_kv_bytes.png")
     results["seconds"] = round(time.time() - started, 1)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(table(rows))
+    write_json(out / "results.json", results)
+    print(table(rows) + "\n" + results["decode"]["what"])
     say(f"done in {results['seconds']:.0f} s; wrote {out / 'results.json'} and {out / 'perplexity_vs_kv_bytes.png'}")
     return results
+
+
+def measure_decode(s: DemoSettings, mha, out: Path) -> dict[int, dict]:
+    """Decode tokens/s of each architecture (MHA, then each G's mean-pooled model), interleaved."""
+    models = {mha.config.n_heads: mha}
+    for g in s.kv_heads:
+        models[g] = load(out / f"g{g}-{s.methods[0]}" / "converted", dtype=torch.float32)
+    say(f"measuring decode speed: {s.decode_repeats} rounds, the {len(models)} architectures in turn ...")
+    return interleaved_decode_rates(models, s.decode_batch, s.decode_context, s.decode_tokens, s.decode_repeats)
+
+
+def decode_description(s: DemoSettings) -> str:
+    return (f"decode tok/s: greedy decoding of a batch of {s.decode_batch} after a {s.decode_context}-token prompt "
+            f"({s.decode_tokens} steps timed), fp32, {torch.get_num_threads()} threads; median of {s.decode_repeats} "
+            f"rounds in which the architectures take turns, [min–max]")
 
 
 def table(rows: list[dict]) -> str:
     header = ("model", "KV heads", "KV bytes/token", "ppl α=0", "ppl uptrained", "top-1 agree", "decode tok/s")
     lines = [header]
     for r in rows:
+        low, high = r["decode_tokens_per_s_range"]
         lines.append((
             r["name"], str(r["kv_heads"]), f"{r['kv_bytes_per_token']:,}", f"{r['val_perplexity_alpha0']:.2f}",
             f"{r['val_perplexity']:.2f}" + (f" (α={r['alpha']:.3f})" if r["tokens_trained"] else ""),
-            f"{r['top1_agreement']:.3f}", f"{r['decode_tokens_per_s']:,.0f}",
+            f"{r['top1_agreement']:.3f}", f"{r['decode_tokens_per_s']:,.0f} [{low:,.0f}–{high:,.0f}]",
         ))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     fmt = lambda line: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))  # noqa: E731
     return "\n".join([fmt(lines[0]), "  ".join("-" * w for w in widths), *map(fmt, lines[1:])])
 
 
+MARKERS = {"mean": "o", "first": "s", "random": "^", "aligned": "D"}
+COLORS = {"mean": "tab:blue", "first": "tab:orange", "random": "tab:green", "aligned": "tab:red"}
+
+
 def plot(rows: list[dict], path: Path) -> None:
+    """Left: perplexity against KV bytes per token (hollow: right after conversion, filled: uptrained).
+    Right: decode tokens/s against KV bytes per token, median with its range."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    markers = {"none": "*", "mean": "o", "first": "s", "random": "^"}
-    colors = {"none": "black", "mean": "tab:blue", "first": "tab:orange", "random": "tab:green"}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    seen = set()
+    fig, (ax, speed) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in rows:
-        m, c = markers[r["method"]], colors[r["method"]]
-        label = "MHA + uptraining (control)" if r["method"] == "none" else r["method"]
-        if r["tokens_trained"]:
-            ax.scatter(r["kv_bytes_per_token"], r["val_perplexity"], marker=m, color=c, s=80,
-                       label=None if label in seen else label, zorder=3)
-            seen.add(label)
-            if r["method"] != "none":
-                ax.scatter(r["kv_bytes_per_token"], r["val_perplexity_alpha0"], marker=m, facecolors="none",
-                           edgecolors=c, s=80, zorder=2)
-                ax.annotate("", (r["kv_bytes_per_token"], r["val_perplexity"]),
-                            (r["kv_bytes_per_token"], r["val_perplexity_alpha0"]),
-                            arrowprops={"arrowstyle": "->", "color": c, "alpha": 0.4})
-        else:
-            ax.scatter(r["kv_bytes_per_token"], r["val_perplexity"], marker=m, color=c, s=160,
-                       label="MHA (start)", zorder=3)
+        x = r["kv_bytes_per_token"]
+        if r["method"] == "none":
+            start = not r["tokens_trained"]
+            ax.scatter(x, r["val_perplexity"], marker="*" if start else "P", color="black" if start else "gray",
+                       s=200 if start else 110, zorder=4, label="MHA (start)" if start else "MHA + uptraining (control)")
+            continue
+        m, c = MARKERS.get(r["method"], "x"), COLORS.get(r["method"], "tab:purple")
+        ax.scatter(x, r["val_perplexity"], marker=m, color=c, s=80, zorder=3,
+                   label=r["method"] if r["kv_heads"] == rows[-1]["kv_heads"] else None)
+        ax.scatter(x, r["val_perplexity_alpha0"], marker=m, facecolors="none", edgecolors=c, s=80, zorder=2)
+        ax.annotate("", (x, r["val_perplexity"]), (x, r["val_perplexity_alpha0"]),
+                    arrowprops={"arrowstyle": "->", "color": c, "alpha": 0.4})
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("KV-cache bytes per token (bf16)")
     ax.set_ylabel("validation perplexity")
-    ax.set_title("gqa demo — hollow: right after conversion (α = 0); filled: after uptraining", fontsize=10)
-    ax.legend(title="K/V init")
+    ax.set_title("hollow: right after conversion (α = 0); filled: after uptraining", fontsize=10)
+    ax.legend(title="K/V init", fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
+    plot_speed(speed, rows)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_speed(ax, rows: list[dict]) -> None:
+    points = {r["kv_heads"]: r for r in rows}  # one speed per architecture
+    for g, r in sorted(points.items()):
+        low, high = r["decode_tokens_per_s_range"]
+        median = r["decode_tokens_per_s"]
+        ax.errorbar(r["kv_bytes_per_token"], median, yerr=[[median - low], [high - median]], fmt="o", capsize=4,
+                    color="black")
+        ax.annotate(kv_name(g, r["query_heads"]), (r["kv_bytes_per_token"], median), textcoords="offset points",
+                    xytext=(6, 6))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("KV-cache bytes per token (bf16)")
+    ax.set_ylabel("decode tokens/s (median, bar: min–max)")
+    ax.set_title("decode speed on this machine", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)

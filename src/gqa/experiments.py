@@ -21,21 +21,20 @@ import json
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from .bench import decode_tokens_per_s, device_name
+from .bench import device_name, interleaved_decode_rates
 from .checkpoints import load
 from .checkpoints.tokenizer import load_tokenizer
-from .conversion import convert
 from .data import prepare
 from .demo import ASSET
 from .errors import GQAError
-from .evaluate import compare_blocks
+from .jsonfiles import append_jsonl, read_json, write_json
 from .model import ModelConfig, Transformer
-from .train import TrainConfig, init_weights, train
+from .pipeline import Pipeline, settings_for
 
 
 @dataclass
@@ -57,32 +56,16 @@ class PaperSettings:
     compile: bool = True
     decode_batch: int = 8
     decode_context: int = 448
+    decode_tokens: int = 32
+    decode_repeats: int = 5
 
 
-QUICK = PaperSettings(
+PAPER_QUICK = dict(
     model=dict(vocab_size=4096, dim=32, n_layers=2, n_heads=8, n_kv_heads=8, head_dim=4, hidden_dim=64,
                max_positions=64, tie_embeddings=True),
     alphas=(0.05, 0.2), pretrain_steps=20, seq_len=32, batch_size=4, eval_blocks=4, compile=False,
-    decode_batch=2, decode_context=16,
+    decode_batch=2, decode_context=16, decode_tokens=4, decode_repeats=2,
 )
-
-
-def read_settings(defaults, path: str | Path | None):
-    """`defaults` with the fields named in a JSON file replaced (lists become tuples): how a run at another
-    scale (say, one that fits a CPU) is described and recorded."""
-    if path is None:
-        return defaults
-    try:
-        given = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise GQAError(f"settings file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise GQAError(f"settings file {path} is not JSON: {e}") from None
-    names = {f.name for f in fields(defaults)}
-    if not isinstance(given, dict) or set(given) - names:
-        unknown = sorted(set(given) - names) if isinstance(given, dict) else "not an object"
-        raise GQAError(f"settings file {path}: unknown settings {unknown}; known: {', '.join(sorted(names))}")
-    return replace(defaults, **{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
 
 
 def command_line(which: str, quick: bool, settings: str | Path | None, out: Path) -> str:
@@ -98,117 +81,118 @@ def fresh_runs(out: Path) -> Path:
     return runs
 
 
+def resolve(device: str | None) -> str:
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Rows(list):
+    """The experiment's result rows, each also logged to runs/rows.jsonl as it comes, so a run cut short keeps
+    what it measured. Every row carries the MHA model's perplexity (the first row's) as its reference."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+
+    def add(self, **row) -> None:
+        row["reference_perplexity"] = self[0]["val_perplexity"] if self else row["val_perplexity"]
+        self.append(row)
+        append_jsonl(self.path, row)
+
+
+def fresh_model(config: ModelConfig, seed: int) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(config)
+    model.init_weights()
+    model.hf_config, model.source_dir = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, ASSET
+    return model
+
+
 def run_paper(out: str | Path, quick: bool = False, device: str | None = None,
               settings: str | Path | None = None) -> dict:
-    s = read_settings(QUICK if quick else PaperSettings(), settings)
+    s = settings_for(PaperSettings(), PAPER_QUICK, quick, settings)
     out = Path(out)
     runs = fresh_runs(out)
     started = time.time()
     tokenizer = load_tokenizer(ASSET)
-    data = prepare("bundled", tokenizer, s.seq_len)
-    val = data.val[: s.eval_blocks]
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    base = dict(data="bundled", seq_len=s.seq_len, batch_size=s.batch_size, eval_every=10**9,
-                eval_blocks=s.eval_blocks, save_every=10**9, compile=s.compile, device=device, overwrite=True)
-
-    def fresh(config: ModelConfig, seed: int) -> Transformer:
-        torch.manual_seed(seed)
-        model = Transformer(config)
-        init_weights(model)
-        model.hf_config, model.source_dir = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, ASSET
-        return model
-
-    def evaluate(path: Path) -> dict:
-        model = load(path, dtype=torch.float32, device=dev)
-        return compare_blocks(model, val.to(model.device))
-
+    pipe = Pipeline(tokenizer, prepare("bundled", tokenizer, s.seq_len), s.eval_blocks, device=resolve(device),
+                    train_settings=dict(data="bundled", seq_len=s.seq_len, batch_size=s.batch_size, eval_every=None,
+                                        eval_blocks=s.eval_blocks, save_every=None, compile=s.compile, device=device))
+    rows = Rows(runs / "rows.jsonl")
     # 1. the MHA starting point
     mha_config = ModelConfig(**s.model)
-    pre = train(fresh(mha_config, 0), tokenizer, TrainConfig(out=str(runs / "mha"), steps=s.pretrain_steps, lr=s.lr,
-                                                             seed=0, **base), data=data)
+    pre, scores = pipe.train(fresh_model(mha_config, 0), runs / "mha", steps=s.pretrain_steps, lr=s.lr, seed=0)
     pretrain_tokens = pre["tokens"]
-    rows = []
+    rows.add(kind="mha", kv_heads=mha_config.n_heads, method="none", alpha=0.0, seed=0, tokens=pretrain_tokens,
+             val_perplexity=scores["perplexity"])
+    uptrain_paper_models(pipe, s, runs, rows, pretrain_tokens, mha_config.n_heads)
+    # 4. the same architectures from scratch, for the same total tokens as α = 0.05 uptraining
+    for g in s.kv_heads:
+        for seed in s.seeds:
+            config = ModelConfig(**{**s.model, "n_kv_heads": g})
+            report, scores = pipe.train(fresh_model(config, seed), runs / f"scratch-g{g}-s{seed}",
+                                        steps=round(s.pretrain_steps * (1 + s.alpha)), lr=s.lr, seed=seed)
+            rows.add(kind="scratch", kv_heads=g, method="scratch", alpha=None, seed=seed, tokens=report["tokens"],
+                     val_perplexity=scores["perplexity"])
+    results = {
+        "command": command_line("paper", quick, settings, out),
+        "device": device_name(torch.device(pipe.device)),
+        "settings": asdict(s),
+        "pretrain_tokens": pretrain_tokens,
+        "validation_tokens": int(len(pipe.val) * s.seq_len),
+        "rows": list(rows),
+        "decode": paper_decode(s, runs, mha_config.n_heads, pipe.device),
+        "seconds": round(time.time() - started, 1),
+    }
+    write_json(out / "results.json", results)
+    figures(results, out)
+    (out / "README.md").write_text(findings(results))
+    return results
 
-    def add(row: dict) -> None:  # also logged as it comes, so a run cut short keeps what it measured
-        row["reference_perplexity"] = rows[0]["val_perplexity"] if rows else row["val_perplexity"]  # the MHA model's
-        rows.append(row)
-        with open(runs / "rows.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
 
-    add({"kind": "mha", "kv_heads": mha_config.n_heads, "method": "none", "alpha": 0.0, "seed": 0,
-         "tokens": pretrain_tokens, "val_perplexity": evaluate(runs / "mha")["perplexity"]})
+def uptrain_paper_models(pipe: Pipeline, s: PaperSettings, runs: Path, rows: Rows, pretrain_tokens: int,
+                         n_heads: int) -> None:
+    """The MHA control, the conversion-method ablation at α (two seeds) and the α sweep for mean pooling."""
+    def uptrain(src: Path, dest: Path, alpha: float, seed: int) -> tuple[dict, dict]:
+        return pipe.uptrain(src, dest, alpha=alpha, pretrain_tokens=pretrain_tokens, lr=s.uptrain_lr, seed=seed)
 
-    def uptrain(src: Path, dest: Path, alpha: float, seed: int) -> dict:
-        cfg = TrainConfig(out=str(dest), alpha=alpha, pretrain_tokens=pretrain_tokens, lr=s.uptrain_lr, seed=seed,
-                          **base)
-        return train(load(src, dtype=torch.float32), tokenizer, cfg, init_path=str(src), data=data)
-
-    # the control: the MHA model itself uptrained for α = 0.05. While the starting model still improves with
-    # more tokens (it does at small scale), part of any uptrained model's gain is just more training.
+    # the control: the MHA model itself uptrained for α. While the starting model still improves with more
+    # tokens (it does at small scale), part of any uptrained model's gain is just more training.
     for train_seed in s.seeds:
-        dest = runs / f"mha-a{s.alpha}-t{train_seed}"
-        report = uptrain(runs / "mha", dest, s.alpha, train_seed)
-        add({"kind": "control", "kv_heads": mha_config.n_heads, "method": "none", "alpha": s.alpha, "seed": train_seed,
-             "tokens": pretrain_tokens + report["tokens"], "val_perplexity": evaluate(dest)["perplexity"]})
-
-    # 2-3. conversions, the method ablation at α = 0.05 (two seeds), the α sweep for mean pooling
+        report, scores = uptrain(runs / "mha", runs / f"mha-a{s.alpha}-t{train_seed}", s.alpha, train_seed)
+        rows.add(kind="control", kv_heads=n_heads, method="none", alpha=s.alpha, seed=train_seed,
+                 tokens=pretrain_tokens + report["tokens"], val_perplexity=scores["perplexity"])
     for g in s.kv_heads:
         for method in s.methods:
             for seed in s.seeds if method == "random" else s.seeds[:1]:
                 conv = runs / f"g{g}-{method}-s{seed}"
-                convert(runs / "mha", conv, kv_heads=g, method=method, seed=seed, progress=False)
-                add({"kind": "uptrained", "kv_heads": g, "method": method, "alpha": 0.0, "seed": seed,
-                     "tokens": pretrain_tokens, "val_perplexity": evaluate(conv)["perplexity"]})
-                alphas = s.alphas if method == "mean" else (s.alpha,)
-                for alpha in alphas:
+                scores = pipe.convert(runs / "mha", conv, g, method, seed=seed)
+                rows.add(kind="uptrained", kv_heads=g, method=method, alpha=0.0, seed=seed, tokens=pretrain_tokens,
+                         val_perplexity=scores["perplexity"])
+                for alpha in s.alphas if method == "mean" else (s.alpha,):
                     for train_seed in s.seeds if alpha == s.alpha else s.seeds[:1]:
-                        dest = runs / f"g{g}-{method}-s{seed}-a{alpha}-t{train_seed}"
-                        report = uptrain(conv, dest, alpha, train_seed)
-                        add({"kind": "uptrained", "kv_heads": g, "method": method, "alpha": alpha,
-                             "seed": train_seed, "init_seed": seed, "tokens": pretrain_tokens + report["tokens"],
-                             "val_perplexity": evaluate(dest)["perplexity"]})
+                        report, scores = uptrain(conv, runs / f"g{g}-{method}-s{seed}-a{alpha}-t{train_seed}", alpha,
+                                                 train_seed)
+                        rows.add(kind="uptrained", kv_heads=g, method=method, alpha=alpha, seed=train_seed,
+                                 init_seed=seed, tokens=pretrain_tokens + report["tokens"],
+                                 val_perplexity=scores["perplexity"])
 
-    # 4. the same architectures from scratch, for the same total tokens as α = 0.05 uptraining
-    scratch_steps = round(s.pretrain_steps * (1 + s.alpha))
-    for g in s.kv_heads:
-        for seed in s.seeds:
-            dest = runs / f"scratch-g{g}-s{seed}"
-            config = ModelConfig(**{**s.model, "n_kv_heads": g})
-            report = train(fresh(config, seed), tokenizer,
-                           TrainConfig(out=str(dest), steps=scratch_steps, lr=s.lr, seed=seed, **base), data=data)
-            add({"kind": "scratch", "kv_heads": g, "method": "scratch", "alpha": None, "seed": seed,
-                 "tokens": report["tokens"], "val_perplexity": evaluate(dest)["perplexity"]})
 
-    # 5. decode time per token of each architecture on this device
-    decode = {}
-    for g in (mha_config.n_heads, *s.kv_heads):
-        path = runs / "mha" if g == mha_config.n_heads else runs / f"g{g}-mean-s0"
-        model = load(path, dtype=torch.bfloat16 if dev.startswith("cuda") else torch.float32, device=dev)
-        tps = decode_tokens_per_s(model, s.decode_batch, s.decode_context, 32 if not quick else 4)
-        decode[g] = {"tokens_per_s": tps, "ms_per_token": 1e3 * s.decode_batch / tps,
-                     "kv_bytes_per_token": model.kv_bytes_per_token(torch.bfloat16)}
-
-    results = {
-        "command": command_line("paper", quick, settings, out),
-        "device": device_name(torch.device(dev)),
-        "settings": asdict(s),
-        "pretrain_tokens": pretrain_tokens,
-        "validation_tokens": int(len(val) * s.seq_len),
-        "rows": rows,
-        "decode": {str(k): v for k, v in decode.items()},
-        "seconds": round(time.time() - started, 1),
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    figures(results, out)
-    (out / "README.md").write_text(findings(results))
-    return results
+def paper_decode(s: PaperSettings, runs: Path, n_heads: int, device: str) -> dict:
+    """Decode time per token of each architecture on this device, the architectures taking turns."""
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    models = {g: load(runs / "mha" if g == n_heads else runs / f"g{g}-mean-s0", dtype=dtype, device=device)
+              for g in (n_heads, *s.kv_heads)}
+    rates = interleaved_decode_rates(models, s.decode_batch, s.decode_context, s.decode_tokens, s.decode_repeats)
+    return {str(g): {"tokens_per_s": r["median"], "tokens_per_s_range": [r["min"], r["max"]],
+                     "ms_per_token": 1e3 * s.decode_batch / r["median"],
+                     "kv_bytes_per_token": models[g].kv_bytes_per_token(torch.bfloat16)} for g, r in rates.items()}
 
 
 def rewrite_report(which: str, out: str | Path) -> dict:
     """README.md and figures again from OUT/results.json (they are functions of it), without re-running."""
     out = Path(out)
     try:
-        results = json.loads((out / "results.json").read_text())
+        results = read_json(out / "results.json")
     except FileNotFoundError:
         raise GQAError(f"no results.json in {out} to rewrite the report from") from None
     if which == "paper":
@@ -393,8 +377,7 @@ class SmolSettings:
     compile: bool = True
 
 
-SMOL_QUICK = SmolSettings(methods=("mean",), steps=2, seq_len=32, batch_size=2, eval_every=1, eval_blocks=2,
-                          compile=False)
+SMOL_QUICK = dict(methods=("mean",), steps=2, seq_len=32, batch_size=2, eval_every=1, eval_blocks=2, compile=False)
 
 
 def run_smollm2(out: str | Path, quick: bool = False, device: str | None = None,
@@ -403,49 +386,40 @@ def run_smollm2(out: str | Path, quick: bool = False, device: str | None = None,
     corpus with and without distillation from the original; held-out perplexity along uptraining."""
     from .checkpoints.gguf import gguf_to_hf, packaged_smollm2
 
-    s = read_settings(SMOL_QUICK if quick else SmolSettings(), settings)
+    s = settings_for(SmolSettings(), SMOL_QUICK, quick, settings)
     out = Path(out)
     runs = fresh_runs(out)
     started = time.time()
     original = gguf_to_hf(packaged_smollm2(), runs / "smollm2")
     tokenizer = load_tokenizer(original)
-    data = prepare("bundled", tokenizer, s.seq_len)
-    val = data.val[: s.eval_blocks]
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-    def ppl(path: Path) -> float:
-        return compare_blocks(load(path, dtype=torch.float32, device=dev), val.to(dev))["perplexity"]
-
+    pipe = Pipeline(tokenizer, prepare("bundled", tokenizer, s.seq_len), s.eval_blocks, device=resolve(device),
+                    train_settings=dict(data="bundled", seq_len=s.seq_len, batch_size=s.batch_size, steps=s.steps,
+                                        lr=s.lr, eval_every=s.eval_every, eval_blocks=s.eval_blocks, save_every=None,
+                                        compile=s.compile, device=device, distill_weight=s.distill_weight))
     curves, converted = [], {}
-    before = ppl(original)
     for method in s.methods:
         conv = runs / f"converted-{method}"
-        convert(original, conv, kv_heads=1, method=method, progress=False)
-        converted[method] = ppl(conv)
+        converted[method] = pipe.convert(original, conv, 1, method)["perplexity"]
         if s.uptrain_methods is not None and method not in s.uptrain_methods:
             continue
         for distill in s.distill:
             dest = runs / f"uptrained-{method}{'-distill' if distill else ''}"
-            cfg = TrainConfig(data="bundled", out=str(dest), seq_len=s.seq_len, batch_size=s.batch_size,
-                              steps=s.steps, lr=s.lr, eval_every=s.eval_every, eval_blocks=s.eval_blocks,
-                              save_every=10**9, compile=s.compile, device=device, overwrite=True,
-                              teacher=str(original) if distill else None, distill_weight=s.distill_weight)
-            train(load(conv, dtype=torch.float32), tokenizer, cfg, init_path=str(conv), data=data)
+            pipe.uptrain(conv, dest, teacher=str(original) if distill else None)
             log = [json.loads(line) for line in (dest / "train" / "log.jsonl").read_text().splitlines()]
             points = [(r["tokens"], r["val_perplexity"]) for r in log if "val_perplexity" in r]
             curves.append({"method": method, "distill": distill, "kv_heads": 1, "points": points,
                            "val_perplexity_converted": points[0][1], "val_perplexity_final": points[-1][1]})
     results = {
         "command": command_line("smollm2", quick, settings, out),
-        "device": device_name(torch.device(dev)),
+        "device": device_name(torch.device(pipe.device)),
         "settings": asdict(s),
-        "validation_tokens": int(len(val) * s.seq_len),
-        "original_perplexity": before,
+        "validation_tokens": int(len(pipe.val) * s.seq_len),
+        "original_perplexity": pipe.evaluate(original)["perplexity"],
         "converted_perplexity": converted,
         "curves": curves,
         "seconds": round(time.time() - started, 1),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out / "results.json", results)
     smol_figure(results, out / "recovery.png")
     (out / "README.md").write_text(smol_readme(results))
     return results

@@ -110,6 +110,9 @@ def generate(
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise GQAError("every prompt needs at least one token")
+    vocab = model.config.vocab_size
+    if any(not 0 <= t < vocab for p in prompts for t in p) or any(not 0 <= t < vocab for t in stop_tokens):
+        raise GQAError(f"token ids must be in 0..{vocab - 1}, the model's vocabulary (a prompt or stop token is not)")
     lengths = [len(p) for p in prompts]
     limit = model.config.max_positions
     if max(lengths) > limit:

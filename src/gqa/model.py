@@ -171,7 +171,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        fast = kv_lengths is not None and seq == 1 and decode_kernel_available(q)
+        fast = kv_lengths is not None  # the model decided once per forward that the kernel runs this step
         if isinstance(cache, PagedKVCache) and fast:
             # CUDA decode over pages: the kernel follows the block table; nothing is gathered
             cache.write(self.layer, k, v, slots, gather=False)
@@ -260,6 +260,30 @@ class Transformer(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights count once
 
+    def init_weights(self, std: float = 0.02) -> None:
+        """GPT-2-style initialisation for training from scratch: N(0, std), residual projections scaled by 1/√(2L)."""
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("attention.wo.weight", "mlp.down.weight")):
+                nn.init.normal_(p, std=residual_std)
+            else:
+                nn.init.normal_(p, std=std)
+
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: matrices decay, norms and biases do not."""
+        params = list(self.parameters())
+        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): 6 per parameter plus attention over seq_len (PaLM's count)."""
+        c = self.config
+        return 6 * self.num_parameters() + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
+
     def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
         element = torch.empty((), dtype=dtype or self.dtype).element_size()
         return self.config.kv_bytes_per_token(element)
@@ -326,7 +350,9 @@ class Transformer(nn.Module):
             x = x + self.pos_embeddings(positions + config.position_offset)
         else:
             rope = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        kernel_lengths = kv_lengths if config.sliding_window is None else None
+        # decode steps (one new token against a cache) take the Triton kernel where it runs for real
+        use_kernel = cache is not None and seq == 1 and config.sliding_window is None and decode_kernel_available(x)
+        kernel_lengths = kv_lengths if use_kernel else None
         for block in self.layers:
             x = block(x, rope, mask, is_causal, cache, slots, kernel_lengths)
         logits = self.output(self.norm(x))

@@ -25,7 +25,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoints import load, save
-from .checkpoints.files import write_json
-from .data import BlockOrder, TokenData, prepare
-from .errors import GQAError
+from .data import BlockOrder, TokenData, check_token_ids, prepare
+from .errors import GQAError, warn
+from .jsonfiles import append_jsonl, write_json
 from .model import Transformer
 
 # dense bf16 peak FLOP/s by device name, for model FLOPs utilisation
@@ -59,9 +59,9 @@ class TrainConfig:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
-    eval_every: int = 100
+    eval_every: int | None = 100  # None: only at the end
     eval_blocks: int = 64  # validation blocks scored per evaluation (the first ones, always the same)
-    save_every: int = 500
+    save_every: int | None = 500  # None: no checkpoints
     keep_checkpoints: int = 2
     seed: int = 0
     val_fraction: float = 0.05
@@ -82,13 +82,18 @@ def plan_steps(cfg: TrainConfig) -> dict:
     for name in ("seq_len", "batch_size", "grad_accum"):
         if getattr(cfg, name) < 1:
             raise GQAError(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("lr", "weight_decay", "grad_clip", "distill_weight", "min_lr_ratio"):
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or value < 0:
+            raise GQAError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     alpha_tokens = None
     if cfg.alpha is not None:
         if cfg.pretrain_tokens is None:
             raise GQAError("--alpha needs --pretrain-tokens: α is a fraction of the tokens the model was pre-trained on")
-        if cfg.alpha <= 0:
-            raise GQAError(f"--alpha must be > 0, got {cfg.alpha}")
+        if not (math.isfinite(cfg.alpha) and cfg.alpha > 0 and math.isfinite(cfg.pretrain_tokens)
+                and cfg.pretrain_tokens > 0):
+            raise GQAError(f"--alpha and --pretrain-tokens must be finite and > 0, got {cfg.alpha} and {cfg.pretrain_tokens}")
         alpha_tokens = cfg.alpha * cfg.pretrain_tokens
     if cfg.steps is not None:
         if cfg.steps < 1:
@@ -217,6 +222,7 @@ def full_state(model, optimizer):
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer, schedule, cfg: TrainConfig, d: Dist, tied: bool) -> None:
+    """Model, optimizer, schedule and RNG at `step`, written atomically; the newest `keep_checkpoints` are kept."""
     from safetensors.torch import save_file
 
     model_state, optim_state = full_state(model, optimizer)  # collective: every rank takes part
@@ -270,20 +276,197 @@ def write_final_model(model: Transformer, out: Path) -> None:
     tmp.rmdir()
 
 
-# ------------------------------------------------------------------------------------------- the loop
+# ------------------------------------------------------------------------------------------- the run
 
-def prepare_out(cfg: TrainConfig) -> Path | None:
-    """Check OUT against --overwrite / --resume; return the checkpoint to resume from, if any."""
+def run_without_checkpoint(out: Path) -> bool:
+    """OUT holds only what a run killed before its first checkpoint leaves (its log), and no model."""
+    entries = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+    if entries != {"train"} or latest_checkpoint(out) is not None:
+        return False
+    return {p.name for p in (out / "train").iterdir() if not p.name.startswith(".")} <= {"log.jsonl", "checkpoints"}
+
+
+def prepare_out(cfg: TrainConfig) -> tuple[Path | None, str | None]:
+    """Check OUT against --overwrite / --resume, writing nothing: (checkpoint to resume from, why the run
+    starts again from step 0 although OUT holds one); raises where OUT must not be touched."""
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise GQAError(f"{out} is a file; give a folder for the run")
+    fresh_again = out.is_dir() and run_without_checkpoint(out)
     if cfg.resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            raise GQAError(f"--resume: no checkpoint in {checkpoint_dir(out)} to resume from")
-        return ckpt
-    if out.exists() and any(out.iterdir()):
+        ckpt = latest_checkpoint(out) if out.is_dir() else None
+        if ckpt is not None:
+            return ckpt, None
+        if fresh_again:
+            return None, f"{out} holds a run that stopped before its first checkpoint; starting it again from step 0"
+        raise GQAError(f"--resume: no checkpoint in {checkpoint_dir(out)} to resume from; run without --resume")
+    if out.is_dir() and any(out.iterdir()):
+        if fresh_again:
+            return None, f"{out} holds a run that stopped before its first checkpoint; starting it again from step 0"
         if not cfg.overwrite:
             raise GQAError(f"{out} already exists; pass --overwrite to replace it or --resume to continue its run")
-    return None
+    return None, None
+
+
+class RunLog:
+    """train/log.jsonl: a line per step, plus the evaluations. On resume, what the interrupted run logged past
+    its checkpoint is dropped, so the log reads as one uninterrupted run."""
+
+    def __init__(self, out: Path, main: bool, resumed_at: int | None):
+        self.path, self.main = out / "train" / "log.jsonl", main
+        if not main:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resumed_at is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resumed_at]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        else:
+            self.path.write_text("")
+
+    def __call__(self, record: dict) -> None:
+        if self.main:
+            append_jsonl(self.path, record)
+
+    def first(self) -> dict:
+        return json.loads(self.path.read_text().splitlines()[0])
+
+
+def due(step: int, every: int | None) -> bool:
+    return every is not None and step % every == 0
+
+
+class Trainer:
+    """One run's model, optimizer and schedule, and the step that advances them."""
+
+    def __init__(self, model: Transformer, cfg: TrainConfig, plan: dict, d: Dist, device: torch.device,
+                 teacher: Transformer | None):
+        self.model, self.cfg, self.plan, self.d, self.device, self.teacher = model, cfg, plan, d, device, teacher
+        self.tied = model.config.tie_embeddings
+        self.save_dtype = model.dtype  # the final model is written in the dtype it came in; training keeps fp32
+        model.to(device=device, dtype=torch.float32).train()
+        self.net = wrap(model, cfg.strategy, d, device)
+        self.optimizer = torch.optim.AdamW(model.parameter_groups(cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+                                           fused=device.type == "cuda")
+        steps = plan["steps"]
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, steps // 20)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, steps, warmup, cfg.min_lr_ratio))
+        self.forward = torch.compile(self.net) if cfg.compile else self.net
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+        self.peak_flops = peak * d.world if peak else None
+        self.flops_per_token = model.flops_per_token(cfg.seq_len)
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def evaluate(self, val_blocks: torch.Tensor) -> float:
+        return validation_loss(self.forward, val_blocks, max(1, self.cfg.batch_size // self.d.world), self.device,
+                               self.autocast)
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """LM loss and, with a teacher, KL(teacher ‖ student) of one micro-batch."""
+        with self.autocast():
+            logits = self.forward(x)
+        lm = lm_loss(logits, y)
+        if self.teacher is None:
+            return lm, None
+        with torch.no_grad(), self.autocast():
+            teacher_logits = self.teacher(x)
+        return lm, distill_kl(logits, teacher_logits)
+
+    def step(self, step: int, data: TokenData, order: BlockOrder) -> dict:
+        """One optimizer step over grad_accum micro-batches; refuses to apply a non-finite one."""
+        cfg, d = self.cfg, self.d
+        per_rank = cfg.batch_size // d.world
+        t0 = time.time()
+        lm_sum, kl_sum = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            first = (step * cfg.grad_accum + micro) * cfg.batch_size + d.rank * per_rank
+            blocks = order.batch(data.train, first, per_rank).to(self.device)
+            last = micro == cfg.grad_accum - 1
+            sync = self.net.no_sync() if d.world > 1 and cfg.strategy == "ddp" and not last else contextlib.nullcontext()
+            with sync:
+                lm, kl = self.losses(blocks[:, :-1], blocks[:, 1:])
+                lm_sum += lm.detach()
+                loss = lm if kl is None else lm + cfg.distill_weight * kl
+                if kl is not None:
+                    kl_sum += kl.detach()
+                (loss / cfg.grad_accum).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        loss_value = d.mean(lm_sum / cfg.grad_accum).item()
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            self.diverged(step + 1, loss_value, grad_norm)
+        lr = self.schedule.get_last_lr()[0]
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens_per_s = self.plan["tokens_per_step"] / (time.time() - t0)
+        record = {"step": step + 1, "tokens": (step + 1) * self.plan["tokens_per_step"], "loss": loss_value, "lr": lr,
+                  "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
+        if self.teacher is not None:
+            record["kl"] = d.mean(kl_sum / cfg.grad_accum).item()
+        if self.peak_flops:
+            record["mfu"] = tokens_per_s * self.flops_per_token / self.peak_flops
+        return record
+
+    def diverged(self, step: int, loss: float, grad_norm: float) -> None:
+        ckpt = latest_checkpoint(Path(self.cfg.out))
+        kept = f"the last good checkpoint is {ckpt} (--resume continues from it)" if ckpt else "no checkpoint was written yet"
+        raise GQAError(f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; the step was not "
+                       f"applied and training stopped; {kept}; try a lower --lr")
+
+    def checkpoint(self, step: int) -> None:
+        save_checkpoint(Path(self.cfg.out), step, self.net, self.optimizer, self.schedule, self.cfg, self.d, self.tied)
+
+    def restore(self, path: Path | None) -> int:
+        return 0 if path is None else load_checkpoint(path, self.net, self.optimizer, self.schedule, self.tied)
+
+    def final_model(self) -> Transformer | None:
+        """The trained model, gathered on rank 0 in the dtype it came in (None on other ranks)."""
+        model_state, _ = full_state(self.net, self.optimizer)  # collective
+        if not self.d.main:
+            return None
+        if self.tied:
+            model_state.setdefault("output.weight", model_state["tok_embeddings.weight"])
+        final = Transformer(self.model.config)
+        final.load_state_dict(model_state)
+        final.tie_weights()
+        final.hf_config, final.source_dir = self.model.hf_config, self.model.source_dir
+        return final.to(self.save_dtype).eval()
+
+
+def settle(cfg: TrainConfig, model: Transformer, d: Dist) -> TrainConfig:
+    """The run's own copy of the config, with defaults that depend on the model filled in, checked against
+    the model and the ranks (the caller's config is not changed)."""
+    seq_len = cfg.seq_len if cfg.seq_len is not None else min(1024, model.config.max_positions)
+    cfg = replace(cfg, seq_len=seq_len)
+    if cfg.batch_size % d.world:
+        raise GQAError(f"--batch-size {cfg.batch_size} does not split over {d.world} ranks")
+    if cfg.seq_len > model.config.max_positions:
+        raise GQAError(f"--seq-len {cfg.seq_len} exceeds the model's {model.config.max_positions} positions")
+    return cfg
+
+
+def training_data(cfg: TrainConfig, tokenizer, model: Transformer, data: TokenData | None) -> TokenData:
+    if data is None:
+        data = prepare(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction)
+    elif data.seq_len != cfg.seq_len:
+        raise GQAError(f"prepared data has blocks of {data.seq_len} tokens, the run asks for {cfg.seq_len}")
+    check_token_ids(torch.cat([data.train.flatten(), data.val.flatten()]), model.config.vocab_size, str(cfg.data))
+    return data
+
+
+def load_teacher(cfg: TrainConfig, model: Transformer, device: torch.device) -> Transformer | None:
+    if not cfg.teacher:
+        return None
+    teacher = load(cfg.teacher, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
+    if teacher.config.vocab_size != model.config.vocab_size:
+        raise GQAError("the teacher's vocabulary differs from the student's")
+    return teacher.requires_grad_(False)
 
 
 def train(model: Transformer, tokenizer, cfg: TrainConfig, init_path: str | None = None,
@@ -293,175 +476,51 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, init_path: str | None
     `data` may be given already prepared (the demo tokenizes its corpus once for many runs).
     """
     d, device = init_distributed(cfg.device)
-    if cfg.seq_len is None:
-        cfg.seq_len = min(1024, model.config.max_positions)
+    cfg = settle(cfg, model, d)
     plan = plan_steps(cfg)
-    if cfg.batch_size % d.world:
-        raise GQAError(f"--batch-size {cfg.batch_size} does not split over {d.world} ranks")
-    if cfg.seq_len > model.config.max_positions:
-        raise GQAError(f"--seq-len {cfg.seq_len} exceeds the model's {model.config.max_positions} positions")
-    resume_from = prepare_out(cfg)
+    resume_from, restart = prepare_out(cfg)
     out = Path(cfg.out)
-    if d.main and not cfg.resume and out.exists() and cfg.overwrite:
+    if restart and d.main:
+        warn(restart)
+    if d.main and resume_from is None and out.exists():
         shutil.rmtree(out)
     d.barrier()
-
-    if data is None:
-        data = prepare(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction)
-    elif data.seq_len != cfg.seq_len:
-        raise GQAError(f"prepared data has blocks of {data.seq_len} tokens, the run asks for {cfg.seq_len}")
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise GQAError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
-    teacher = None
-    if cfg.teacher:
-        teacher = load(cfg.teacher, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
-        if teacher.config.vocab_size != model.config.vocab_size:
-            raise GQAError("the teacher's vocabulary differs from the student's")
-        teacher.requires_grad_(False)
-
-    steps = plan["steps"]
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, steps // 20)
-    tied = model.config.tie_embeddings
-    save_dtype = model.dtype  # the final model is written in the dtype it came in; training keeps fp32 weights
-    model.to(device=device, dtype=torch.float32).train()
-    net = wrap(model, cfg.strategy, d, device)
-    decay = [p for p in net.parameters() if p.dim() >= 2]
-    no_decay = [p for p in net.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda",
-    )
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup, cfg.min_lr_ratio))
-    forward = torch.compile(net) if cfg.compile else net
-
-    def autocast():
-        if device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    start = 0
-    if resume_from is not None:
-        start = load_checkpoint(resume_from, net, optimizer, schedule, tied)
-    log_path = out / "train" / "log.jsonl"
-    if d.main:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_from is not None and log_path.exists():  # drop what the interrupted run logged past its checkpoint
-            kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= start]
-            log_path.write_text("".join(line + "\n" for line in kept))
-        elif resume_from is None:
-            log_path.write_text("")
-
-    def log(record: dict) -> None:
-        if d.main:
-            with log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
+    data = training_data(cfg, tokenizer, model, data)
+    trainer = Trainer(model, cfg, plan, d, device, load_teacher(cfg, model, device))
+    start = trainer.restore(resume_from)
+    log = RunLog(out, d.main, start if resume_from else None)
     val_blocks = data.val[: cfg.eval_blocks]
-    eval_batch = max(1, cfg.batch_size // d.world)
-    initial_val = None
+    initial_val = val_loss = None
     if start == 0:
-        initial_val = validation_loss(forward, val_blocks, eval_batch, device, autocast)
+        initial_val = val_loss = trainer.evaluate(val_blocks)
         log({"step": 0, "tokens": 0, "val_loss": initial_val, "val_perplexity": math.exp(initial_val)})
-
     order = BlockOrder(len(data.train), cfg.seed)
-    per_rank = cfg.batch_size // d.world
-    n_params = sum(p.numel() for p in model.parameters())
-    flops_per_token = 6 * n_params + 12 * model.config.n_layers * model.config.n_heads * model.config.head_dim * cfg.seq_len
-    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
     step_delay = float(os.environ.get("GQA_TEST_STEP_DELAY", "0"))  # test hook: slows steps so a test can kill mid-run
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="training", disable=not (cfg.progress and d.main))
-    record = {}
-    val_loss = initial_val
+    bar = tqdm(range(start, plan["steps"]), initial=start, total=plan["steps"], desc="training",
+               disable=not (cfg.progress and d.main))
+    record: dict = {}
     for step in bar:
-        t0 = time.time()
-        lm_sum = torch.zeros((), device=device)
-        kl_sum = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum):
-            first = (step * cfg.grad_accum + micro) * cfg.batch_size + d.rank * per_rank
-            blocks = order.batch(data.train, first, per_rank).to(device)
-            x, y = blocks[:, :-1], blocks[:, 1:]
-            sync = contextlib.nullcontext()
-            if d.world > 1 and cfg.strategy == "ddp" and micro < cfg.grad_accum - 1:
-                sync = net.no_sync()
-            with sync:
-                with autocast():
-                    logits = forward(x)
-                loss = lm_loss(logits, y)
-                lm_sum += loss.detach()
-                if teacher is not None:
-                    with torch.no_grad(), autocast():
-                        teacher_logits = teacher(x)
-                    kl = distill_kl(logits, teacher_logits)
-                    kl_sum += kl.detach()
-                    loss = loss + cfg.distill_weight * kl
-                (loss / cfg.grad_accum).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        lr = schedule.get_last_lr()[0]
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        lm = d.mean(lm_sum / cfg.grad_accum).item()
-        seconds = time.time() - t0
-        tokens_per_s = plan["tokens_per_step"] / seconds
-        record = {"step": step + 1, "tokens": (step + 1) * plan["tokens_per_step"], "loss": lm, "lr": lr,
-                  "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s}
-        if teacher is not None:
-            record["kl"] = d.mean(kl_sum / cfg.grad_accum).item()
-        if peak:
-            record["mfu"] = tokens_per_s * flops_per_token / (peak * d.world)
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
-            val_loss = validation_loss(forward, val_blocks, eval_batch, device, autocast)
+        record = trainer.step(step, data, order)
+        if due(step + 1, cfg.eval_every) or step + 1 == plan["steps"]:
+            val_loss = trainer.evaluate(val_blocks)
             record.update(val_loss=val_loss, val_perplexity=math.exp(val_loss))
         log(record)
-        bar.set_postfix(loss=f"{lm:.3f}", tok_s=f"{tokens_per_s:,.0f}", lr=f"{lr:.2e}")
-        if (step + 1) % cfg.save_every == 0 and step + 1 < steps:
-            save_checkpoint(out, step + 1, net, optimizer, schedule, cfg, d, tied)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}", lr=f"{record['lr']:.2e}")
+        if due(step + 1, cfg.save_every) and step + 1 < plan["steps"]:
+            trainer.checkpoint(step + 1)
         if step_delay:
             time.sleep(step_delay)
-
-    model_state, _ = full_state(net, optimizer)
     report = {
-        **plan,
-        "source": init_path,
-        "data": str(cfg.data),
-        "documents": data.documents,
-        "train_tokens_available": data.train_tokens,
-        "val_tokens": int(val_blocks.numel()),
-        "val_loss_initial": initial_val,
-        "val_loss": val_loss,
-        "val_perplexity": math.exp(val_loss) if val_loss is not None else None,
-        "final_loss": record.get("loss"),
-        "world_size": d.world,
-        "strategy": cfg.strategy if d.world > 1 else "single",
-        "config": asdict(cfg),
+        **plan, "source": init_path, "data": str(cfg.data), "documents": data.documents,
+        "train_tokens_available": data.train_tokens, "val_tokens": int(val_blocks.numel()),
+        "val_loss_initial": initial_val if initial_val is not None else log.first().get("val_loss") if d.main else None,
+        "val_loss": val_loss, "val_perplexity": math.exp(val_loss) if val_loss is not None else None,
+        "final_loss": record.get("loss"), "world_size": d.world,
+        "strategy": cfg.strategy if d.world > 1 else "single", "config": asdict(cfg),
     }
+    final = trainer.final_model()
     if d.main:
-        if tied:
-            model_state.setdefault("output.weight", model_state["tok_embeddings.weight"])
-        final = Transformer(model.config)
-        final.load_state_dict(model_state)
-        final.tie_weights()
-        final.hf_config, final.source_dir = model.hf_config, model.source_dir
-        write_final_model(final.to(save_dtype).eval(), out)
-        if initial_val is None:  # resumed: take the initial evaluation from the log
-            first = json.loads(log_path.read_text().splitlines()[0])
-            report["val_loss_initial"] = first.get("val_loss")
+        write_final_model(final, out)
         write_json(out / "train" / "report.json", report)
     d.barrier()
     return report
-
-
-def init_weights(model: Transformer, std: float = 0.02) -> None:
-    """GPT-2-style initialisation for training from scratch: N(0, std), residual projections scaled by 1/√(2L)."""
-    residual_std = std / math.sqrt(2 * model.config.n_layers)
-    for name, p in model.named_parameters():
-        if name.endswith("bias"):
-            torch.nn.init.zeros_(p)
-        elif p.dim() == 1:
-            torch.nn.init.ones_(p)
-        elif name.endswith(("attention.wo.weight", "mlp.down.weight")):
-            torch.nn.init.normal_(p, std=residual_std)
-        else:
-            torch.nn.init.normal_(p, std=std)

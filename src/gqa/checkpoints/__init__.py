@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from .. import __version__
 from ..errors import GQAError
 from ..model import ModelConfig, Transformer
+from ..version import __version__
 from . import files
 from .families import BIGCODE, BY_ARCHITECTURE, DECILM, GPT2, LLAMA, MISTRAL, QWEN2, Family, family_for
 
@@ -64,8 +64,48 @@ def export_tensors(state: dict[str, torch.Tensor], config: ModelConfig, family: 
 def import_tensors(path, config: ModelConfig, family: Family | None) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for name, tensor in files.iter_tensors(path):
+        check_finite(path, name, tensor)
         state.update(family.import_tensor(name, tensor, config) if family else {name: tensor})
     return state
+
+
+def check_finite(path, name: str, tensor: torch.Tensor) -> None:
+    """Refuse NaN / Inf weights: a model holding them computes nothing meaningful, and training from one
+    would run to the end at loss = nan."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise GQAError(f"{path}: tensor {name} holds NaN or Inf values; gqa refuses non-finite weights")
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every gqa tensor a model with this config holds, and its shape (from a model built on the meta device)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def check_layout(path, config: ModelConfig, family: Family | None) -> None:
+    """Check a folder's tensors against its config from the safetensors headers alone, before any weight is
+    read: every tensor the config implies is there, with the shape it implies, and nothing else is."""
+    expected = expected_shapes(config)
+    found: dict[str, tuple[int, ...]] = {}
+    for name, (shape, _) in files.tensor_shapes(path).items():
+        placeholder = torch.empty(shape, device="meta")
+        try:
+            imported = family.import_tensor(name, placeholder, config) if family else {name: placeholder}
+        except RuntimeError as e:  # a fused tensor that cannot be split the way the config says
+            raise GQAError(f"{path}: tensor {name} of shape {tuple(shape)} does not fit config.json "
+                           f"({files.one_line(e)})") from None
+        found.update({k: tuple(v.shape) for k, v in imported.items()})
+    if config.tie_embeddings and "tok_embeddings.weight" in found:
+        found.setdefault("output.weight", found["tok_embeddings.weight"])
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        what = f"misses {missing[:3]}" if missing else f"has unexpected {unexpected[:3]}"
+        raise GQAError(f"{path}: the checkpoint {what} for its config ({len(missing)} missing, {len(unexpected)} unexpected)")
+    for name, shape in found.items():
+        if shape != expected[name]:
+            raise GQAError(f"{path}: tensor {name} has shape {shape}, but config.json implies {expected[name]}")
 
 
 def load(
@@ -79,22 +119,12 @@ def load(
     """
     dtype = parse_dtype(dtype)
     config, family, hf = read_model_config(path)
+    check_layout(path, config, family)
     with torch.device("meta"):
         model = Transformer(config)
     state = import_tensors(path, config, family)
     if config.tie_embeddings and "tok_embeddings.weight" in state:
         state["output.weight"] = state["tok_embeddings.weight"]
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        what = f"misses {missing[:3]}" if missing else f"has unexpected {unexpected[:3]}"
-        raise GQAError(f"{path}: the checkpoint {what} for its config ({len(missing)} missing, {len(unexpected)} unexpected)")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise GQAError(
-                f"{path}: tensor {name} has shape {tuple(tensor.shape)}, the config implies {tuple(expected[name].shape)}"
-            )
     dtype = dtype or state["tok_embeddings.weight"].dtype
     state = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
@@ -130,7 +160,12 @@ def target_family(config: ModelConfig, hf_config: dict | None, format: str = "au
             return family
     if format == "hf":
         name = source.name if source else "no HF family"
-        raise GQAError(f"{name} cannot express KV heads {config.n_kv_heads}; save with format='native'")
+        hint = ""
+        if DECILM in candidates:
+            hint = (f" in one num_key_value_heads; the HF form of per-layer KV heads, DeciLMForCausalLM block_configs, "
+                    f"cannot hold this model either: {DECILM.why_not(config)}")
+        raise GQAError(f"{name} cannot express KV heads {config.n_kv_heads}{hint}; "
+                       f"write gqa's own format instead (--format native)")
     return None
 
 

@@ -19,21 +19,27 @@ import torch
 from ..errors import GQAError
 from ..model import ModelConfig
 
-ACTIVATION_NAMES = {
-    "silu": "silu",
-    "swish": "silu",
-    "relu": "relu",
-    "gelu": "gelu",
-    "gelu_new": "gelu_tanh",
-    "gelu_fast": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
+# gqa's activation -> the HF names of the same function (the first is what gqa writes where the source
+# config had none); one table for both directions
+HF_ACTIVATIONS = {
+    "silu": ("silu", "swish"),
+    "relu": ("relu",),
+    "gelu": ("gelu",),
+    "gelu_tanh": ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"),
 }
+ACTIVATION_NAMES = {hf: ours for ours, names in HF_ACTIVATIONS.items() for hf in names}
 
 
 def activation(name: str) -> str:
+    """The gqa activation an HF `hidden_act` / `activation_function` names."""
     if name not in ACTIVATION_NAMES:
         raise GQAError(f"activation {name!r} is not supported; supported: {sorted(ACTIVATION_NAMES)}")
     return ACTIVATION_NAMES[name]
+
+
+def hf_activation(ours: str, source_name: str | None) -> str:
+    """The HF name to write for gqa's activation: the source config's own name when it means the same function."""
+    return source_name if ACTIVATION_NAMES.get(source_name) == ours else HF_ACTIVATIONS[ours][0]
 
 
 def rope_settings(hf: dict, default_theta: float = 10000.0) -> tuple[float, dict | None, float]:
@@ -74,6 +80,10 @@ class Family:
         """Whether this HF family can hold the model's KV-head layout."""
         return all(g == config.n_heads for g in config.n_kv_heads)
 
+    def qkv_layout(self, config: ModelConfig) -> str:
+        """How the fused qkv tensor orders its rows for a model with this config."""
+        return self.fused_layout
+
     # -- import ------------------------------------------------------------------------------------------
 
     def canonical_name(self, name: str) -> str:
@@ -98,7 +108,7 @@ class Family:
             layer, part = int(m["i"]), m["p"]
             if self.conv1d and part == "weight":
                 tensor = tensor.t()
-            q, k, v = split_qkv(tensor, config, layer, self.fused_layout)
+            q, k, v = split_qkv(tensor, config, layer, self.qkv_layout(config))
             base = f"layers.{layer}.attention"
             return {f"{base}.wq.{part}": q, f"{base}.wk.{part}": k, f"{base}.wv.{part}": v}
         raise GQAError(f"unexpected tensor {name!r} in a {self.name} checkpoint")
@@ -117,7 +127,7 @@ class Family:
                     layer, part = int(m[1]), m[3]
                     base = f"layers.{layer}.attention"
                     qkv = [state[f"{base}.w{x}.{part}"] for x in "qkv"]
-                    fused = join_qkv(*qkv, config, layer, self.fused_layout)
+                    fused = join_qkv(*qkv, config, layer, self.qkv_layout(config))
                     if self.conv1d and part == "weight":
                         fused = fused.t()
                     out[self.fused_qkv.format(i=layer, p=part)] = fused.contiguous()
@@ -243,7 +253,7 @@ def llama_like_hf_config(config: ModelConfig, base: dict, model_type: str, arch:
         head_dim=config.head_dim,
         max_position_embeddings=config.max_positions,
         rms_norm_eps=config.norm_eps,
-        hidden_act={"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}[config.activation],
+        hidden_act=hf_activation(config.activation, base.get("hidden_act")),
         tie_word_embeddings=config.tie_embeddings,
         mlp_bias=config.mlp_bias,
     )
@@ -325,9 +335,6 @@ def gpt2_config(hf: dict, multi_query: bool | None = None) -> ModelConfig:
     )
 
 
-HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
-
-
 def gpt2_hf_config(config: ModelConfig, base: dict, model_type: str, arch: str) -> dict:
     out = _set(
         base,
@@ -340,7 +347,7 @@ def gpt2_hf_config(config: ModelConfig, base: dict, model_type: str, arch: str) 
         n_inner=config.hidden_dim,
         n_positions=config.max_positions,
         layer_norm_epsilon=config.norm_eps,
-        activation_function=HF_ACTIVATION[config.activation],
+        activation_function=hf_activation(config.activation, base.get("activation_function", "gelu_new")),
         tie_word_embeddings=config.tie_embeddings,
     )
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
@@ -371,13 +378,8 @@ GPT2 = Family(
 class BigCodeFamily(Family):
     """GPT-2 with multi-query attention: c_attn is [Q | K | V] when multi_query, per-head otherwise."""
 
-    def import_tensor(self, name, tensor, config):
-        self.fused_layout = "blocks" if config.n_kv_heads[0] == 1 else "per_head"
-        return super().import_tensor(name, tensor, config)
-
-    def export_state(self, state, config):
-        self.fused_layout = "blocks" if config.n_kv_heads[0] == 1 else "per_head"
-        return super().export_state(state, config)
+    def qkv_layout(self, config):
+        return "blocks" if config.n_kv_heads[0] == 1 else "per_head"
 
     def can_express(self, config):
         return all(g == 1 for g in config.n_kv_heads) or all(g == config.n_heads for g in config.n_kv_heads)
@@ -454,7 +456,7 @@ def neox_hf_config(config: ModelConfig, base: dict) -> dict:
         intermediate_size=config.hidden_dim,
         max_position_embeddings=config.max_positions,
         layer_norm_eps=config.norm_eps,
-        hidden_act=HF_ACTIVATION[config.activation],
+        hidden_act=hf_activation(config.activation, base.get("hidden_act")),
         use_parallel_residual=config.parallel_residual,
         attention_bias=config.qkv_bias,
         tie_word_embeddings=config.tie_embeddings,
@@ -544,7 +546,7 @@ def opt_hf_config(config: ModelConfig, base: dict) -> dict:
         num_attention_heads=config.n_heads,
         ffn_dim=config.hidden_dim,
         max_position_embeddings=config.max_positions,
-        activation_function=HF_ACTIVATION[config.activation],
+        activation_function=hf_activation(config.activation, base.get("activation_function")),
         enable_bias=config.qkv_bias,
         do_layer_norm_before=True,
         tie_word_embeddings=config.tie_embeddings,
@@ -598,10 +600,7 @@ def decilm_config(hf: dict) -> ModelConfig:
     if len(widths) != 1:
         raise GQAError("DeciLM checkpoints whose MLP width varies by layer are not supported")
     base = dict(hf, num_key_value_heads=n_heads, intermediate_size=widths.pop())
-    config = llama_like_config(base, "llama")
-    config.n_kv_heads = n_kv
-    config.__post_init__()
-    return config
+    return replace(llama_like_config(base, "llama"), n_kv_heads=n_kv)
 
 
 def decilm_hf_config(config: ModelConfig, base: dict) -> dict:
@@ -625,13 +624,21 @@ def decilm_hf_config(config: ModelConfig, base: dict) -> dict:
 
 class DeciLMFamily(Family):
     def can_express(self, config: ModelConfig) -> bool:
+        return self.why_not(config) is None
+
+    def why_not(self, config: ModelConfig) -> str | None:
+        """Why block_configs cannot hold this model (None when they can)."""
         ffn_mult = config.hidden_dim * 3 / (2 * config.dim)
-        return (
-            config.norm == "rms" and config.positions == "rope" and config.mlp == "gated"
-            and config.qkv_bias == config.out_bias and config.sliding_window is None
-            and config.rotary_dim == config.head_dim
-            and ffn_mult_to_hidden(ffn_mult, config.dim) == config.hidden_dim
-        )
+        checks = [
+            (config.norm == "rms" and config.positions == "rope" and config.mlp == "gated",
+             "it is not a Llama-style model (RMSNorm, rotary, gated MLP)"),
+            (config.qkv_bias == config.out_bias, "its q/k/v biases come without an output bias"),
+            (config.sliding_window is None, "it uses a sliding window"),
+            (config.rotary_dim == config.head_dim, "it rotates only part of each head"),
+            (ffn_mult_to_hidden(ffn_mult, config.dim) == config.hidden_dim,
+             f"its MLP width {config.hidden_dim} is not a multiple of 256"),
+        ]
+        return next((reason for ok, reason in checks if not ok), None)
 
 
 DECILM = DeciLMFamily(

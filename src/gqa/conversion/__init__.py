@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
-from ..checkpoints import config_json, export_tensors, files, read_model_config, target_family
-from ..errors import GQAError
+from ..checkpoints import check_finite, check_layout, config_json, export_tensors, files, read_model_config, target_family
+from ..errors import GQAError, warn
+from ..version import __version__
 from .pooling import METHODS, check_method, pool_heads
 
 LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
@@ -32,17 +32,19 @@ TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float
 __all__ = ["convert", "target_kv_heads", "METHODS"]
 
 
-def target_kv_heads(current: list[int], n_heads: int, kv_heads: int | None, per_layer: list[int] | None) -> list[int]:
+def target_kv_heads(current: list[int], n_heads: int, n_kv_heads: int | None, per_layer: list[int] | None) -> list[int]:
     """The new KV-head count of every layer, checked: each must divide the layer's current count."""
-    if (kv_heads is None) == (per_layer is None):
+    if (n_kv_heads is None) == (per_layer is None):
         raise GQAError("give exactly one of --kv-heads or --kv-heads-per-layer")
-    new = [kv_heads] * len(current) if per_layer is None else list(per_layer)
+    new = [n_kv_heads] * len(current) if per_layer is None else list(per_layer)
     if len(new) != len(current):
         raise GQAError(f"--kv-heads-per-layer has {len(new)} entries but the model has {len(current)} layers")
     for layer, (old, g) in enumerate(zip(current, new)):
-        if g < 1 or old % g:
+        where = f"layer {layer}: " if per_layer is not None else ""
+        if g < 1:
+            raise GQAError(f"{where}the number of KV heads must be >= 1, got {g}")
+        if old % g:
             divisors = [d for d in range(1, old + 1) if old % d == 0]
-            where = f"layer {layer}: " if per_layer is not None else ""
             raise GQAError(f"{where}{g} KV heads does not divide the current {old} (of {n_heads} query heads); "
                            f"choose one of {divisors}")
     return new
@@ -53,6 +55,32 @@ def init_std(hf: dict) -> float:
         if isinstance(hf.get(key), (int, float)):
             return float(hf[key])
     return 0.02
+
+
+def storage_dtype(shapes: dict) -> torch.dtype:
+    """The dtype most of a checkpoint's parameters are stored in (the output keeps it)."""
+    counts: dict[str, int] = {}
+    for shape, dt in shapes.values():
+        counts[dt] = counts.get(dt, 0) + math.prod(shape)
+    return TORCH_DTYPES.get(max(counts, key=counts.get), torch.float32)
+
+
+def layer_groups(names) -> list[list[str]]:
+    """Tensor names grouped by layer, in layer order; tensors outside the layers (embeddings, head) last."""
+    groups: dict[int | None, list[str]] = {}
+    for name in names:
+        m = LAYER.search(name)
+        groups.setdefault(int(m[1]) if m else None, []).append(name)
+    order = sorted(k for k in groups if k is not None) + ([None] if None in groups else [])
+    return [groups[k] for k in order]
+
+
+def warn_without_tokenizer(src) -> None:
+    from ..checkpoints.tokenizer import TOKENIZER_MARKERS
+
+    if not any((Path(src) / name).is_file() for name in TOKENIZER_MARKERS):
+        warn(f"{src} has no tokenizer files ({', '.join(TOKENIZER_MARKERS)}); the converted model cannot be "
+             f"evaluated or generated from until they are copied next to it")
 
 
 def convert(
@@ -71,76 +99,74 @@ def convert(
     check_method(method)
     config, family, hf = read_model_config(src)
     source_hf = hf.get("hf_config") if family is None else hf
-    new_heads = target_kv_heads(config.n_kv_heads, config.n_heads, kv_heads, kv_heads_per_layer)
-    new_config = replace(config, n_kv_heads=new_heads)
+    new_config = replace(config, n_kv_heads=target_kv_heads(config.n_kv_heads, config.n_heads, kv_heads,
+                                                             kv_heads_per_layer))
     out_family = target_family(new_config, source_hf, format)
-    index = files.tensor_index(src)
-    shapes = files.tensor_shapes(src)
-    dtype_counts: dict[str, int] = {}
-    for shape, dt in shapes.values():
-        dtype_counts[dt] = dtype_counts.get(dt, 0) + math.prod(shape)
-    dtype = TORCH_DTYPES.get(max(dtype_counts, key=dtype_counts.get), torch.float32)
+    check_layout(src, config, family)  # from the headers: a config that disagrees with the weights stops here
+    files.check_destination(dst, overwrite, sources=[src])
+    warn_without_tokenizer(src)
+    index, shapes = files.tensor_index(src), files.tensor_shapes(src)
+    dtype = storage_dtype(shapes)
     largest = max(f.stat().st_size for f in set(index.values()))
-    shard_bytes = min(files.SHARD_BYTES, max(largest // 2, 256 * 1024**2))
-
-    groups: dict[int | None, list[str]] = {}
-    for name in index:
-        m = LAYER.search(name)
-        groups.setdefault(int(m[1]) if m else None, []).append(name)
-    order = sorted(k for k in groups if k is not None) + ([None] if None in groups else [])
-
-    params_before = params_after = 0
     std = init_std(source_hf or {})
+
+    def merge(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        m = KV_TENSOR.fullmatch(name)
+        if not m:
+            return tensor
+        layer = int(m[1])
+        return pool_heads(tensor, config.n_kv_heads[layer], new_config.n_kv_heads[layer], method, name=name, seed=seed,
+                          init_std=std)
+
     with files.atomic_dir(dst, overwrite=overwrite) as tmp:
-        writer = files.ShardWriter(tmp, shard_bytes)
-        bar = tqdm(order, desc=f"converting ({method})", unit="layer", disable=not progress)
-        for key in bar:
-            raw = files.read_tensors(index, groups[key])
-            state: dict[str, torch.Tensor] = {}
-            for name, tensor in raw.items():
-                if family is None:
-                    state[name] = tensor
-                else:
-                    got = family.import_tensor(name, tensor, config)
-                    if got:
-                        params_before += tensor.numel()
-                    state.update(got)
-            if family is None:
-                params_before += sum(t.numel() for t in raw.values())
-            del raw
-            for name in list(state):
-                m = KV_TENSOR.fullmatch(name)
-                if m:
-                    layer = int(m[1])
-                    state[name] = pool_heads(state[name], config.n_kv_heads[layer], new_heads[layer], method,
-                                             name=name, seed=seed, init_std=std)
-            for name, tensor in export_tensors(state, new_config, out_family).items():
-                params_after += tensor.numel()
+        writer = files.ShardWriter(tmp, min(files.SHARD_BYTES, max(largest // 2, 256 * 1024**2)))
+        counts = [0, 0]  # parameters before, after
+        for names in tqdm(layer_groups(index), desc=f"converting ({method})", unit="layer", disable=not progress):
+            state = read_layer(src, index, names, config, family, counts)
+            for name, tensor in export_tensors({k: merge(k, v) for k, v in state.items()}, new_config, out_family).items():
+                counts[1] += tensor.numel()
                 writer.add(name, tensor)
         writer.close()
-        element = torch.empty((), dtype=dtype).element_size()
-        report = {
-            "gqa_version": __version__,
-            "source": str(Path(src).resolve()),
-            "destination": str(Path(dst).resolve()),
-            "method": method,
-            "seed": seed if method == "random" else None,
-            "architecture": (out_family.architectures[0] if out_family else "GQAForCausalLM"),
-            "query_heads": config.n_heads,
-            "kv_heads_before": config.n_kv_heads,
-            "kv_heads_after": new_heads,
-            "kv_bytes_per_token_before": config.kv_bytes_per_token(element),
-            "kv_bytes_per_token_after": new_config.kv_bytes_per_token(element),
-            "kv_reduction": config.kv_bytes_per_token(element) / new_config.kv_bytes_per_token(element),
-            "parameters_before": params_before,
-            "parameters_after": params_after,
-            "dtype": str(dtype).removeprefix("torch."),
-            "seconds": round(time.time() - start, 3),
-        }
+        report = conversion_report(src, dst, method, seed, config, new_config, out_family, dtype, counts, start)
         files.copy_tokenizer(src, tmp)
         files.write_json(tmp / "conversion.json", report)
         files.write_json(tmp / "config.json", config_json(new_config, source_hf, out_family, dtype))
     return report
+
+
+def read_layer(src, index, names: list[str], config, family, counts: list[int]) -> dict[str, torch.Tensor]:
+    """One layer's tensors under gqa's names (fused layouts split), checked finite; counts the source parameters."""
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in files.read_tensors(index, names).items():
+        check_finite(src, name, tensor)
+        got = family.import_tensor(name, tensor, config) if family else {name: tensor}
+        if got:
+            counts[0] += tensor.numel()
+        state.update(got)
+    return state
+
+
+def conversion_report(src, dst, method, seed, config, new_config, out_family, dtype, counts, start) -> dict:
+    element = torch.empty((), dtype=dtype).element_size()
+    before, after = config.kv_bytes_per_token(element), new_config.kv_bytes_per_token(element)
+    return {
+        "gqa_version": __version__,
+        "source": str(Path(src).resolve()),
+        "destination": str(Path(dst).resolve()),
+        "method": method,
+        "seed": seed if method == "random" else None,
+        "architecture": (out_family.architectures[0] if out_family else "GQAForCausalLM"),
+        "query_heads": config.n_heads,
+        "kv_heads_before": config.n_kv_heads,
+        "kv_heads_after": new_config.n_kv_heads,
+        "kv_bytes_per_token_before": before,
+        "kv_bytes_per_token_after": after,
+        "kv_reduction": before / after,
+        "parameters_before": counts[0],
+        "parameters_after": counts[1],
+        "dtype": str(dtype).removeprefix("torch."),
+        "seconds": round(time.time() - start, 3),
+    }
 
 
 def format_report(report: dict) -> str:

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
 import torch
 
 
+@functools.cache  # asked on every decode step; the answer cannot change while the process runs
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
