@@ -47,3 +47,18 @@ def padded_batch(lengths, vocab=300, seed=0):
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+def user_error(capsys, argv, message):
+    """Run the CLI; assert a user error: exit 2, one `gqa: error:` line holding `message`, no traceback."""
+    from gqa.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    # a progress bar (tqdm, on stderr) may precede the error when the mistake shows only while working
+    lines = [line for line in err.splitlines() if line.strip() and "%|" not in line.split("\r")[-1]]
+    assert len(lines) == 1 and lines[0].startswith("gqa: error:") and "Traceback" not in err, err
+    assert message in lines[0], err
+    return lines[0]

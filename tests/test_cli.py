@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from conftest import user_error
 from families import TEXT
 
 from gqa.cli import main
@@ -15,13 +16,6 @@ def run(capsys, *argv):
     out, err = capsys.readouterr()
     return code, out, err
 
-
-def assert_user_error(capsys, argv, message):
-    code, out, err = run(capsys, *argv)
-    assert code == 2, (out, err)
-    assert err.count("\n") == 1 and err.startswith("gqa: error:"), err
-    assert message in err
-    assert "Traceback" not in err
 
 
 def test_info_json(tiny, capsys):
@@ -59,7 +53,7 @@ def test_export_then_info(tiny, capsys, tmp_path):
     _, path = tiny("qwen2")
     code, out, _ = run(capsys, "export", path, tmp_path / "q")
     assert code == 0 and "Qwen2ForCausalLM" in out
-    assert_user_error(capsys, ["export", path, tmp_path / "q"], "already exists")
+    user_error(capsys, ["export", path, tmp_path / "q"], "already exists")
 
 
 # ------------------------------------------------------------------------------------------ user errors
@@ -80,13 +74,13 @@ def edit_config(folder, **changes):
 def test_kv_heads_not_dividing_heads(tiny, tmp_path, capsys):
     folder = copy_model(tiny, tmp_path)
     edit_config(folder, num_key_value_heads=3)
-    assert_user_error(capsys, ["info", folder], "3 KV heads does not divide 4 query heads")
+    user_error(capsys, ["info", folder], "3 KV heads does not divide 4 query heads")
 
 
 def test_more_kv_heads_than_heads(tiny, tmp_path, capsys):
     folder = copy_model(tiny, tmp_path)
     edit_config(folder, num_key_value_heads=8)
-    assert_user_error(capsys, ["info", folder], "8 KV heads is more than the 4 query heads")
+    user_error(capsys, ["info", folder], "8 KV heads is more than the 4 query heads")
 
 
 def test_unsupported_architecture_lists_supported(tiny, tmp_path, capsys):
@@ -100,48 +94,48 @@ def test_unsupported_architecture_lists_supported(tiny, tmp_path, capsys):
 
 def test_folder_without_config(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    assert_user_error(capsys, ["info", tmp_path / "empty"], "has no config.json")
+    user_error(capsys, ["info", tmp_path / "empty"], "has no config.json")
 
 
 def test_missing_folder(tmp_path, capsys):
-    assert_user_error(capsys, ["eval", tmp_path / "nope", "--data", tmp_path / "t.txt"], "no text file")
-    assert_user_error(capsys, ["info", tmp_path / "nope"], "no model folder")
+    user_error(capsys, ["eval", tmp_path / "nope", "--data", tmp_path / "t.txt"], "no text file")
+    user_error(capsys, ["info", tmp_path / "nope"], "no model folder")
 
 
 def test_folder_without_weights(tiny, tmp_path, capsys):
     folder = copy_model(tiny, tmp_path)
     (folder / "model.safetensors").unlink()
-    assert_user_error(capsys, ["info", folder], "has no model.safetensors")
+    user_error(capsys, ["info", folder], "has no model.safetensors")
 
 
 def test_truncated_safetensors(tiny, tmp_path, capsys):
     folder = copy_model(tiny, tmp_path)
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    assert_user_error(capsys, ["generate", folder, "--prompt", "hi"], "truncated or corrupt safetensors")
+    user_error(capsys, ["generate", folder, "--prompt", "hi"], "truncated or corrupt safetensors")
 
 
 def test_corrupt_safetensors_header(tiny, tmp_path, capsys):
     folder = copy_model(tiny, tmp_path)
     (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
-    assert_user_error(capsys, ["info", folder], "truncated or corrupt safetensors")
+    user_error(capsys, ["info", folder], "truncated or corrupt safetensors")
 
 
 def test_pickle_checkpoint_is_refused(tiny, tmp_path, capsys):
     folder = copy_model(tiny, tmp_path)
     (folder / "model.safetensors").unlink()
     torch.save({"w": torch.zeros(1)}, folder / "pytorch_model.bin")
-    assert_user_error(capsys, ["info", folder], "pickle form (pytorch_model.bin)")
+    user_error(capsys, ["info", folder], "pickle form (pytorch_model.bin)")
 
 
 def test_prompt_longer_than_positions(tiny, capsys):
     _, path = tiny("gpt2")
-    assert_user_error(capsys, ["generate", path, "--prompt", "heads " * 200], "longer than the model's 128 positions")
+    user_error(capsys, ["generate", path, "--prompt", "heads " * 200], "longer than the model's 128 positions")
 
 
 def test_bad_arguments_are_one_line(capsys):
-    assert_user_error(capsys, ["generate"], "required")
-    assert_user_error(capsys, ["frobnicate"], "invalid choice")
+    user_error(capsys, ["generate"], "required")
+    user_error(capsys, ["frobnicate"], "invalid choice")
 
 
 def test_entry_point_exit_code_without_traceback(tmp_path):
@@ -158,7 +152,7 @@ def test_entry_point_exit_code_without_traceback(tmp_path):
 ])
 def test_bad_sampling_arguments(tiny, capsys, argv, message):
     _, path = tiny("llama")
-    assert_user_error(capsys, ["generate", path, "--prompt", "hi", *argv], message)
+    user_error(capsys, ["generate", path, "--prompt", "hi", *argv], message)
 
 
 def test_eval_on_a_bundled_corpus_uses_its_validation_split(capsys):

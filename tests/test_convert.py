@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 import transformers
-from conftest import padded_batch
+from conftest import padded_batch, user_error
 from families import build, save
 from safetensors.torch import load_file
 
@@ -28,7 +28,7 @@ def logits(path_or_model, ids, mask):
 def test_same_g_reproduces_the_model_exactly(tiny, family, method, tmp_path):
     _, path = tiny(family)
     out = tmp_path / "same"
-    gqa.convert(path, out, kv_heads=CURRENT_G[family], method=method, progress=False)
+    gqa.convert(path, out, n_kv_heads=CURRENT_G[family], method=method, progress=False)
     ids, mask = padded_batch([12, 7])
     assert torch.equal(logits(path, ids, mask), logits(out, ids, mask))
     source = gqa.load(path).state_dict()
@@ -70,7 +70,7 @@ def hf_kv_heads(family, tensors, layer):
 @pytest.mark.parametrize("G", [1, 2, H // 2])
 def test_mean_equals_independent_group_mean(family, G, tmp_path):
     src = save(build(family, **WIDE[family]), tmp_path / "src")
-    gqa.convert(src, tmp_path / "out", kv_heads=G, method="mean", progress=False)
+    gqa.convert(src, tmp_path / "out", n_kv_heads=G, method="mean", progress=False)
     tensors = load_file(f"{src}/model.safetensors")
     model = gqa.load(tmp_path / "out")
     assert model.config.n_kv_heads == [G, G]
@@ -106,11 +106,11 @@ def test_mha_twin_converts_back_to_the_gqa_model_exactly(tmp_path):
     ids, mask = padded_batch([10, 6])
     assert gqa.load(twin).config.n_kv_heads == [6, 6]
     torch.testing.assert_close(logits(twin, ids, mask), logits(original, ids, mask), atol=1e-5, rtol=0)
-    gqa.convert(twin, tmp_path / "back", kv_heads=2, progress=False)
+    gqa.convert(twin, tmp_path / "back", n_kv_heads=2, progress=False)
     assert torch.equal(logits(tmp_path / "back", ids, mask), logits(original, ids, mask))
     # and composition: GQA-2 -> MQA equals MHA twin -> MQA
-    gqa.convert(original, tmp_path / "mqa1", kv_heads=1, progress=False)
-    gqa.convert(twin, tmp_path / "mqa2", kv_heads=1, progress=False)
+    gqa.convert(original, tmp_path / "mqa1", n_kv_heads=1, progress=False)
+    gqa.convert(twin, tmp_path / "mqa2", n_kv_heads=1, progress=False)
     assert torch.equal(logits(tmp_path / "mqa1", ids, mask), logits(tmp_path / "mqa2", ids, mask))
 
 
@@ -127,7 +127,7 @@ def hf_reload_logits(folder, ids, mask):
                                            ("gpt2", 1, "GPTBigCodeForCausalLM")])
 def test_converted_folder_loads_in_transformers(tiny, tmp_path, family, G, arch):
     _, path = tiny(family)
-    report = gqa.convert(path, tmp_path / "out", kv_heads=G, progress=False)
+    report = gqa.convert(path, tmp_path / "out", n_kv_heads=G, progress=False)
     assert report["architecture"] == arch
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["architectures"] == [arch]
@@ -140,7 +140,7 @@ def test_converted_folder_loads_in_transformers(tiny, tmp_path, family, G, arch)
 def test_per_layer_kv_heads_written_as_block_configs(tmp_path):
     hf = build("llama", intermediate_size=256, num_hidden_layers=4)  # DeciLM MLP widths are multiples of 256
     src = save(hf, tmp_path / "src")
-    report = gqa.convert(src, tmp_path / "var", kv_heads_per_layer=[4, 2, 2, 1], progress=False)
+    report = gqa.convert(src, tmp_path / "var", n_kv_heads_per_layer=[4, 2, 2, 1], progress=False)
     config = json.loads((tmp_path / "var" / "config.json").read_text())
     assert config["architectures"] == ["DeciLMForCausalLM"] and report["architecture"] == "DeciLMForCausalLM"
     assert [b["attention"]["n_heads_in_group"] for b in config["block_configs"]] == [1, 2, 2, 4]
@@ -169,7 +169,7 @@ def test_per_layer_kv_heads_written_as_block_configs(tmp_path):
 
 def test_non_uniform_gpt2_goes_to_own_format(tiny, tmp_path):
     _, path = tiny("gpt2")
-    report = gqa.convert(path, tmp_path / "v", kv_heads_per_layer=[2, 1], progress=False)
+    report = gqa.convert(path, tmp_path / "v", n_kv_heads_per_layer=[2, 1], progress=False)
     assert report["architecture"] == "GQAForCausalLM"
     assert gqa.load(tmp_path / "v").config.n_kv_heads == [2, 1]
 
@@ -177,7 +177,7 @@ def test_non_uniform_gpt2_goes_to_own_format(tiny, tmp_path):
 def test_random_is_reproducible_by_seed(tiny, tmp_path):
     _, path = tiny("llama")
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
-        gqa.convert(path, tmp_path / name, kv_heads=2, method="random", seed=seed, progress=False)
+        gqa.convert(path, tmp_path / name, n_kv_heads=2, method="random", seed=seed, progress=False)
     a, b, c = (gqa.load(tmp_path / n).layers[0].attention.wk.weight for n in "abc")
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert abs(a.std().item() - 0.02) < 0.005  # the model's own init scale (initializer_range)
@@ -187,7 +187,7 @@ def test_random_is_reproducible_by_seed(tiny, tmp_path):
 
 def test_conversion_report(tiny, tmp_path):
     _, path = tiny("llama")
-    report = gqa.convert(path, tmp_path / "r", kv_heads=1, progress=False)
+    report = gqa.convert(path, tmp_path / "r", n_kv_heads=1, progress=False)
     saved = json.loads((tmp_path / "r" / "conversion.json").read_text())
     assert saved["kv_heads_before"] == [4, 4] and saved["kv_heads_after"] == [1, 1]
     assert saved["kv_bytes_per_token_before"] == 2 * 2 * 4 * 16 * 4
@@ -207,11 +207,6 @@ def test_convert_cli_prints_the_table(tiny, tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------------- user errors
-
-def user_error(capsys, argv, message):
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and message in err, err
 
 
 def test_convert_errors(tiny, tmp_path, capsys):
@@ -254,7 +249,7 @@ def add(self, name, tensor):
     return real_add(self, name, tensor)
 files.ShardWriter.add = add
 import gqa
-gqa.convert({str(path)!r}, {str(dest)!r}, kv_heads=1, progress=False)
+gqa.convert({str(path)!r}, {str(dest)!r}, n_kv_heads=1, progress=False)
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == -signal.SIGKILL

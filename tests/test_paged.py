@@ -67,7 +67,7 @@ def test_page_bytes_shrink_by_h_over_g(tiny, tmp_path):
     _, path = tiny("llama")  # 4 query heads
     sizes = {}
     for g in (4, 2, 1):
-        gqa.convert(path, tmp_path / f"g{g}", kv_heads=g, progress=False)
+        gqa.convert(path, tmp_path / f"g{g}", n_kv_heads=g, progress=False)
         model = gqa.load(tmp_path / f"g{g}")
         cache = model.new_cache(2, 32, num_pages=8, page_size=4)
         sizes[g] = cache.bytes()

@@ -48,7 +48,7 @@ def test_smollm2_mha_twin_converts_back_to_the_same_perplexity(smollm2, tokens, 
     assert twin.config.n_kv_heads == [9] * 30
     ppl = perplexity(original, tokens)["perplexity"]
     assert perplexity(twin, tokens)["perplexity"] == pytest.approx(ppl, rel=1e-5)
-    gqa.convert(twin_dir, tmp_path / "back", kv_heads=3, method="mean", progress=False)
+    gqa.convert(twin_dir, tmp_path / "back", n_kv_heads=3, method="mean", progress=False)
     back = gqa.load(tmp_path / "back")
     assert back.config.n_kv_heads == [3] * 30
     assert perplexity(back, tokens)["perplexity"] == ppl  # bitwise: the mean of three equal heads is that head

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import user_error
 from safetensors.torch import load_file
 
 import gqa
@@ -91,7 +92,7 @@ def test_split_never_overlaps_and_order_is_seeded(corpus, tokenizer):
 
 def test_uptraining_recovers_a_converted_mqa_model(pretrained, corpus, tmp_path):
     mqa = tmp_path / "mqa"
-    gqa.convert(pretrained, mqa, kv_heads=1, progress=False)
+    gqa.convert(pretrained, mqa, n_kv_heads=1, progress=False)
     run_cli("uptrain", mqa, tmp_path / "up", "--data", corpus, "--steps", "40", *TRAIN)
     report = json.loads((tmp_path / "up" / "train" / "report.json").read_text())
     assert report["val_loss"] < report["val_loss_initial"] - 0.15  # well below the converted model
@@ -156,7 +157,7 @@ def test_distillation_against_the_teacher(pretrained, corpus, tmp_path):
     assert abs(log[1]["kl"]) < 1e-6
     assert log[2]["kl"] > 0  # after one update it no longer equals its teacher
     # a converted student differs from its MHA teacher: the logged KL is the KL against the teacher's logits
-    gqa.convert(pretrained, tmp_path / "mqa", kv_heads=1, progress=False)
+    gqa.convert(pretrained, tmp_path / "mqa", n_kv_heads=1, progress=False)
     run_cli("uptrain", tmp_path / "mqa", tmp_path / "d", "--data", corpus, "--steps", "1", "--teacher", pretrained,
             *TRAIN)
     logged = json.loads((tmp_path / "d" / "train" / "log.jsonl").read_text().splitlines()[1])["kl"]
@@ -178,11 +179,6 @@ def test_distill_kl_matches_definition():
 
 
 # --------------------------------------------------------------------------------------------- user errors
-
-def user_error(capsys, argv, message):
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and message in err, err
 
 
 def test_training_errors(pretrained, corpus, tmp_path, capsys):

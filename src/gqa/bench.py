@@ -11,6 +11,7 @@ import torch
 
 from .errors import GQAError
 from .model import Transformer
+from .plots import pyplot
 
 
 def synchronize(device: torch.device) -> None:
@@ -135,7 +136,7 @@ def flashinfer_decode(flashinfer, q, k, v, page_size: int = 16):
 def bench_decode(
     batch_sizes=(1, 4, 16, 64),
     lengths=(1024, 8192, 32768, 131072),
-    kv_heads=(1, 4, 8, 32),
+    n_kv_heads=(1, 4, 8, 32),
     n_heads: int = 32,
     head_dim: int = 128,
     dtype: torch.dtype = torch.bfloat16,
@@ -156,7 +157,7 @@ def bench_decode(
     peers = decode_peers(device)
     rows, skipped = [], []
     element = torch.empty((), dtype=dtype).element_size()
-    for g in kv_heads:
+    for g in n_kv_heads:
         for b in batch_sizes:
             for t in lengths:
                 kv_bytes = 2 * b * g * t * head_dim * element
@@ -227,10 +228,7 @@ def summarize_decode(result: dict, ours: str = "gqa (Triton)") -> dict:
 
 
 def plot_decode(result: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     heads = sorted({r["kv_heads"] for r in result["rows"]})
     fig, axes = plt.subplots(1, len(heads), figsize=(4.5 * len(heads), 4), squeeze=False, sharey=True)
@@ -258,10 +256,10 @@ def plot_decode(result: dict, path) -> None:
 
 TINY_LLAMA = dict(layers=2, dim=64, n_heads=4, head_dim=16, hidden=128, vocab=320)
 QUICK = {  # `gqa bench ... --quick`: tiny grids that check the harness on any machine, not the speed
-    "decode": dict(batch_sizes=(1, 2), lengths=(64, 200), kv_heads=(1, 4), n_heads=8, head_dim=64, repeats=3),
-    "generate": dict(kv_heads=(4, 1), shapes=((1, 16), (2, 24)), new_tokens=4, compile_plain=False,
+    "decode": dict(batch_sizes=(1, 2), lengths=(64, 200), n_kv_heads=(1, 4), n_heads=8, head_dim=64, repeats=3),
+    "generate": dict(n_kv_heads=(4, 1), shapes=((1, 16), (2, 24)), new_tokens=4, compile_plain=False,
                      config_kwargs=TINY_LLAMA),
-    "capacity": dict(kv_heads=(4, 1), new_tokens=4, config_kwargs=TINY_LLAMA),
+    "capacity": dict(n_kv_heads=(4, 1), new_tokens=4, config_kwargs=TINY_LLAMA),
 }
 
 
@@ -363,7 +361,7 @@ GENERATE_PEERS = {  # name in the results -> what it is
 
 
 def bench_generate(
-    kv_heads=(16, 4, 1),
+    n_kv_heads=(16, 4, 1),
     shapes=((1, 1024), (32, 2048)),
     new_tokens: int = 128,
     dtype: torch.dtype = torch.bfloat16,
@@ -384,7 +382,7 @@ def bench_generate(
     device = torch.device(device)
     bandwidth = measured_bandwidth(device, 1.0 if device.type == "cuda" else 0.05)
     rows = []
-    for g in kv_heads:
+    for g in n_kv_heads:
         model, weight_bytes = random_llama(g, dtype, device, **(config_kwargs or {}))
         for batch, prompt in shapes:
             kv_bytes = batch * (prompt + new_tokens // 2) * model.kv_bytes_per_token()
@@ -419,7 +417,7 @@ def bench_generate(
         del model, runs, point
     result = {"device": device_name(device), "bandwidth_bytes_per_s": bandwidth,
               "dtype": str(dtype).removeprefix("torch."), "rows": rows}
-    result["speedups"] = speedups(rows, max(kv_heads))
+    result["speedups"] = speedups(rows, max(n_kv_heads))
     return result
 
 
@@ -446,7 +444,7 @@ def weight_bytes(config, dtype: torch.dtype) -> int:
     return model.num_parameters() * torch.empty((), dtype=dtype).element_size()
 
 
-def check_capacity_request(memory_gb: float, context: int, new_tokens: int, device: torch.device, kv_heads,
+def check_capacity_request(memory_gb: float, context: int, new_tokens: int, device: torch.device, n_kv_heads,
                            dtype: torch.dtype, config_kwargs: dict) -> None:
     """Refuse a capacity run that cannot work, before anything is allocated: a budget this machine does not
     have (the kernel would kill the run), one the weights alone fill, a context too short to decode in."""
@@ -461,7 +459,7 @@ def check_capacity_request(memory_gb: float, context: int, new_tokens: int, devi
         fits = math.floor(0.9 * free / 1024**3 * 10) / 10
         raise GQAError(f"--memory-gb {memory_gb:g} is more than {device.type} memory has available now "
                        f"({free / 1024**3:.1f} of {total / 1024**3:.1f} GiB free); pass --memory-gb {fits:g} or less")
-    largest = max(weight_bytes(llama_config(g, **{"max_positions": context} | config_kwargs), dtype) for g in kv_heads)
+    largest = max(weight_bytes(llama_config(g, **{"max_positions": context} | config_kwargs), dtype) for g in n_kv_heads)
     if largest >= 0.9 * memory_gb * 1024**3:
         raise GQAError(f"the model's weights alone take {largest / 1024**3:.2f} GiB, no room for a cache in "
                        f"--memory-gb {memory_gb:g}")
@@ -471,7 +469,7 @@ def check_capacity_request(memory_gb: float, context: int, new_tokens: int, devi
 def bench_capacity(
     memory_gb: float = 60.0,
     context: int = 4096,
-    kv_heads=(16, 4, 1),
+    n_kv_heads=(16, 4, 1),
     new_tokens: int = 32,
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cuda",
@@ -488,9 +486,9 @@ def bench_capacity(
 
     device = torch.device(device)
     budget = memory_gb * 1024**3
-    check_capacity_request(memory_gb, context, new_tokens, device, kv_heads, dtype, config_kwargs or {})
+    check_capacity_request(memory_gb, context, new_tokens, device, n_kv_heads, dtype, config_kwargs or {})
     rows = []
-    for g in kv_heads:
+    for g in n_kv_heads:
         model, weight_bytes = random_llama(g, dtype, device, **({"max_positions": context} | (config_kwargs or {})))
         per_sequence = context * model.kv_bytes_per_token()
         sequences = int((budget * (1 - reserve_fraction) - weight_bytes) // per_sequence)

@@ -214,7 +214,7 @@ def cmd_convert(args) -> None:
 
     per_layer = parse_heads_list(args.kv_heads_per_layer) if args.kv_heads_per_layer else None
     report = convert(
-        args.model, args.out, kv_heads=args.kv_heads, kv_heads_per_layer=per_layer, method=args.method,
+        args.model, args.out, n_kv_heads=args.kv_heads, n_kv_heads_per_layer=per_layer, method=args.method,
         seed=args.seed, overwrite=args.overwrite, format=args.format,
     )
     print(format_report(report))

@@ -34,6 +34,7 @@ from .data import prepare
 from .errors import GQAError
 from .jsonfiles import read_json, write_json
 from .pipeline import Pipeline, settings_for
+from .plots import log_y, pyplot
 from .version import __version__
 
 ASSET = Path(__file__).parent / "assets" / "demo-mha"
@@ -191,10 +192,7 @@ COLORS = {"mean": "tab:blue", "first": "tab:orange", "random": "tab:green", "ali
 def plot(rows: list[dict], path: Path) -> None:
     """Left: perplexity against KV bytes per token (hollow: right after conversion, filled: uptrained).
     Right: decode tokens/s against KV bytes per token, median with its range."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax, speed) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in rows:
@@ -211,7 +209,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.annotate("", (x, r["val_perplexity"]), (x, r["val_perplexity_alpha0"]),
                     arrowprops={"arrowstyle": "->", "color": c, "alpha": 0.4})
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+    log_y(ax)
     ax.set_xlabel("KV-cache bytes per token (bf16)")
     ax.set_ylabel("validation perplexity")
     ax.set_title("hollow: right after conversion (α = 0); filled: after uptraining", fontsize=10)

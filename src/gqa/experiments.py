@@ -35,6 +35,7 @@ from .errors import GQAError
 from .jsonfiles import append_jsonl, read_json, write_json
 from .model import ModelConfig, Transformer
 from .pipeline import Pipeline, settings_for
+from .plots import log_y, pyplot
 
 
 @dataclass
@@ -292,21 +293,8 @@ def findings(results: dict) -> str:
     return "\n".join(lines)
 
 
-def log_y(ax) -> None:
-    """Log-scale y with plain numbers on the ticks (perplexities, not powers of ten)."""
-    from matplotlib.ticker import LogLocator, ScalarFormatter
-
-    ax.set_yscale("log")
-    ax.yaxis.set_minor_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
-    ax.yaxis.set_major_formatter(ScalarFormatter())
-    ax.yaxis.set_minor_formatter(ScalarFormatter())
-
-
 def figures(results: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows, s = results["rows"], results["settings"]
     alpha = s["alpha"]
@@ -452,10 +440,7 @@ def smol_readme(results: dict) -> str:
 
 
 def smol_figure(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for c in results["curves"]:

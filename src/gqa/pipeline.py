@@ -68,7 +68,7 @@ class Pipeline:
     def convert(self, source: str | Path, dest: str | Path, n_kv_heads: int, method: str, seed: int = 0,
                 **options) -> dict:
         """Convert and score the converted model as it is (α = 0)."""
-        convert(source, dest, kv_heads=n_kv_heads, method=method, seed=seed, progress=False, **options)
+        convert(source, dest, n_kv_heads=n_kv_heads, method=method, seed=seed, progress=False, **options)
         return self.evaluate(dest)
 
     def train(self, model: Transformer, dest: str | Path, init_path: str | Path | None = None,

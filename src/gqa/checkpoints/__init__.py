@@ -222,6 +222,7 @@ SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """What `gqa info` prints: architecture, heads per layer, parameters, KV bytes per token. Reads no weights."""
     config, family, hf = read_model_config(path)
+    check_layout(path, config, family)
     shapes = files.tensor_shapes(path)
     ignore = family.ignore if family else ()
     kept = {n: s for n, s in shapes.items() if not any(re.fullmatch(p, n) for p in ignore)}

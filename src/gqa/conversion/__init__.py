@@ -86,8 +86,8 @@ def warn_without_tokenizer(src) -> None:
 def convert(
     src: str | os.PathLike,
     dst: str | os.PathLike,
-    kv_heads: int | None = None,
-    kv_heads_per_layer: list[int] | None = None,
+    n_kv_heads: int | None = None,
+    n_kv_heads_per_layer: list[int] | None = None,
     method: str = "mean",
     seed: int = 0,
     overwrite: bool = False,
@@ -99,8 +99,8 @@ def convert(
     check_method(method)
     config, family, hf = read_model_config(src)
     source_hf = hf.get("hf_config") if family is None else hf
-    new_config = replace(config, n_kv_heads=target_kv_heads(config.n_kv_heads, config.n_heads, kv_heads,
-                                                             kv_heads_per_layer))
+    new_config = replace(config, n_kv_heads=target_kv_heads(config.n_kv_heads, config.n_heads, n_kv_heads,
+                                                             n_kv_heads_per_layer))
     out_family = target_family(new_config, source_hf, format)
     check_layout(src, config, family)  # from the headers: a config that disagrees with the weights stops here
     files.check_destination(dst, overwrite, sources=[src])
@@ -121,7 +121,8 @@ def convert(
     with files.atomic_dir(dst, overwrite=overwrite) as tmp:
         writer = files.ShardWriter(tmp, min(files.SHARD_BYTES, max(largest // 2, 256 * 1024**2)))
         counts = [0, 0]  # parameters before, after
-        for names in tqdm(layer_groups(index), desc=f"converting ({method})", unit="layer", disable=not progress):
+        bar = tqdm(layer_groups(index), desc=f"converting ({method})", unit="layer", disable=not progress)
+        for names in bar:
             state = read_layer(src, index, names, config, family, counts)
             for name, tensor in export_tensors({k: merge(k, v) for k, v in state.items()}, new_config, out_family).items():
                 counts[1] += tensor.numel()

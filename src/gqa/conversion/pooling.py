@@ -46,9 +46,7 @@ def pool_heads(
     init_std: float = 0.02,
 ) -> torch.Tensor:
     """[old_heads·head_dim, ...] -> [new_heads·head_dim, ...], per `method` (see the module docstring)."""
-    check_method(method)
-    if old_heads % new_heads:
-        raise GQAError(f"{new_heads} KV heads does not divide the current {old_heads}")
+    check_method(method)  # new_heads divides old_heads: `target_kv_heads` checked it for every layer
     if tensor.shape[0] % old_heads:
         raise GQAError(f"{name}: {tensor.shape[0]} rows do not split into {old_heads} heads")
     head_dim = tensor.shape[0] // old_heads

@@ -1,0 +1,151 @@
+"""One layer's attention, head by head, and the exact symmetries a merge may use.
+
+`AttentionWeights` holds a layer's projections in gqa's layout: wq [H·D, d], wk and wv [G·D, d], wo [d, H·D],
+with optional biases. The transforms below change the weights but not the layer's output, whatever the
+input (tests check each against the model's logits):
+
+- `expanded`: K/V repeated so that every query head has its own (G -> H, the MHA twin of a GQA layer);
+- `permuted`: query heads reordered, W_o's columns with them (and, in an expanded layer, their K/V);
+- `transform_values`: any invertible D x D map per head on V, its inverse folded into W_o;
+- `rotate_keys`: per head and RoPE frequency pair, a complex scalar c (a scaled 2x2 rotation) on the key
+  and conj(c)^-1 on the query, the only maps that commute with the rotary embedding.
+
+`RopeLayout` says which dims of a head RoPE pairs up (rotate-half: i and i + R/2) and which it leaves alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..model import ModelConfig
+
+PARTS = ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo")
+NAMES = {"wq": "wq.weight", "wk": "wk.weight", "wv": "wv.weight", "wo": "wo.weight",
+         "bq": "wq.bias", "bk": "wk.bias", "bv": "wv.bias", "bo": "wo.bias"}
+
+
+@dataclass(frozen=True)
+class RopeLayout:
+    head_dim: int
+    rotary_dim: int  # 0 for models without rotary embeddings (learned positions)
+
+    @classmethod
+    def of(cls, config: ModelConfig) -> RopeLayout:
+        return cls(config.head_dim, config.rotary_dim if config.positions == "rope" else 0)
+
+    @property
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Within a head, the dims (a_i, b_i) RoPE rotates together: x_a + j·x_b turns by the pair's angle."""
+        half = self.rotary_dim // 2
+        return torch.arange(half), torch.arange(half) + half
+
+    @property
+    def free(self) -> torch.Tensor:
+        """Dims RoPE leaves alone (all of them without rotary embeddings)."""
+        return torch.arange(self.rotary_dim, self.head_dim)
+
+
+@dataclass
+class AttentionWeights:
+    wq: torch.Tensor
+    wk: torch.Tensor
+    wv: torch.Tensor
+    wo: torch.Tensor
+    bq: torch.Tensor | None = None
+    bk: torch.Tensor | None = None
+    bv: torch.Tensor | None = None
+    bo: torch.Tensor | None = None
+    head_dim: int = 0
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], layer: int, head_dim: int) -> AttentionWeights:
+        prefix = f"layers.{layer}.attention."
+        return cls(**{part: state.get(prefix + name) for part, name in NAMES.items()}, head_dim=head_dim)
+
+    def to_state(self, layer: int) -> dict[str, torch.Tensor]:
+        prefix = f"layers.{layer}.attention."
+        return {prefix + name: getattr(self, part).contiguous() for part, name in NAMES.items()
+                if getattr(self, part) is not None}
+
+    @property
+    def n_heads(self) -> int:
+        return self.wq.shape[0] // self.head_dim
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.wk.shape[0] // self.head_dim
+
+    def to(self, dtype: torch.dtype) -> AttentionWeights:
+        return replace(self, **{p: None if getattr(self, p) is None else getattr(self, p).to(dtype) for p in PARTS})
+
+    # -- per-head views ----------------------------------------------------------------------------------
+
+    def heads(self, part: str) -> torch.Tensor:
+        """A projection or bias split by head: [heads, D, ...] (wo: [H, d, D], its columns by head)."""
+        t = getattr(self, part)
+        if part == "wo":
+            return t.reshape(t.shape[0], self.n_heads, self.head_dim).permute(1, 0, 2)
+        return t.reshape(-1, self.head_dim, *t.shape[1:])
+
+    def with_heads(self, **parts: torch.Tensor | None) -> AttentionWeights:
+        """A copy with the named parts replaced from their per-head form (see `heads`)."""
+        flat = {}
+        for part, t in parts.items():
+            if t is None:
+                flat[part] = None
+            elif part == "wo":
+                flat[part] = t.permute(1, 0, 2).reshape(t.shape[1], -1)
+            else:
+                flat[part] = t.reshape(-1, *t.shape[2:])
+        return replace(self, **flat)
+
+    # -- exact symmetries --------------------------------------------------------------------------------
+
+    def expanded(self) -> AttentionWeights:
+        """Every query head with its own K/V head (copies): the same layer, written as MHA."""
+        group = self.n_heads // self.n_kv_heads
+        kv = {p: None if getattr(self, p) is None else self.heads(p).repeat_interleave(group, dim=0)
+              for p in ("wk", "wv", "bk", "bv")}
+        return self.with_heads(**kv)
+
+    def permuted(self, order: list[int]) -> AttentionWeights:
+        """Query head i of the result is query head order[i] of this layer (K/V move too when G = H)."""
+        index = torch.as_tensor(order)
+        parts = ("wq", "bq", "wo") + (("wk", "wv", "bk", "bv") if self.n_kv_heads == self.n_heads else ())
+        return self.with_heads(**{p: None if getattr(self, p) is None else self.heads(p)[index] for p in parts})
+
+    def transform_values(self, maps: torch.Tensor) -> AttentionWeights:
+        """V_h -> V_h · M_h for maps [G, D, D] (invertible), with M_h⁻¹ folded into W_o of the heads reading V_h."""
+        group = self.n_heads // self.n_kv_heads
+        wv = torch.einsum("gdn,gde->gen", self.heads("wv"), maps)  # rows of W_v are the value dims
+        bv = None if self.bv is None else torch.einsum("gd,gde->ge", self.heads("bv"), maps)
+        inverse = torch.linalg.inv(maps.double()).to(maps.dtype).repeat_interleave(group, dim=0)
+        wo = torch.einsum("hod,hed->hoe", self.heads("wo"), inverse)  # o = v M⁻¹ W_oᵀ: W_o,h -> W_o,h M_h⁻ᵀ
+        return self.with_heads(wv=wv, bv=bv, wo=wo)
+
+    def rotate_keys(self, scalars: torch.Tensor, rope: RopeLayout) -> AttentionWeights:
+        """Per KV head g and rotary pair i, key pair k -> c·k (complex) and, for every query head reading g,
+        query pair q -> q / conj(c): q·conj(k) and hence every score is unchanged. scalars: complex [G, pairs]."""
+        group = self.n_heads // self.n_kv_heads
+        a, b = rope.pairs
+        wk, bk = rotate_pairs(self.heads("wk"), scalars, a, b), rotate_pairs(self.heads("bk"), scalars, a, b)
+        inverse = (1 / scalars.conj()).repeat_interleave(group, dim=0)
+        wq, bq = rotate_pairs(self.heads("wq"), inverse, a, b), rotate_pairs(self.heads("bq"), inverse, a, b)
+        return self.with_heads(wq=wq, bq=bq, wk=wk, bk=bk)
+
+
+def as_complex(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Rows a and b of each head ([heads, D, ...]) as one complex row per pair: [heads, pairs, ...]."""
+    return torch.complex(t[:, a].double(), t[:, b].double())
+
+
+def rotate_pairs(t: torch.Tensor | None, scalars: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+    """Multiply pair i of head h (as x_a + j·x_b) by scalars[h, i]; other dims unchanged."""
+    if t is None:
+        return None
+    z = as_complex(t, a, b) * scalars.reshape(*scalars.shape, *([1] * (t.dim() - 2)))
+    out = t.clone()
+    out[:, a], out[:, b] = z.real.to(t.dtype), z.imag.to(t.dtype)
+    return out

@@ -1,0 +1,290 @@
+"""Bad input, verb by verb: each case exits 2 with one line that says what is wrong, and writes nothing.
+
+Most mistakes must be caught before any model or tokenizer is loaded (a typo should cost a second, not a
+model load); those cases run with loading made to fail loudly. Legal but suspicious input gets a warning
+(tested at the end), and interrupted runs leave nothing a later run trips over.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import user_error
+from families import TEXT, build, save
+from safetensors.torch import load_file, save_file
+
+import gqa
+import gqa.checkpoints
+import gqa.checkpoints.tokenizer
+import gqa.demo  # noqa: F401  imported before the cases patch `load`, so that they keep the real one
+import gqa.experiments  # noqa: F401
+from gqa.cli import main
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tokenizer):
+    """A folder of inputs, good and bad, that the cases read (and must leave as they found it)."""
+    root = tmp_path_factory.mktemp("world")
+    save(build("llama"), root / "model", tokenizer)
+    (root / "text.txt").write_text(TEXT)
+    shutil.copytree(root / "model", root / "nan-model")
+    weights = load_file(str(root / "nan-model" / "model.safetensors"))
+    weights["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(weights, str(root / "nan-model" / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copytree(root / "model", root / "wide-config")  # config says 128 wide, the tensors are 64
+    config = json.loads((root / "wide-config" / "config.json").read_text())
+    (root / "wide-config" / "config.json").write_text(json.dumps({**config, "hidden_size": 128}))
+    save(build("llama", vocab_size=100), root / "small-vocab", tokenizer)  # the tokenizer has 320 tokens
+    (root / "afile").write_text("not a folder")
+    from gqa.checkpoints.gguf import packaged_smollm2
+
+    (root / "trunc.gguf").write_bytes(packaged_smollm2().read_bytes()[:100])
+    return root
+
+
+def unwritable(root: Path) -> Path:
+    """A folder no output can be created in, even by root (whom permission bits do not stop)."""
+    if os.geteuid() == 0:
+        return Path("/sys")  # a read-only file system for everyone
+    folder = root / "readonly"
+    folder.mkdir(exist_ok=True)
+    folder.chmod(0o555)
+    return folder
+
+
+def snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+# (verb arguments with {w} for the world folder and {ro} for an unwritable one, message, caught before loading)
+CASES = {
+    # destinations
+    "convert-parent-read-only": (["convert", "{w}/model", "{ro}/out", "--kv-heads", "2"], "is not writable", True),
+    "convert-parent-is-a-file": (["convert", "{w}/model", "{w}/afile/out", "--kv-heads", "2"],
+                                 "afile is a file, not a folder", True),
+    "convert-into-source": (["convert", "{w}/model", "{w}/model/inner", "--kv-heads", "2"],
+                            "is inside the source folder", True),
+    "convert-over-source": (["convert", "{w}/model", "{w}/model", "--kv-heads", "2", "--overwrite"],
+                            "is the source folder", True),
+    "export-over-source": (["export", "{w}/model", "{w}/model", "--overwrite"], "is the source folder", True),
+    "export-read-only": (["export", "{w}/model", "{ro}/out"], "is not writable", True),
+    "uptrain-into-source": (["uptrain", "{w}/model", "{w}/model/run", "--data", "{w}/text.txt", "--steps", "1"],
+                            "is inside the source folder", True),
+    "uptrain-read-only": (["uptrain", "{w}/model", "{ro}/run", "--data", "{w}/text.txt", "--steps", "1"],
+                          "is not writable", True),
+    "import-gguf-existing-dest": (["import-gguf", "smollm2", "{w}/model"], "already exists", True),
+    "import-gguf-truncated": (["import-gguf", "{w}/trunc.gguf", "{w}/gguf-out"], "cannot read", True),
+    "import-gguf-not-gguf": (["import-gguf", "{w}/text.txt", "{w}/gguf-out"], "is not a GGUF file", True),
+    "bench-read-only": (["bench", "capacity", "--quick", "--device", "cpu", "--out", "{ro}/b"], "is not writable", True),
+    "demo-read-only": (["demo", "--quick", "--out", "{ro}/demo"], "is not writable", True),
+    # the checkpoint itself
+    "convert-config-disagrees": (["convert", "{w}/wide-config", "{w}/o", "--kv-heads", "2"],
+                                 "but config.json implies", True),
+    "info-config-disagrees": (["info", "{w}/wide-config"], "but config.json implies", True),
+    "eval-config-disagrees": (["eval", "{w}/wide-config", "--data", "{w}/text.txt"], "but config.json implies", True),
+    "convert-nan-weights": (["convert", "{w}/nan-model", "{w}/o", "--kv-heads", "2"], "holds NaN or Inf", False),
+    "eval-nan-weights": (["eval", "{w}/nan-model", "--data", "{w}/text.txt"], "holds NaN or Inf", False),
+    "uptrain-nan-weights": (["uptrain", "{w}/nan-model", "{w}/o", "--data", "{w}/text.txt", "--steps", "1"],
+                            "holds NaN or Inf", False),
+    "eval-tokenizer-beyond-vocab": (["eval", "{w}/small-vocab", "--data", "{w}/text.txt"],
+                                    "but the model's vocabulary has 100 entries", False),
+    # devices
+    "eval-unknown-device": (["eval", "{w}/model", "--data", "{w}/text.txt", "--device", "tpu"], "unknown device", True),
+    "uptrain-cuda-without-cuda": (["uptrain", "{w}/model", "{w}/o", "--data", "{w}/text.txt", "--steps", "1",
+                                   "--device", "cuda"], "CUDA is not available", True),
+    "generate-cuda-graph-on-cpu": (["generate", "{w}/model", "--prompt", "hi", "--cuda-graph", "--device", "cpu"],
+                                   "--cuda-graph needs a CUDA device", True),
+    "bench-unknown-device": (["bench", "decode", "--quick", "--device", "tpu"], "unknown device", True),
+    # numbers
+    "uptrain-lr-nan": (["uptrain", "{w}/model", "{w}/o", "--data", "{w}/text.txt", "--steps", "1", "--lr", "nan"],
+                       "argument --lr: must be a finite number > 0, got nan", True),
+    "uptrain-lr-inf": (["uptrain", "{w}/model", "{w}/o", "--data", "{w}/text.txt", "--steps", "1", "--lr", "inf"],
+                       "argument --lr: must be a finite number > 0", True),
+    "uptrain-alpha-negative": (["uptrain", "{w}/model", "{w}/o", "--data", "{w}/text.txt", "--alpha", "-0.1",
+                                "--pretrain-tokens", "1e6"], "argument --alpha: must be a finite number > 0", True),
+    "uptrain-seq-len-zero": (["uptrain", "{w}/model", "{w}/o", "--data", "{w}/text.txt", "--steps", "1",
+                              "--seq-len", "0"], "argument --seq-len: must be >= 2, got 0", True),
+    "uptrain-seq-len-too-long": (["uptrain", "{w}/model", "{w}/o", "--data", "{w}/text.txt", "--steps", "1",
+                                  "--seq-len", "4096"], "--seq-len 4096 exceeds the model's 128 positions", True),
+    "uptrain-alpha-without-tokens": (["uptrain", "{w}/model", "{w}/o", "--data", "{w}/text.txt", "--alpha", "0.05"],
+                                     "--alpha needs --pretrain-tokens", True),
+    "uptrain-missing-data": (["uptrain", "{w}/model", "{w}/o", "--data", "{w}/nope.txt", "--steps", "1"],
+                             "no data at", True),
+    "uptrain-missing-teacher": (["uptrain", "{w}/model", "{w}/o", "--data", "{w}/text.txt", "--steps", "1",
+                                 "--teacher", "{w}/nope"], "no model folder at", True),
+    "eval-seq-len-zero": (["eval", "{w}/model", "--data", "{w}/text.txt", "--seq-len", "0"],
+                          "argument --seq-len: must be >= 2, got 0", True),
+    "eval-seq-len-too-long": (["eval", "{w}/model", "--data", "{w}/text.txt", "--seq-len", "4096"],
+                              "--seq-len 4096 exceeds the model's 128 positions", True),
+    "generate-stop-token-beyond-vocab": (["generate", "{w}/model", "--prompt", "hi", "--stop-token", "99999"],
+                                         "--stop-token 99999 is not a token of this model", True),
+    "convert-kv-heads-zero": (["convert", "{w}/model", "{w}/o", "--kv-heads", "0"],
+                              "argument --kv-heads: must be >= 1, got 0", True),
+    "convert-kv-heads-negative": (["convert", "{w}/model", "{w}/o", "--kv-heads-per-layer", "4,-1"],
+                                  "layer 1: the number of KV heads must be >= 1, got -1", True),
+    "convert-per-layer-hf": (["convert", "{w}/model", "{w}/o", "--kv-heads-per-layer", "4,2", "--format", "hf"],
+                             "DeciLMForCausalLM block_configs, cannot hold this model either: its MLP width 96", True),
+    "bench-capacity-context-zero": (["bench", "capacity", "--quick", "--device", "cpu", "--context", "0", "--out",
+                                     "{w}/b"], "argument --context: must be >= 1, got 0", True),
+    "bench-capacity-context-short": (["bench", "capacity", "--quick", "--device", "cpu", "--context", "3", "--out",
+                                      "{w}/b"], "--context must be at least 9 tokens", True),
+    "bench-capacity-memory-negative": (["bench", "capacity", "--quick", "--device", "cpu", "--memory-gb", "-1",
+                                        "--out", "{w}/b"], "argument --memory-gb: must be a finite number > 0", True),
+    "bench-capacity-more-than-the-machine": (["bench", "capacity", "--device", "cpu", "--memory-gb", "100000",
+                                              "--out", "{w}/b"], "is more than cpu memory has available now", True),
+    "bench-capacity-weights-fill-budget": (["bench", "capacity", "--device", "cpu", "--memory-gb", "0.5",
+                                            "--out", "{w}/b"], "weights alone take", True),
+    # argparse itself: the verb named once
+    "convert-argparse": (["convert", "{w}/model"], "gqa: error: convert: the following arguments are required", True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input(case, world, capsys, monkeypatch):
+    argv, message, before_loading = CASES[case]
+    ro = unwritable(world.parent)
+    argv = [a.format(w=world, ro=ro) for a in argv]
+    if before_loading:  # the mistake must be found without loading a model or a tokenizer
+        def no_loading(*args, **kwargs):
+            raise AssertionError(f"{case}: loaded something before finding the mistake")
+        monkeypatch.setattr(gqa.checkpoints, "load", no_loading)
+        monkeypatch.setattr(gqa.checkpoints.tokenizer, "load_tokenizer", no_loading)
+    before = snapshot(world)
+    user_error(capsys, argv, message)
+    assert snapshot(world) == before, "something was written"
+
+
+# ------------------------------------------------------------------------------------- warnings
+
+def test_source_without_tokenizer_files_warns(world, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(world / "model" / name, bare / name)
+    assert main(["convert", str(bare), str(tmp_path / "out"), "--kv-heads", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "gqa: warning:" in err and "has no tokenizer files (tokenizer.json" in err
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_alpha_above_one_warns(world, tmp_path, capsys):
+    argv = ["uptrain", world / "model", tmp_path / "run", "--data", world / "text.txt", "--alpha", "2",
+            "--pretrain-tokens", "100", "--seq-len", "32", "--batch-size", "2"]
+    assert main([str(a) for a in argv]) == 0
+    err = capsys.readouterr().err
+    assert "gqa: warning: --alpha 2 trains on more tokens than the model was pre-trained on" in err
+    assert json.loads((tmp_path / "run" / "train" / "report.json").read_text())["tokens"] == 256  # 2 × 100, rounded up
+
+
+# ------------------------------------------------------------------------------------- interrupted runs
+
+def test_stale_partial_folders_are_removed_on_the_next_run(world, tmp_path, capsys):
+    """A killed conversion leaves `.DEST.partial-*` beside DEST; the next conversion of DEST removes it (its
+    process is gone), says so, and leaves a partial folder of a live process alone."""
+    dest = tmp_path / "dest"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / ".dest.partial-abc123"
+    stale.mkdir()
+    (stale / "model-00001.safetensors").write_bytes(b"x" * 1000)
+    (stale / ".gqa-owner").write_text(f"{dead.stdout.strip()} {os.uname().nodename}\n")
+    orphan = tmp_path / ".dest.partial-def456"  # killed before it wrote its owner
+    orphan.mkdir()
+    live = tmp_path / ".dest.partial-live99"
+    live.mkdir()
+    (live / ".gqa-owner").write_text(f"{os.getpid()} {os.uname().nodename}\n")
+    assert main(["convert", str(world / "model"), str(dest), "--kv-heads", "2"]) == 0
+    err = capsys.readouterr().err
+    assert not stale.exists() and not orphan.exists() and live.exists()
+    assert f"removed {stale} (0.0 MB), left by an interrupted write of dest" in err
+    assert not (dest / ".gqa-owner").exists()
+
+
+def test_killed_conversion_is_cleaned_up_by_the_next(world, tmp_path):
+    dest = tmp_path / "dest"
+    script = f"""
+import os, signal
+import gqa.checkpoints.files as files
+real_add = files.ShardWriter.add
+def add(self, name, tensor):
+    os.kill(os.getpid(), signal.SIGKILL)
+files.ShardWriter.add = add
+import gqa
+gqa.convert({str(world / 'model')!r}, {str(dest)!r}, n_kv_heads=1, progress=False)
+"""
+    assert subprocess.run([sys.executable, "-c", script]).returncode == -signal.SIGKILL
+    assert [p.name.startswith(".dest.partial-") for p in tmp_path.iterdir()] == [True]
+    gqa.convert(world / "model", dest, n_kv_heads=1, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dest"]
+
+
+def test_uptrain_killed_before_its_first_checkpoint_starts_again(world, tmp_path, capsys):
+    """OUT holding only the log of a run killed before its first checkpoint: a plain re-run and --resume both
+    start again from step 0 (with a warning), instead of sending the user from one message to the other."""
+    out = tmp_path / "run"
+    argv = ["uptrain", world / "model", out, "--data", world / "text.txt", "--steps", "2", "--seq-len", "32"]
+    for extra in ([], ["--resume"]):
+        shutil.rmtree(out, ignore_errors=True)  # what a kill before the first checkpoint leaves
+        (out / "train").mkdir(parents=True)
+        (out / "train" / "log.jsonl").write_text(json.dumps({"step": 0, "val_loss": 5.0}) + "\n")
+        assert main([str(a) for a in argv + extra]) == 0
+        assert "stopped before its first checkpoint; starting it again from step 0" in capsys.readouterr().err
+        log = [json.loads(line) for line in (out / "train" / "log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in log] == [0, 1, 2] and (out / "config.json").is_file()
+    (out / "mine.txt").write_text("not a run")  # a finished run, or anything else, is still refused
+    user_error(capsys, argv, "already exists; pass --overwrite to replace it or --resume")
+
+
+def test_diverging_training_stops_with_the_last_good_checkpoint(world, tmp_path, capsys, monkeypatch):
+    """A loss that turns non-finite stops the run with one line naming the last good checkpoint; the bad
+    step is not applied, no model or report is written, and every file it wrote is strict JSON."""
+    from gqa import train as train_module
+
+    real = train_module.lm_loss
+    calls = []
+
+    def loss_turning_nan(logits, targets):
+        calls.append(1)
+        return real(logits, targets) * (float("nan") if len(calls) == 4 else 1.0)
+
+    monkeypatch.setattr(train_module, "lm_loss", loss_turning_nan)
+    out = tmp_path / "run"
+    argv = ["uptrain", world / "model", out, "--data", world / "text.txt", "--steps", "6", "--seq-len", "32",
+            "--save-every", "2", "--batch-size", "2"]
+    err = user_error(capsys, argv, "training diverged at step 4: loss nan")
+    assert f"the last good checkpoint is {out}/train/checkpoints/step-0000002" in err
+    assert not (out / "config.json").exists() and not (out / "train" / "report.json").exists()
+    log = [json.loads(line) for line in (out / "train" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [0, 1, 2, 3]
+
+
+def test_json_is_strict(tmp_path):
+    from gqa.jsonfiles import write_json
+
+    write_json(tmp_path / "r.json", {"loss": float("nan"), "rows": [float("inf"), 1.5]})
+    text = (tmp_path / "r.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"loss": None, "rows": [None, 1.5]}
+
+
+def test_bench_writes_to_a_folder_named_for_the_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "capacity", "--quick", "--device", "cpu", "--dtype", "float32", "--memory-gb", "0.01",
+            "--context", "64"]
+    assert main(argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gqa-bench-capacity"]
+    assert (tmp_path / "gqa-bench-capacity" / "bench_capacity.json").is_file()
+
+
+def test_library_refuses_out_of_vocabulary_tokens(world):
+    model = gqa.load(world / "model")
+    with pytest.raises(gqa.GQAError, match="token ids must be in 0..319"):
+        gqa.generate(model, [[1, 2, 400]], max_new_tokens=2)
+    with pytest.raises(gqa.GQAError, match="token ids must be in 0..319"):
+        gqa.generate(model, [[1, 2]], max_new_tokens=2, stop_tokens=[99999])
+    assert torch.isfinite(model(torch.tensor([[1, 2]]))).all()
