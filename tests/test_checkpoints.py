@@ -5,6 +5,7 @@ import pytest
 import torch
 import transformers
 from conftest import padded_batch
+from families import FAMILIES, KV_HEADS
 
 import gqa
 from gqa import GQAError, ModelConfig, Transformer
@@ -30,8 +31,7 @@ def test_import_matches_transformers_on_padded_batch(tiny, family):
     with torch.no_grad():
         ours = model(ids, attention_mask=mask)
     assert_logits_close(ours, hf_logits(hf, ids, mask), mask)
-    assert model.config.n_kv_heads == [hf.config.num_key_value_heads if family in ("mistral", "qwen2") else
-                                       1 if family == "gpt_bigcode" else 4] * 2
+    assert model.config.n_kv_heads == [KV_HEADS[family]] * 2
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox", "opt"])
@@ -50,7 +50,7 @@ def test_left_padding_matches_transformers(tiny, family):
     assert_logits_close(ours, hf_logits(hf, ids, mask, **kw), mask)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt_bigcode", "gpt2", "gpt_neox", "opt"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_export_round_trip_through_transformers(tiny, family, tmp_path):
     _, path = tiny(family)
     model = gqa.load(path)

@@ -162,3 +162,19 @@ def test_eval_on_a_bundled_corpus_uses_its_validation_split(capsys):
     result = json.loads(out)
     assert code == 0 and result["tokens"] > 10_000
     assert result["perplexity"] < 500  # the demo model has read the training split of this corpus
+
+
+def test_eval_against_a_reference(tiny, capsys, tmp_path):
+    """--reference adds top-1 agreement and KL(reference || model): 1 and 0 against itself, less after a merge."""
+    import gqa
+
+    _, path = tiny("llama")
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT[:2000])
+    code, out, _ = run(capsys, "eval", path, "--data", data, "--json", "--seq-len", "64", "--reference", path)
+    same = json.loads(out)
+    assert code == 0 and same["top1_agreement"] == 1.0 and abs(same["kl"]) < 1e-6
+    gqa.convert(path, tmp_path / "mqa", n_kv_heads=1, progress=False)
+    code, out, _ = run(capsys, "eval", tmp_path / "mqa", "--data", data, "--json", "--seq-len", "64", "--reference", path)
+    merged = json.loads(out)
+    assert code == 0 and merged["top1_agreement"] < 1.0 and merged["kl"] > 1e-4 and merged["tokens"] == same["tokens"]

@@ -8,14 +8,12 @@ import pytest
 import torch
 import transformers
 from conftest import padded_batch, user_error
-from families import build, save
+from families import KV_HEADS, build, save
+from families import TEXT as families_text
 from safetensors.torch import load_file
 
 import gqa
 from gqa.cli import main
-
-# the KV-head count each tiny family starts with (BigCode is natively multi-query)
-CURRENT_G = {"llama": 4, "mistral": 2, "qwen2": 2, "gpt2": 4, "gpt_neox": 4, "opt": 4, "gpt_bigcode": 1}
 
 
 def logits(path_or_model, ids, mask):
@@ -28,7 +26,7 @@ def logits(path_or_model, ids, mask):
 def test_same_g_reproduces_the_model_exactly(tiny, family, method, tmp_path):
     _, path = tiny(family)
     out = tmp_path / "same"
-    gqa.convert(path, out, n_kv_heads=CURRENT_G[family], method=method, progress=False)
+    gqa.convert(path, out, n_kv_heads=KV_HEADS[family], method=method, progress=False)
     ids, mask = padded_batch([12, 7])
     assert torch.equal(logits(path, ids, mask), logits(out, ids, mask))
     source = gqa.load(path).state_dict()
@@ -122,12 +120,22 @@ def hf_reload_logits(folder, ids, mask):
         return model(input_ids=ids, attention_mask=mask.long()).logits
 
 
-@pytest.mark.parametrize("family,G,arch", [("llama", 2, "LlamaForCausalLM"), ("llama", 1, "LlamaForCausalLM"),
-                                           ("qwen2", 1, "Qwen2ForCausalLM"), ("mistral", 1, "MistralForCausalLM"),
-                                           ("gpt2", 1, "GPTBigCodeForCausalLM")])
-def test_converted_folder_loads_in_transformers(tiny, tmp_path, family, G, arch):
+@pytest.mark.parametrize("family,G,arch", [
+    ("llama", 2, "LlamaForCausalLM"), ("llama", 1, "LlamaForCausalLM"), ("qwen2", 1, "Qwen2ForCausalLM"),
+    ("mistral", 1, "MistralForCausalLM"), ("gpt2", 1, "GPTBigCodeForCausalLM"), ("gemma", 2, "GemmaForCausalLM"),
+    ("phi", 2, "PhiForCausalLM"), ("phi", 1, "PhiForCausalLM"), ("phi3", 2, "Phi3ForCausalLM"),
+    ("qwen3", 1, "Qwen3ForCausalLM"), ("olmo2", 2, "Olmo2ForCausalLM"), ("stablelm", 1, "StableLmForCausalLM"),
+    ("falcon", 1, "FalconForCausalLM"), ("falcon", 2, "FalconForCausalLM"), ("falcon_new", 1, "FalconForCausalLM"),
+])
+@pytest.mark.parametrize("method", ["mean", "aligned"])
+def test_converted_folder_loads_in_transformers(tiny, tmp_path, family, G, arch, method):
+    """Converted to fewer KV heads, a model is written in its own architecture (with that architecture's
+    KV-head field), and transformers computes the same logits from it as gqa does."""
     _, path = tiny(family)
-    report = gqa.convert(path, tmp_path / "out", n_kv_heads=G, progress=False)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(families_text)
+    options = dict(calib=calib, calib_tokens=256, calib_seq_len=32) if method == "aligned" else {}
+    report = gqa.convert(path, tmp_path / "out", n_kv_heads=G, method=method, progress=False, **options)
     assert report["architecture"] == arch
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["architectures"] == [arch]
@@ -165,6 +173,51 @@ def test_per_layer_kv_heads_written_as_block_configs(tmp_path):
             assert torch.equal(getattr(model.layers[layer].attention, w).weight, expected)
     out = gqa.generate(model, [[5, 6, 7]], max_new_tokens=4)
     assert len(out[0]) == 4
+
+
+@pytest.mark.parametrize("family", ["gptj", "gpt_neox"])
+def test_families_without_a_kv_head_field_go_to_own_format(tiny, tmp_path, family):
+    """GPT-J and GPT-NeoX have no GQA form in transformers: a converted model is gqa's own format, exact."""
+    _, path = tiny(family)
+    report = gqa.convert(path, tmp_path / "g2", n_kv_heads=2, progress=False)
+    assert report["architecture"] == "GQAForCausalLM"
+    model = gqa.load(tmp_path / "g2")
+    assert model.config.n_kv_heads == [2, 2] and model.hf_config["architectures"][0] != "GQAForCausalLM"
+    reference = gqa.load(path)
+    with torch.no_grad():  # the same as pooling the source's K/V by hand
+        for block, ref in zip(model.layers, reference.layers):
+            for w in ("wk", "wv"):
+                expected = getattr(ref.attention, w).weight.reshape(2, 2, 16, -1).double().mean(1).float()
+                assert torch.equal(getattr(block.attention, w).weight, expected.reshape(32, -1))
+    ids, mask = padded_batch([9, 4])
+    assert torch.isfinite(logits(model, ids, mask)).all()
+
+
+def test_mean_pooling_of_a_fused_layout_equals_the_unfused_model(tiny, tmp_path):
+    """Phi-3 keeps Q, K, V in one qkv_proj and gate/up in one gate_up_proj: cut out, pooled and written back
+    fused, they give the same model as pooling a Llama holding the same weights unfused."""
+    phi3, path = tiny("phi3")
+    state = {}
+    for name, tensor in phi3.state_dict().items():
+        if "qkv_proj" in name:
+            for part, t in zip("qkv", tensor.split([64, 64, 64])):
+                state[name.replace("qkv_proj", f"{part}_proj")] = t
+        elif "gate_up_proj" in name:
+            gate, up = tensor.chunk(2)
+            state[name.replace("gate_up_proj", "gate_proj")], state[name.replace("gate_up_proj", "up_proj")] = gate, up
+        else:
+            state[name] = tensor
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=phi3.config.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, rms_norm_eps=phi3.config.rms_norm_eps))
+    llama.load_state_dict(state)
+    unfused = save(llama.eval(), tmp_path / "llama")
+    for source, dest in ((path, "phi3-g2"), (unfused, "llama-g2")):
+        gqa.convert(source, tmp_path / dest, n_kv_heads=2, progress=False)
+    ids, mask = padded_batch([10, 6])
+    assert torch.equal(logits(tmp_path / "phi3-g2", ids, mask), logits(tmp_path / "llama-g2", ids, mask))
+    fused = load_file(str(tmp_path / "phi3-g2" / "model.safetensors"))
+    assert fused["model.layers.0.self_attn.qkv_proj.weight"].shape == (64 + 2 * 32, 64)
 
 
 def test_non_uniform_gpt2_goes_to_own_format(tiny, tmp_path):
@@ -216,7 +269,7 @@ def test_convert_errors(tiny, tmp_path, capsys):
     user_error(capsys, ["convert", path, out, "--kv-heads", "3"], "does not divide the current 2")
     user_error(capsys, ["convert", path, out, "--kv-heads-per-layer", "1,1,1"], "has 3 entries but the model has 2")
     user_error(capsys, ["convert", path, out, "--kv-heads", "1", "--method", "median"], "unknown method 'median'")
-    user_error(capsys, ["convert", path, out], "exactly one of --kv-heads or --kv-heads-per-layer")
+    user_error(capsys, ["convert", path, out], "exactly one of --kv-heads, --kv-heads-per-layer or --kv-budget")
     user_error(capsys, ["convert", tmp_path, out, "--kv-heads", "1"], "has no config.json")
     out.mkdir()
     user_error(capsys, ["convert", path, out, "--kv-heads", "1"], "already exists")

@@ -13,8 +13,8 @@ def test_quick_demo_writes_results_and_plot(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     rows = results["rows"]
     assert [r["name"] for r in rows] == [
-        "MHA", "MHA + uptraining (control)", "GQA-2 mean", "GQA-2 first", "GQA-2 random", "MQA mean", "MQA first",
-        "MQA random"]
+        "MHA", "MHA + uptraining (control)", "GQA-2 mean", "GQA-2 first", "GQA-2 random", "GQA-2 aligned",
+        "MQA mean", "MQA first", "MQA random", "MQA aligned"]
     for r in rows:
         assert REQUIRED <= set(r)
         assert r["reference_perplexity"] == rows[0]["val_perplexity"]
@@ -23,10 +23,18 @@ def test_quick_demo_writes_results_and_plot(tmp_path, capsys):
     # mean pooling starts closer to the MHA model than a random initialisation of K/V
     by_name = {r["name"]: r for r in rows}
     assert by_name["MQA mean"]["val_perplexity_alpha0"] < by_name["MQA random"]["val_perplexity_alpha0"]
+    # and the calibrated conversion closer still, even with the --quick calibration (1,024 tokens, 2 steps)
+    assert by_name["MQA aligned"]["val_perplexity_alpha0"] < by_name["MQA mean"]["val_perplexity_alpha0"]
+    conversion = json.loads((out / "g1-aligned" / "converted" / "conversion.json").read_text())
+    assert conversion["calibration"] == {"data": "bundled", "tokens": 1024, "seq_len": 256}
+    assert conversion["transfer"]["steps"] == 2
     assert all(r["tokens_trained"] > 0 for r in rows[1:])
     png = (out / "perplexity_vs_kv_bytes.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    assert "KV bytes/token" in printed and "MQA random" in printed
+    assert "KV bytes/token" in printed and "MQA aligned" in printed and "median of 2 rounds" in printed
+    assert set(results["decode"]["by_kv_heads"]) == {"8", "2", "1"}
+    assert all(r["decode_tokens_per_s_range"][0] <= r["decode_tokens_per_s"] <= r["decode_tokens_per_s_range"][1]
+               for r in rows)
     # a second run may replace the folder an earlier demo wrote, and nothing else
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     other = tmp_path / "taken"

@@ -11,11 +11,11 @@ def test_paper_experiment_quick(tmp_path):
     rows = results["rows"]
     points = {(r["kind"], r["kv_heads"], r["method"], r["alpha"], r["seed"]) for r in rows}
     for g in (1, 2, 4):
-        for method in ("mean", "first", "random"):
+        for method in ("mean", "first", "random", "aligned"):
             assert ("uptrained", g, method, 0.0, 0) in points  # α = 0: the converted model
             for seed in (0, 1):  # two seeds where the conclusions rest
                 assert ("uptrained", g, method, 0.05, seed) in points
-        assert ("uptrained", g, "mean", 0.2, 0) in points
+        assert ("uptrained", g, "mean", 0.2, 0) in points and ("uptrained", g, "aligned", 0.2, 0) in points
         assert {("scratch", g, "scratch", None, s) for s in (0, 1)} <= points
     assert rows[0]["kind"] == "mha" and rows[0]["kv_heads"] == 8
     assert {("control", 8, "none", 0.05, s) for s in (0, 1)} <= points  # MHA uptrained the same way
@@ -26,6 +26,8 @@ def test_paper_experiment_quick(tmp_path):
     readme = (out / "README.md").read_text()
     assert "mean pooling > first head > random" in readme and "from scratch" in readme
     assert "uptrained the same way for α = 0.05 (control" in readme
+    assert "calibrated conversion (`aligned` + layer-wise transfer) against mean pooling" in readme
+    assert "| G | mean α=0 | aligned α=0 | mean α=0.05 | first α=0.05 | random α=0.05 | aligned α=0.05 |" in readme
     for name in ("quality_vs_time.png", "methods.png", "alpha.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     (out / "README.md").unlink()

@@ -146,12 +146,19 @@ def cmd_eval(args) -> None:
         tokens = tokenize([d for d in corpus.documents(args.data) if is_validation(d, 0.05)], tokenizer)
     else:
         tokens = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    if args.max_tokens:
+        tokens = tokens[: args.max_tokens + 1]  # + 1: the first token of a window is context, not scored
     check_token_ids(tokens, config.vocab_size, args.data)
+    if args.reference and model_config(args.reference).vocab_size != config.vocab_size:
+        raise GQAError(f"--reference {args.reference} has another vocabulary than {args.model}")
     model = load(args.model, dtype=args.dtype, device=device)
-    result = perplexity(model, tokens, seq_len=args.seq_len, batch_size=args.batch_size)
+    reference = load(args.reference, dtype=args.dtype, device=device) if args.reference else None
+    result = perplexity(model, tokens, seq_len=args.seq_len, batch_size=args.batch_size, reference=reference)
     if args.json:
         return print_json(result)
-    print(f"perplexity {result['perplexity']:.3f} over {result['tokens']:,} tokens")
+    agreement = f"; top-1 agreement with the reference {result['top1_agreement']:.3f}, KL {result['kl']:.4f}" \
+        if reference is not None else ""
+    print(f"perplexity {result['perplexity']:.3f} over {result['tokens']:,} tokens{agreement}")
 
 
 def cmd_generate(args) -> None:
@@ -215,7 +222,9 @@ def cmd_convert(args) -> None:
     per_layer = parse_heads_list(args.kv_heads_per_layer) if args.kv_heads_per_layer else None
     report = convert(
         args.model, args.out, n_kv_heads=args.kv_heads, n_kv_heads_per_layer=per_layer, method=args.method,
-        seed=args.seed, overwrite=args.overwrite, format=args.format,
+        seed=args.seed, overwrite=args.overwrite, format=args.format, calib=args.calib, calib_tokens=args.calib_tokens,
+        calib_seq_len=args.calib_seq_len, grouping=args.grouping, transfer_steps=args.transfer_steps,
+        transfer_lr=args.transfer_lr, transfer_inputs=args.transfer_inputs, kv_budget=args.kv_budget,
     )
     print(format_report(report))
 
@@ -446,6 +455,9 @@ def add_model_verbs(sub) -> None:
                    help="a UTF-8 text file, or bundled / wiki / shakespeare for that corpus's validation split")
     p.add_argument("--seq-len", type=SEQ_LEN, default=None, help="window length (default: min(positions, 1024))")
     p.add_argument("--batch-size", type=COUNT, default=8)
+    p.add_argument("--max-tokens", type=COUNT, default=None, help="score only the first N tokens of the text")
+    p.add_argument("--reference", default=None,
+                   help="a model folder (e.g. the original): also report top-1 agreement with it and KL(ref || model)")
     p.add_argument("--json", action="store_true")
     add_device_args(p)
     p.set_defaults(func=cmd_eval)
@@ -483,13 +495,29 @@ def add_model_verbs(sub) -> None:
 
 
 def add_convert_verb(sub) -> None:
-    p = sub.add_parser("convert", help="MHA -> GQA/MQA: pool K/V heads (mean, first or random), streamed")
+    p = sub.add_parser("convert", help="MHA -> GQA/MQA: merge K/V heads (mean, first, random or aligned), streamed")
     p.add_argument("model")
     p.add_argument("out")
     p.add_argument("--kv-heads", type=COUNT, default=None, help="KV heads in every layer (1 = MQA)")
     p.add_argument("--kv-heads-per-layer", default=None, help="comma-separated, one per layer, e.g. 8,8,4,4,2,2,1,1")
-    p.add_argument("--method", default="mean", help="mean (default) | first | random")
-    p.add_argument("--seed", type=int, default=0, help="seed for --method random")
+    p.add_argument("--kv-budget", type=number(0, 1, low_open=True), default=None,
+                   help="a fraction of the source's KV bytes (e.g. 0.25): per-layer KV heads chosen from measured "
+                        "sensitivities (needs --calib)")
+    p.add_argument("--method", default="mean",
+                   help="mean (default) | first | random (from the weights) | aligned (fitted to --calib text)")
+    p.add_argument("--calib", default=None, help="calibration text: a file, folder or bundled corpus name (its "
+                                                 "training split)")
+    p.add_argument("--calib-tokens", type=COUNT, default=65536, help="calibration tokens (default 65536)")
+    p.add_argument("--calib-seq-len", type=SEQ_LEN, default=None, help="calibration block length (default 512)")
+    p.add_argument("--grouping", default="similarity", choices=["similarity", "contiguous"],
+                   help="aligned: which query heads share a KV head")
+    p.add_argument("--transfer-steps", type=integer(0), default=0,
+                   help="train each layer's converted attention to reproduce the source's for N steps (needs --calib)")
+    p.add_argument("--transfer-lr", type=POSITIVE, default=0.015,
+                   help="Adam step size relative to each projection's weight RMS (default 0.015)")
+    p.add_argument("--transfer-inputs", default="original", choices=["original", "converted"],
+                   help="what each layer trains on: the source model's activations or the converted layers'")
+    p.add_argument("--seed", type=int, default=0, help="seed for --method random, calibration sampling and transfer")
     p.add_argument("--format", default="auto", choices=["auto", "hf", "native"])
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_convert)

@@ -44,7 +44,9 @@ MARKER = ".gqa-demo"  # in a folder the demo wrote, which a later demo may repla
 @dataclass
 class DemoSettings:
     kv_heads: tuple[int, ...] = (2, 1)
-    methods: tuple[str, ...] = ("mean", "first", "random")
+    methods: tuple[str, ...] = ("mean", "first", "random", "aligned")
+    calib_tokens: int = 32768  # aligned: calibration text from the corpus's training split
+    transfer_steps: int = 100  # aligned: layer-wise attention transfer steps per layer
     alpha: float = 0.05
     seq_len: int = 256
     batch_size: int = 16
@@ -58,7 +60,8 @@ class DemoSettings:
     seed: int = 0
 
 
-QUICK = dict(eval_blocks=4, decode_batch=2, decode_context=32, decode_tokens=4, decode_repeats=2, max_steps=2)
+QUICK = dict(eval_blocks=4, decode_batch=2, decode_context=32, decode_tokens=4, decode_repeats=2, max_steps=2,
+             calib_tokens=1024, transfer_steps=2)
 
 _TOKENIZED: dict = {}  # a second demo in the same process (the tests) reuses the tokenized corpus
 
@@ -90,6 +93,13 @@ def demo_pipeline(s: DemoSettings, pretrain_tokens: int) -> Pipeline:
     say(f"{data.documents:,} documents; {data.train_tokens:,} training tokens, {data.val_tokens:,} validation "
         f"tokens, of which the first {pipe.val.numel() - len(pipe.val):,} predictions are scored")
     return pipe
+
+
+def calibration(s: DemoSettings, method: str) -> dict:
+    """What `aligned` is given: the corpus's training split as calibration text, then layer-wise transfer."""
+    if method != "aligned":
+        return {}
+    return dict(calib="bundled", calib_tokens=s.calib_tokens, calib_seq_len=s.seq_len, transfer_steps=s.transfer_steps)
 
 
 def kv_name(n_kv_heads: int, n_heads: int) -> str:
@@ -128,7 +138,7 @@ def run_demo(out: str | os.PathLike, quick: bool = False, overwrite: bool = Fals
         for method in s.methods:
             label, dest = f"{kv_name(g, mha.config.n_heads)} {method}", out / f"g{g}-{method}"
             say(f"{label}: converting ...")
-            before = pipe.convert(ASSET, dest / "converted", g, method, seed=s.seed)
+            before = pipe.convert(ASSET, dest / "converted", g, method, seed=s.seed, **calibration(s, method))
             say(f"{label}: perplexity at α = 0 is {before['perplexity']:.2f}; uptraining ...")
             report, after = pipe.uptrain(dest / "converted", dest / "uptrained")
             rows.append(row(label, method, g, mha, before, after, report))

@@ -18,8 +18,10 @@ def windows(tokens: torch.Tensor, seq_len: int) -> list[torch.Tensor]:
 
 
 @torch.inference_mode()
-def perplexity(model: Transformer, tokens: torch.Tensor, seq_len: int | None = None, batch_size: int = 8) -> dict:
-    """Perplexity of a token stream, scored in non-overlapping windows of seq_len tokens.
+def perplexity(model: Transformer, tokens: torch.Tensor, seq_len: int | None = None, batch_size: int = 8,
+               reference: Transformer | None = None) -> dict:
+    """Perplexity of a token stream, scored in non-overlapping windows of seq_len tokens; with a reference
+    model, also the top-1 agreement with it and KL(reference ‖ model) per predicted token.
 
     Each window's first token has no context and is not scored, so `tokens` counts the predicted ones.
     """
@@ -31,22 +33,35 @@ def perplexity(model: Transformer, tokens: torch.Tensor, seq_len: int | None = N
     chunks = windows(tokens.flatten(), seq_len)
     if not chunks:
         raise GQAError("the text has fewer than 2 tokens; nothing to score")
-    total_nll, total_tokens = 0.0, 0
+    total = {"nll": 0.0, "tokens": 0, "agree": 0, "kl": 0.0}
     for i in range(0, len(chunks), batch_size):
-        group = chunks[i : i + batch_size]
-        width = max(c.numel() for c in group)
-        ids = torch.zeros(len(group), width, dtype=torch.long)
-        mask = torch.zeros(len(group), width, dtype=torch.bool)
-        for b, c in enumerate(group):
-            ids[b, : c.numel()], mask[b, : c.numel()] = c, True
-        ids, mask = ids.to(model.device), mask.to(model.device)
-        logits = model(ids, attention_mask=None if bool(mask.all()) else mask)
-        targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
-        nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=-100)
-        total_nll += nll.item()
-        total_tokens += int(mask[:, 1:].sum())
-    loss = total_nll / total_tokens
-    return {"perplexity": math.exp(loss), "loss": loss, "tokens": total_tokens}
+        ids, mask = padded(chunks[i : i + batch_size], model.device)
+        logits = model(ids, attention_mask=None if bool(mask.all()) else mask)[:, :-1].float()
+        scored = mask[:, 1:]
+        targets = ids[:, 1:].masked_fill(~scored, -100)
+        total["nll"] += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=-100).item()
+        total["tokens"] += int(scored.sum())
+        if reference is not None:
+            ref = reference(ids.to(reference.device), attention_mask=None if bool(mask.all()) else mask)[:, :-1]
+            ref = ref.float().to(logits.device)
+            total["agree"] += int(((logits.argmax(-1) == ref.argmax(-1)) & scored).sum())
+            log_p, log_q = F.log_softmax(ref, -1), F.log_softmax(logits, -1)
+            total["kl"] += float(((log_p.exp() * (log_p - log_q)).sum(-1) * scored).sum())
+    loss = total["nll"] / total["tokens"]
+    out = {"perplexity": math.exp(loss), "loss": loss, "tokens": total["tokens"]}
+    if reference is not None:
+        out.update(top1_agreement=total["agree"] / total["tokens"], kl=total["kl"] / total["tokens"])
+    return out
+
+
+def padded(chunks: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of different lengths as right-padded ids [B, max] and their mask."""
+    width = max(c.numel() for c in chunks)
+    ids = torch.zeros(len(chunks), width, dtype=torch.long)
+    mask = torch.zeros(len(chunks), width, dtype=torch.bool)
+    for b, c in enumerate(chunks):
+        ids[b, : c.numel()], mask[b, : c.numel()] = c, True
+    return ids.to(device), mask.to(device)
 
 
 @torch.inference_mode()

@@ -44,9 +44,12 @@ class PaperSettings:
         vocab_size=4096, dim=512, n_layers=12, n_heads=8, n_kv_heads=8, head_dim=64, hidden_dim=2048,
         max_positions=512, tie_embeddings=True))
     kv_heads: tuple[int, ...] = (1, 2, 4)
-    methods: tuple[str, ...] = ("mean", "first", "random")
+    methods: tuple[str, ...] = ("mean", "first", "random", "aligned")
+    sweep_methods: tuple[str, ...] = ("mean", "aligned")  # uptrained over every α in `alphas`
     alpha: float = 0.05
-    alphas: tuple[float, ...] = (0.01, 0.025, 0.05, 0.1, 0.2)
+    alphas: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2)
+    calib_tokens: int = 65536  # aligned: calibration text (the corpus's training split)
+    transfer_steps: int = 100  # aligned: layer-wise attention transfer steps per layer
     seeds: tuple[int, ...] = (0, 1)
     pretrain_steps: int = 1500
     seq_len: int = 512
@@ -65,8 +68,15 @@ PAPER_QUICK = dict(
     model=dict(vocab_size=4096, dim=32, n_layers=2, n_heads=8, n_kv_heads=8, head_dim=4, hidden_dim=64,
                max_positions=64, tie_embeddings=True),
     alphas=(0.05, 0.2), pretrain_steps=20, seq_len=32, batch_size=4, eval_blocks=4, compile=False,
-    decode_batch=2, decode_context=16, decode_tokens=4, decode_repeats=2,
+    decode_batch=2, decode_context=16, decode_tokens=4, decode_repeats=2, calib_tokens=256, transfer_steps=2,
 )
+
+
+def conversion_options(method: str, calib_tokens: int, seq_len: int, transfer_steps: int) -> dict:
+    """What a calibrated method is given: the bundled corpus's training split, then layer-wise transfer."""
+    if method != "aligned":
+        return {}
+    return dict(calib="bundled", calib_tokens=calib_tokens, calib_seq_len=seq_len, transfer_steps=transfer_steps)
 
 
 def command_line(which: str, quick: bool, settings: str | Path | None, out: Path) -> str:
@@ -166,10 +176,11 @@ def uptrain_paper_models(pipe: Pipeline, s: PaperSettings, runs: Path, rows: Row
         for method in s.methods:
             for seed in s.seeds if method == "random" else s.seeds[:1]:
                 conv = runs / f"g{g}-{method}-s{seed}"
-                scores = pipe.convert(runs / "mha", conv, g, method, seed=seed)
+                scores = pipe.convert(runs / "mha", conv, g, method, seed=seed,
+                                      **conversion_options(method, s.calib_tokens, s.seq_len, s.transfer_steps))
                 rows.add(kind="uptrained", kv_heads=g, method=method, alpha=0.0, seed=seed, tokens=pretrain_tokens,
                          val_perplexity=scores["perplexity"])
-                for alpha in s.alphas if method == "mean" else (s.alpha,):
+                for alpha in s.alphas if method in s.sweep_methods else (s.alpha,):
                     for train_seed in s.seeds if alpha == s.alpha else s.seeds[:1]:
                         report, scores = uptrain(conv, runs / f"g{g}-{method}-s{seed}-a{alpha}-t{train_seed}", alpha,
                                                  train_seed)
@@ -246,13 +257,7 @@ def findings(results: dict) -> str:
              f"tokens; validation {results['validation_tokens']:,} tokens. Every number below is in "
              f"[results.json](results.json).\n",
              f"MHA perplexity: {mha:.2f}." + control_line(rows, alpha) + "\n",
-             f"| G | mean α=0 | mean α={alpha} | first α={alpha} | random α={alpha} | from scratch |",
-             "|---|---|---|---|---|---|"]
-    for g in s["kv_heads"]:
-        cells = [mean_ppl(rows, kv_heads=g, method="mean", alpha=0.0)]
-        cells += [mean_ppl(rows, kv_heads=g, method=m, alpha=alpha) for m in ("mean", "first", "random")]
-        cells.append(mean_ppl(rows, kv_heads=g, kind="scratch"))
-        lines.append(f"| {g} | " + " | ".join("—" if c is None else f"{c:.2f}" for c in cells) + " |")
+             table(rows, s)]
     lines.append("\n## The paper's findings, checked\n")
     for g in s["kv_heads"]:
         ppl = {m: mean_ppl(rows, kv_heads=g, method=m, alpha=alpha) for m in ("mean", "first", "random")}
@@ -281,6 +286,7 @@ def findings(results: dict) -> str:
             verdict, text = compare("mean", "from scratch", ppl, noise)
             lines.append(f"  Uptrained (α={alpha}) vs the same architecture trained from scratch on the same total "
                          f"tokens: {text} — uptraining is {dict(better='better', worse='worse', tie='no better')[verdict]}.")
+    lines += aligned_findings(rows, s)
     d = results["decode"]
     mha_key = str(rows[0]["kv_heads"])
     lines.append("\n## Decode time per token on this device\n")
@@ -293,14 +299,55 @@ def findings(results: dict) -> str:
     return "\n".join(lines)
 
 
+def table(rows: list[dict], s: dict) -> str:
+    """Perplexity of each G by method, at α = 0 and after uptraining for α, and from scratch (mean of seeds)."""
+    alpha = s["alpha"]
+    columns = [(m, 0.0) for m in ("mean", "aligned") if m in s["methods"]] + [(m, alpha) for m in s["methods"]]
+    head = " | ".join(f"{m} α={a:g}" for m, a in columns)
+    lines = [f"| G | {head} | from scratch |", "|---" * (len(columns) + 2) + "|"]
+    for g in s["kv_heads"]:
+        cells = [mean_ppl(rows, kv_heads=g, method=m, alpha=a) for m, a in columns]
+        cells.append(mean_ppl(rows, kv_heads=g, kind="scratch"))
+        lines.append(f"| {g} | " + " | ".join("—" if c is None else f"{c:.2f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def aligned_findings(rows: list[dict], s: dict) -> list[str]:
+    """How the calibrated conversion compares with mean pooling, and how much uptraining its start saves."""
+    if "aligned" not in s["methods"]:
+        return []
+    alpha = s["alpha"]
+    lines = ["\n## The calibrated conversion (`aligned` + layer-wise transfer) against mean pooling\n"]
+    for g in s["kv_heads"]:
+        start = {m: mean_ppl(rows, kv_heads=g, method=m, alpha=0.0) for m in ("mean", "aligned")}
+        ppl = {m: mean_ppl(rows, kv_heads=g, method=m, alpha=alpha) for m in ("mean", "aligned")}
+        if None in start.values() or None in ppl.values():
+            continue
+        noise = {m: seed_spread(rows, kv_heads=g, method=m, alpha=alpha) for m in ("mean", "aligned")}
+        _, text = compare("aligned", "mean", ppl, noise)
+        lines.append(f"- G = {g}: right after conversion aligned {start['aligned']:.2f} vs mean {start['mean']:.2f} "
+                     f"({start['mean'] / start['aligned']:.1f}× lower); after uptraining for α = {alpha}: {text}.")
+        sweep = [(a, mean_ppl(rows, kv_heads=g, method="aligned", alpha=a)) for a in [0.0, *s["alphas"]]]
+        reached = next((a for a, p in sweep if p is not None and p <= ppl["mean"] + noise["mean"]), None)
+        lines.append(f"  Uptraining the aligned start needs to match mean pooling uptrained for α = {alpha} "
+                     f"({ppl['mean']:.2f}): " + (f"α = {reached:g} ({alpha / reached:.0f}× fewer tokens)." if reached
+                                                 else "α = 0 (the aligned start is already as good)." if reached == 0.0
+                                                 else "not reached within the α swept."))
+    return lines
+
+
 def figures(results: dict, out: Path) -> None:
     plt = pyplot()
+    for draw, name in ((time_figure, "quality_vs_time.png"), (methods_figure, "methods.png"), (alpha_figure, "alpha.png")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        draw(ax, results["rows"], results["settings"], results)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
 
-    rows, s = results["rows"], results["settings"]
-    alpha = s["alpha"]
-    mha_g = rows[0]["kv_heads"]
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+def time_figure(ax, rows: list[dict], s: dict, results: dict) -> None:
+    alpha, mha_g = s["alpha"], rows[0]["kv_heads"]
     for g, v in results["decode"].items():
         g = int(g)
         p = rows[0]["val_perplexity"] if g == mha_g else mean_ppl(rows, kv_heads=g, method="mean", alpha=alpha)
@@ -308,51 +355,53 @@ def figures(results: dict, out: Path) -> None:
         ax.annotate("MHA" if g == mha_g else ("MQA" if g == 1 else f"GQA-{g}"), (v["ms_per_token"], p))
     ax.set_xlabel("decode time per step (ms)")
     ax.set_ylabel("validation perplexity")
-    ax.set_title(f"quality vs decode time (uptrained, α = {alpha})")
-    fig.tight_layout()
-    fig.savefig(out / "quality_vs_time.png", dpi=110)
-    plt.close(fig)
+    ax.set_title(f"quality vs decode time (mean pooling, uptrained α = {alpha})")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    width = 0.25
-    for i, m in enumerate(("mean", "first", "random")):
-        values = [mean_ppl(rows, kv_heads=g, method=m, alpha=alpha) for g in s["kv_heads"]]
+
+def methods_figure(ax, rows: list[dict], s: dict, results: dict) -> None:
+    alpha, methods = s["alpha"], s["methods"]
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        values = [mean_ppl(rows, kv_heads=g, method=m, alpha=alpha) or 0.0 for g in s["kv_heads"]]
         ax.bar([j + i * width for j in range(len(values))], values, width, label=m)
-    ax.set_xticks([j + width for j in range(len(s["kv_heads"]))], [f"G = {g}" for g in s["kv_heads"]])
+    ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(s["kv_heads"]))],
+                  [f"G = {g}" for g in s["kv_heads"]])
     ax.set_ylabel("validation perplexity")
     ax.set_title(f"conversion method (α = {alpha}, mean of seeds)")
-    heights = [p.get_height() for p in ax.patches] + [rows[0]["val_perplexity"]]
+    heights = [p.get_height() for p in ax.patches if p.get_height() > 0] + [rows[0]["val_perplexity"]]
     ax.set_ylim(0.9 * min(heights), 1.05 * max(heights))  # the differences, not the distance from zero
     ax.axhline(rows[0]["val_perplexity"], color="black", linestyle="--", label="MHA")
-    ax.legend(fontsize=8, ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.1))
-    fig.tight_layout()
-    fig.savefig(out / "methods.png", dpi=110)
-    plt.close(fig)
+    ax.legend(fontsize=8, ncols=5, loc="upper center", bbox_to_anchor=(0.5, -0.1))
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for g in s["kv_heads"]:
-        pts = [(a, mean_ppl(rows, kv_heads=g, method="mean", alpha=a)) for a in [0.0, *s["alphas"]]]
-        pts = [(a, p) for a, p in pts if p is not None]
-        ax.plot(*zip(*pts), marker="o", label="MQA" if g == 1 else f"GQA-{g}")
-    ax.axhline(rows[0]["val_perplexity"], color="black", linestyle="--", label="MHA")
+
+def alpha_figure(ax, rows: list[dict], s: dict, results: dict) -> None:
+    """Quality against uptraining α: mean pooling solid, the calibrated start dashed, one color per G."""
+    for i, g in enumerate(s["kv_heads"]):
+        for method, style in (("mean", "-"), ("aligned", "--")):
+            if method not in s.get("sweep_methods", ("mean",)):
+                continue
+            pts = [(a, mean_ppl(rows, kv_heads=g, method=method, alpha=a)) for a in [0.0, *s["alphas"]]]
+            pts = [(a, p) for a, p in pts if p is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", linestyle=style, color=f"C{i}",
+                        label=f"{'MQA' if g == 1 else f'GQA-{g}'} {method}")
+    ax.axhline(rows[0]["val_perplexity"], color="black", linestyle=":", label="MHA")
     control = mean_ppl(rows, kind="control")
     if control is not None:
-        ax.axhline(control, color="gray", linestyle=":", label=f"MHA uptrained α={alpha}")
-    ax.set_xlabel("uptraining proportion α")
+        ax.axhline(control, color="gray", linestyle=":", label=f"MHA uptrained α={s['alpha']}")
+    ax.set_xscale("symlog", linthresh=min(a for a in s["alphas"] if a > 0))
+    ax.set_xlabel("uptraining proportion α (0, then log scale)")
     ax.set_ylabel("validation perplexity")
     log_y(ax)
-    ax.set_title("quality vs α (mean pooling)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "alpha.png", dpi=110)
-    plt.close(fig)
+    ax.set_title("quality vs α")
+    ax.legend(fontsize=7)
 
 
 # ------------------------------------------------------------------------------------------------ SmolLM2
 
 @dataclass
 class SmolSettings:
-    methods: tuple[str, ...] = ("mean", "first", "random")  # converted and evaluated
+    methods: tuple[str, ...] = ("mean", "first", "random", "aligned")  # converted and evaluated
     uptrain_methods: tuple[str, ...] | None = None  # of those, uptrained (default: all)
     distill: tuple[bool, ...] = (False, True)
     steps: int = 500
@@ -363,9 +412,12 @@ class SmolSettings:
     eval_blocks: int = 64
     distill_weight: float = 0.5
     compile: bool = True
+    calib_tokens: int = 65536  # aligned: calibration text (the bundled corpus's training split)
+    transfer_steps: int = 100
 
 
-SMOL_QUICK = dict(methods=("mean",), steps=2, seq_len=32, batch_size=2, eval_every=1, eval_blocks=2, compile=False)
+SMOL_QUICK = dict(methods=("mean",), steps=2, seq_len=32, batch_size=2, eval_every=1, eval_blocks=2, compile=False,
+                  calib_tokens=256, transfer_steps=2)
 
 
 def run_smollm2(out: str | Path, quick: bool = False, device: str | None = None,
@@ -387,7 +439,8 @@ def run_smollm2(out: str | Path, quick: bool = False, device: str | None = None,
     curves, converted = [], {}
     for method in s.methods:
         conv = runs / f"converted-{method}"
-        converted[method] = pipe.convert(original, conv, 1, method)["perplexity"]
+        converted[method] = pipe.convert(original, conv, 1, method, **conversion_options(
+            method, s.calib_tokens, s.seq_len, s.transfer_steps))["perplexity"]
         if s.uptrain_methods is not None and method not in s.uptrain_methods:
             continue
         for distill in s.distill:

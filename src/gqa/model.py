@@ -1,8 +1,8 @@
 """One decoder-only Transformer for every supported family, MHA, GQA and MQA alike.
 
-The config's fields say how a family differs (norm, positions, MLP, residual layout, biases, tied
-embeddings); `n_kv_heads` is a list with one entry per layer, so a model may group its heads differently
-in every layer. Hugging Face parameter names live only in `gqa.checkpoints`.
+The config's fields say how a family differs (norm, positions and rotary layout, MLP, block layout, q/k
+norms, biases, tied embeddings, scales); `n_kv_heads` is a list with one entry per layer, so a model may
+group its heads differently in every layer. Hugging Face parameter names live only in `gqa.checkpoints`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,11 @@ from .attention import attention, build_mask, check_heads
 from .cache import KVCache, PagedKVCache, kv_bytes_per_token
 from .errors import GQAError
 from .kernels import decode_kernel_available, gqa_decode
+
+BLOCKS = ("sequential", "parallel", "parallel_shared", "post_norm")
+ROPE_STYLES = ("half", "interleaved")
+QK_NORMS = (None, "rms_head", "rms_all", "layer_head", "layer_per_head")
+PER_HEAD_QK_NORMS = ("rms_all", "layer_per_head")  # whose weights have an entry per head's channel (merged with K)
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -40,17 +45,22 @@ class ModelConfig:
     max_positions: int
     norm: str = "rms"  # "rms" | "layer"
     norm_eps: float = 1e-5
+    norm_weight_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + w), in fp32; w is stored as the checkpoint has it
+    embedding_multiplier: float = 1.0  # Gemma multiplies the embeddings by √dim
     positions: str = "rope"  # "rope" | "learned"
     rope_theta: float = 10000.0
-    rotary_dim: int | None = None  # partial rotary (GPT-NeoX) rotates only the first rotary_dim dims
+    rotary_dim: int | None = None  # partial rotary (NeoX, Phi, StableLM, GPT-J) rotates the first rotary_dim dims
+    rope_style: str = "half"  # which dims turn together: "half" (i, i + R/2: Llama, NeoX) | "interleaved" (2i, 2i+1: GPT-J)
     rope_scaling: dict[str, Any] | None = None  # {"rope_type": "linear" | "llama3", ...}
     position_offset: int = 0  # OPT's learned position table starts at row 2
     mlp: str = "gated"  # "gated": down(act(gate(x)) * up(x)); "plain": down(act(up(x)))
     activation: str = "silu"
-    parallel_residual: bool = False  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
+    block: str = "sequential"  # see Block: "sequential" | "parallel" | "parallel_shared" | "post_norm"
+    qk_norm: str | None = None  # norms on q and k before RoPE: "rms_head" | "rms_all" | "layer_head" | "layer_per_head"
     qkv_bias: bool = False
     out_bias: bool = False
     mlp_bias: bool = False
+    output_bias: bool = False  # a bias on the LM head (Phi, GPT-J)
     tie_embeddings: bool = False
     sliding_window: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # nothing the maths reads; kept for the record
@@ -73,6 +83,10 @@ class ModelConfig:
             raise GQAError(f"unknown MLP type {self.mlp!r}; expected 'gated' or 'plain'")
         if self.activation not in ACTIVATIONS:
             raise GQAError(f"unknown activation {self.activation!r}; supported: {sorted(ACTIVATIONS)}")
+        for name, value, allowed in (("block", self.block, BLOCKS), ("rope_style", self.rope_style, ROPE_STYLES),
+                                     ("qk_norm", self.qk_norm, QK_NORMS)):
+            if value not in allowed:
+                raise GQAError(f"unknown {name} {value!r}; expected one of {', '.join(map(str, allowed))}")
         if self.rotary_dim is None:
             self.rotary_dim = self.head_dim
 
@@ -81,6 +95,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        d = dict(d)
+        if "parallel_residual" in d:  # gqa 0.1 wrote the block layout as one flag
+            d["block"] = "parallel" if d.pop("parallel_residual") else "sequential"
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(d) - known)
         if unknown:
@@ -116,18 +133,23 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     raise GQAError(f"rope scaling {kind!r} is not supported; supported: default, linear, llama3")
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """cos, sin [B, 1, S, rotary_dim] for positions [B, S] (rotate-half layout, as in HF)."""
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, interleaved: bool = False):
+    """cos, sin [B, 1, S, rotary_dim] for positions [B, S]: each frequency twice, in the layout its pairs have
+    (rotate-half: [f_0 … f_R/2, f_0 … f_R/2]; interleaved: [f_0, f_0, f_1, f_1, …])."""
     freqs = positions[..., None].float() * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    emb = (freqs.repeat_interleave(2, dim=-1) if interleaved else torch.cat((freqs, freqs), dim=-1))[:, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """Rotate the first rotary_dim dims of x [..., D] (the rest pass through), pairs as `rope_cos_sin` lays them."""
     rot = cos.shape[-1]
     x_rot, x_pass = x[..., :rot], x[..., rot:]
-    half = rot // 2
-    rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
+    if interleaved:
+        rotated = torch.stack((-x_rot[..., 1::2], x_rot[..., ::2]), dim=-1).flatten(-2)
+    else:
+        half = rot // 2
+        rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
     x_rot = x_rot * cos + rotated * sin
     return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
 
@@ -135,21 +157,49 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ---------------------------------------------------------------------------------------------- layers
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
-        self.eps = eps
+        self.eps, self.offset = eps, offset
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:  # Gemma: scale by (1 + w) in fp32, then round
+            return (h * (self.offset + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)
 
 
-def make_norm(config: ModelConfig) -> nn.Module:
+class PerHeadLayerNorm(nn.Module):
+    """StableLM's q/k norm: a LayerNorm without bias over each head's dims, with weights of its own per head
+    (kept flat, [heads · D], like every per-head tensor in gqa)."""
+
+    def __init__(self, n_heads: int, head_dim: int, eps: float):
+        super().__init__()
+        self.eps, self.n_heads = eps, n_heads
+        self.weight = nn.Parameter(torch.ones(n_heads * head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, H, T, D]
+        weight = self.weight.view(self.n_heads, -1)[None, :, None, :]
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * weight.to(x.dtype)
+
+
+def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
     if config.norm == "rms":
-        return RMSNorm(config.dim, config.norm_eps)
-    return nn.LayerNorm(config.dim, eps=config.norm_eps)
+        return RMSNorm(dim or config.dim, config.norm_eps, config.norm_weight_offset)
+    return nn.LayerNorm(dim or config.dim, eps=config.norm_eps)
+
+
+def make_qk_norm(config: ModelConfig, n_heads: int) -> nn.Module:
+    """The norm q (n_heads = H) or k (n_heads = G) goes through before RoPE, as `config.qk_norm` says."""
+    D = config.head_dim
+    if config.qk_norm == "rms_head":  # Qwen3: over each head's dims, one weight for all heads
+        return RMSNorm(D, config.norm_eps)
+    if config.qk_norm == "rms_all":  # OLMo-2: over the whole projection, a weight per channel of every head
+        return RMSNorm(n_heads * D, config.norm_eps)
+    if config.qk_norm == "layer_head":  # Phi: a LayerNorm over each head's dims, shared
+        return nn.LayerNorm(D, eps=config.norm_eps)
+    return PerHeadLayerNorm(n_heads, D, config.norm_eps)
 
 
 class Attention(nn.Module):
@@ -163,12 +213,25 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=config.out_bias)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:
+            self.q_norm = make_qk_norm(config, self.n_heads)
+            self.k_norm = make_qk_norm(config, self.n_kv_heads)
+
+    def project(self, x: torch.Tensor, w: nn.Linear, n_heads: int, norm: nn.Module | None) -> torch.Tensor:
+        """x [B, S, d] -> [B, heads, S, D], through the q/k norm where the model has one."""
+        batch, seq, _ = x.shape
+        h = w(x)
+        if self.qk_norm == "rms_all" and norm is not None:  # over the whole projection, before the heads split
+            h = norm(h)
+        h = h.view(batch, seq, n_heads, self.head_dim).transpose(1, 2)
+        return norm(h) if norm is not None and self.qk_norm != "rms_all" else h
 
     def forward(self, x, rope, mask, is_causal, cache: KVCache | PagedKVCache | None, slots, kv_lengths=None):
         batch, seq, _ = x.shape
-        q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.project(x, self.wq, self.n_heads, getattr(self, "q_norm", None))
+        k = self.project(x, self.wk, self.n_kv_heads, getattr(self, "k_norm", None))
+        v = self.project(x, self.wv, self.n_kv_heads, None)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         fast = kv_lengths is not None  # the model decided once per forward that the kernel runs this step
@@ -205,20 +268,38 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """One layer, in the layout `config.block` names:
+    - sequential:      h = x + attn(n₁(x));  out = h + mlp(n₂(h))          (Llama, GPT-2, OPT, ...)
+    - parallel:        out = x + attn(n₁(x)) + mlp(n₂(x))                 (GPT-NeoX, Falcon-40B)
+    - parallel_shared: out = x + attn(n₁(x)) + mlp(n₁(x))                 (Phi, GPT-J, Falcon-7B)
+    - post_norm:       h = x + n₁(attn(x));  out = h + n₂(mlp(h))          (OLMo-2)
+    """
+
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
-        self.parallel_residual = config.parallel_residual
+        self.layout = config.block
         self.attention_norm = make_norm(config)
         self.attention = Attention(config, layer)
-        self.mlp_norm = make_norm(config)
+        if config.block != "parallel_shared":
+            self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
 
+    def attention_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the attention reads of the residual stream x."""
+        return x if self.layout == "post_norm" else self.attention_norm(x)
+
     def forward(self, x, rope, mask, is_causal, cache, slots, kv_lengths=None):
-        h = self.attention(self.attention_norm(x), rope, mask, is_causal, cache, slots, kv_lengths)
-        if self.parallel_residual:
+        a = self.attention_input(x)
+        h = self.attention(a, rope, mask, is_causal, cache, slots, kv_lengths)
+        if self.layout == "sequential":
+            x = x + h
+            return x + self.mlp(self.mlp_norm(x))
+        if self.layout == "parallel":
             return x + h + self.mlp(self.mlp_norm(x))
-        x = x + h
-        return x + self.mlp(self.mlp_norm(x))
+        if self.layout == "parallel_shared":
+            return x + h + self.mlp(a)
+        x = x + self.attention_norm(h)  # post_norm
+        return x + self.mlp_norm(self.mlp(x))
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -232,7 +313,7 @@ class Transformer(nn.Module):
             self.pos_embeddings = nn.Embedding(config.max_positions + config.position_offset, config.dim)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = make_norm(config)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=config.output_bias)
         self.tie_weights()
         self.register_buffer("inv_freq", None, persistent=False)
         self.reset_rope()
@@ -302,6 +383,23 @@ class Transformer(nn.Module):
                                          num_pages, page_size, dtype, self.device)
         return KVCache.allocate(self.config.n_kv_heads, self.config.head_dim, batch_size, max_len, dtype, self.device)
 
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The residual stream entering the first block: token (and, where learned, position) embeddings."""
+        x = self.tok_embeddings(input_ids)
+        if self.config.embedding_multiplier != 1.0:  # Gemma: √dim, rounded to the weights' dtype as HF does
+            x = x * torch.tensor(self.config.embedding_multiplier, dtype=x.dtype)
+        if self.config.positions == "learned":
+            x = x + self.pos_embeddings(positions + self.config.position_offset)
+        return x
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        """What `apply_rope` takes after x at `positions` [B, S]: (cos, sin[, interleaved]), or None."""
+        if self.config.positions != "rope":
+            return None
+        interleaved = self.config.rope_style == "interleaved"
+        cos, sin = rope_cos_sin(self.inv_freq, positions, dtype, interleaved)
+        return (cos, sin, True) if interleaved else (cos, sin)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -344,12 +442,8 @@ class Transformer(nn.Module):
                 key_valid = torch.ones(batch, seq, dtype=torch.bool, device=device)
             mask = build_mask(slots, key_valid, config.sliding_window)
 
-        x = self.tok_embeddings(input_ids)
-        rope = None
-        if config.positions == "learned":
-            x = x + self.pos_embeddings(positions + config.position_offset)
-        else:
-            rope = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        x = self.embed(input_ids, positions)
+        rope = self.rope(positions, x.dtype)
         # decode steps (one new token against a cache) take the Triton kernel where it runs for real
         use_kernel = cache is not None and seq == 1 and config.sliding_window is None and decode_kernel_available(x)
         kernel_lengths = kv_lengths if use_kernel else None

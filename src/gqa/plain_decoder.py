@@ -38,8 +38,10 @@ class PlainDecoder(nn.Module):
     def __init__(self, model: Transformer, batch: int, max_len: int, expand_kv: bool = True):
         super().__init__()
         c = model.config
-        if (c.norm, c.positions, c.mlp, c.activation) != ("rms", "rope", "gated", "silu") or c.sliding_window or \
-                c.parallel_residual or c.qkv_bias or c.out_bias or c.mlp_bias or c.rotary_dim != c.head_dim:
+        if (c.norm, c.positions, c.mlp, c.activation, c.block, c.rope_style) != (
+                "rms", "rope", "gated", "silu", "sequential", "half") or c.sliding_window or c.qk_norm or \
+                c.qkv_bias or c.out_bias or c.mlp_bias or c.output_bias or c.rotary_dim != c.head_dim or \
+                c.norm_weight_offset or c.embedding_multiplier != 1.0:
             raise GQAError("the plain decoder covers Llama-style models only (RMSNorm, full RoPE, SwiGLU, no biases)")
         if max_len > c.max_positions:
             raise GQAError(f"a cache of {max_len} tokens exceeds the model's {c.max_positions} positions")

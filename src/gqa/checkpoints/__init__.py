@@ -21,7 +21,7 @@ from ..errors import GQAError
 from ..model import ModelConfig, Transformer
 from ..version import __version__
 from . import files
-from .families import BIGCODE, BY_ARCHITECTURE, DECILM, GPT2, LLAMA, MISTRAL, QWEN2, Family, family_for
+from .families import BY_ARCHITECTURE, MQA_FORM, PER_LAYER, Family, family_for, stack_heads
 
 NATIVE_ARCHITECTURE = "GQAForCausalLM"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -66,7 +66,7 @@ def import_tensors(path, config: ModelConfig, family: Family | None) -> dict[str
     for name, tensor in files.iter_tensors(path):
         check_finite(path, name, tensor)
         state.update(family.import_tensor(name, tensor, config) if family else {name: tensor})
-    return state
+    return stack_heads(state)
 
 
 def check_finite(path, name: str, tensor: torch.Tensor) -> None:
@@ -96,6 +96,7 @@ def check_layout(path, config: ModelConfig, family: Family | None) -> None:
             raise GQAError(f"{path}: tensor {name} of shape {tuple(shape)} does not fit config.json "
                            f"({files.one_line(e)})") from None
         found.update({k: tuple(v.shape) for k, v in imported.items()})
+    found.update(stack_shapes(found))
     if config.tie_embeddings and "tok_embeddings.weight" in found:
         found.setdefault("output.weight", found["tok_embeddings.weight"])
     missing = sorted(set(expected) - set(found))
@@ -106,6 +107,16 @@ def check_layout(path, config: ModelConfig, family: Family | None) -> None:
     for name, shape in found.items():
         if shape != expected[name]:
             raise GQAError(f"{path}: tensor {name} has shape {shape}, but config.json implies {expected[name]}")
+
+
+def stack_shapes(found: dict[str, tuple]) -> dict[str, tuple]:
+    """Shapes of per-head pieces (`name#h`, see `stack_heads`) joined: [heads · D]."""
+    pieces = [k for k in found if "#" in k]
+    joined = {}
+    for name in {k.split("#")[0] for k in pieces}:
+        parts = [found.pop(k) for k in pieces if k.split("#")[0] == name]
+        joined[name] = (sum(p[0] for p in parts),)
+    return joined
 
 
 def load(
@@ -139,8 +150,9 @@ def load(
 def target_family(config: ModelConfig, hf_config: dict | None, format: str = "auto") -> Family | None:
     """The HF family a model with this config is written as, or None for gqa's own format.
 
-    The source's own architecture when it can hold the KV-head layout; GPT-2 with one KV head becomes
-    GPT-BigCode; a Llama-style model with per-layer KV heads becomes Nemotron-NAS (DeciLM) block_configs.
+    The source's own architecture when its config.json can hold the model (KV-head layout included);
+    otherwise the family's form for what it cannot hold (GPT-2 with one KV head is GPT-BigCode; a Llama-style
+    model with per-layer KV heads is Nemotron-NAS block_configs) where that can.
     """
     if format not in ("auto", "hf", "native"):
         raise GQAError(f"unknown format {format!r}; choose auto, hf or native")
@@ -151,19 +163,18 @@ def target_family(config: ModelConfig, hf_config: dict | None, format: str = "au
         archs = hf_config.get("architectures") or []
         source = next((BY_ARCHITECTURE[a] for a in archs if a in BY_ARCHITECTURE), None)
     candidates = [source] if source else []
-    if source is GPT2:
-        candidates.append(BIGCODE)  # GPT-2 with one KV head is GPT-BigCode
-    if source in (LLAMA, MISTRAL, QWEN2):
-        candidates.append(DECILM)  # per-layer KV heads
+    if source is not None:
+        candidates += [f for f in (MQA_FORM.get(source.name), PER_LAYER.get(source.name)) if f is not None]
     for family in candidates:
         if family.can_express(config):
             return family
     if format == "hf":
         name = source.name if source else "no HF family"
+        per_layer = PER_LAYER.get(source.name) if source else None
         hint = ""
-        if DECILM in candidates:
-            hint = (f" in one num_key_value_heads; the HF form of per-layer KV heads, DeciLMForCausalLM block_configs, "
-                    f"cannot hold this model either: {DECILM.why_not(config)}")
+        if per_layer is not None:
+            hint = (f" in one KV-head count; the HF form of per-layer KV heads, DeciLMForCausalLM block_configs, "
+                    f"cannot hold this model either: {per_layer.why_not(config)}")
         raise GQAError(f"{name} cannot express KV heads {config.n_kv_heads}{hint}; "
                        f"write gqa's own format instead (--format native)")
     return None

@@ -1,11 +1,17 @@
-"""Hugging Face families: how each names its tensors and configures itself, mapped onto `ModelConfig`.
+"""Hugging Face families, each one declarative description, mapped onto `ModelConfig` and gqa's tensor names.
 
-Each family is a table of name rules (HF template <-> gqa template) plus, where the family fuses Q, K and V
-into one tensor, the layout of that tensor:
-- "blocks": rows [all Q heads | all K heads | all V heads]  (GPT-2 `c_attn`, GPT-BigCode multi-query)
-- "per_head": rows [q_0 k_0 v_0 | q_1 k_1 v_1 | ...]      (GPT-NeoX `query_key_value`, GPT-BigCode MHA)
-GPT-2 stores its linear layers as Conv1D, [in, out]: those tensors are transposed at this edge.
-Defaults below are the ones transformers uses when a config.json leaves a field out.
+A `Family` says everything gqa needs to read and write a family's folders:
+- `config`: for each ModelConfig field, the config.json key it lives under (`Key`, with the default
+  transformers assumes when the key is absent), or the value every model of the family has;
+- `rope`: how the rotary settings are stored (rope_parameters / rope_theta + partial_rotary_factor, NeoX's
+  rotary_pct, GPT-J's rotary_dim);
+- `tensors`: HF name template <-> gqa name template ("{i}" the layer, "{p}" weight|bias, "{h}" a head whose
+  tensors the family stores one by one); a rule with a condition is the one written when it holds;
+- `fused`: tensors holding several projections at once, and the layout of their rows;
+- `kv_heads`: where config.json keeps the KV-head count (a family without one holds only G = H);
+- `refuse`: configurations gqa does not implement, each with its reason.
+Everything the conversion methods need of a family (which dims RoPE pairs, which norms touch K) is in the
+ModelConfig the description produces. Adding a family is adding a description.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -42,11 +49,213 @@ def hf_activation(ours: str, source_name: str | None) -> str:
     return source_name if ACTIVATION_NAMES.get(source_name) == ours else HF_ACTIVATIONS[ours][0]
 
 
-def rope_settings(hf: dict, default_theta: float = 10000.0) -> tuple[float, dict | None, float]:
-    """(theta, scaling, partial_rotary_factor) from either transformers 5's `rope_parameters` or 4's fields."""
+# ------------------------------------------------------------------------------------------ the description
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Key:
+    """A ModelConfig field kept in config.json under `name`; `default` (a value, or a function of the fields
+    read so far) where the key is absent or null; `read` / `write` convert between the two spellings."""
+    name: str
+    default: Any = REQUIRED
+    read: Callable[[Any], Any] | None = None
+    write: Callable[[Any, dict], Any] | None = None
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A ModelConfig field computed from the fields read so far (not stored in config.json)."""
+    compute: Callable[[dict], Any]
+
+
+def kv_key(name: str) -> Key:
+    """A KV-head count: an int in config.json, one entry per layer in ModelConfig (default: G = H)."""
+    return Key(name, lambda got: got["n_heads"], write=lambda v, base: v[0])
+
+
+def act_key(name: str, default: str) -> Key:
+    return Key(name, default, read=activation, write=lambda v, base, name=name: hf_activation(v, base.get(name)))
+
+
+@dataclass(frozen=True)
+class Rope:
+    """How a family stores its rotary settings: `style` "parameters" (transformers 5's rope_parameters, or 4's
+    rope_theta / rope_scaling / partial_rotary_factor), "neox" (also rotary_pct / rotary_emb_base), "gptj"
+    (an absolute rotary_dim, theta fixed)."""
+    style: str = "parameters"
+    partial: float = 1.0  # the family's default fraction of head_dim that rotates
+    layout: str = "half"  # ModelConfig.rope_style
+
+
+@dataclass(frozen=True)
+class Fused:
+    """One HF tensor holding several gqa projections of a layer, rows in `layout`: "blocks" (each part whole,
+    one after the other: [Q | K | V] or [gate | up]), "per_head" ([q_h k_h v_h] per head), "per_group"
+    ([q x H/G, k, v] per KV group: Falcon's new decoder architecture)."""
+    hf: str
+    parts: tuple[str, ...]  # gqa names under layers.{i}. of the parts, in order
+    layout: str | Callable[[ModelConfig], str] = "blocks"
+
+    def layout_for(self, config: ModelConfig) -> str:
+        return self.layout(config) if callable(self.layout) else self.layout
+
+
+@dataclass
+class Family:
+    name: str
+    architectures: tuple[str, ...]
+    model_type: str
+    tensors: tuple[tuple, ...]  # (hf template, gqa template[, condition(config) for writing])
+    config: dict[str, Any]  # ModelConfig field -> Key | constant
+    rope: Rope | None = field(default_factory=Rope)
+    fused: tuple[Fused, ...] = ()
+    kv_heads: str | None = None  # the config.json key of the KV-head count; None: only G = H
+    conv1d: bool = False  # [in, out] storage of linear weights (GPT-2)
+    aliases: tuple[tuple[str, str], ...] = ()  # (old prefix, current prefix) of names older writers used
+    ignore: tuple[str, ...] = ()  # regexes of HF buffers that carry no weights
+    refuse: tuple[tuple[Callable[[dict], bool], str], ...] = ()  # (config.json -> unsupported?, why)
+    write_extra: Callable[[ModelConfig, dict, dict], None] | None = None  # config.json fields beyond `config`
+
+    def __post_init__(self) -> None:
+        self.rules = [(template_regex(r[0]), r[0], r[1], template_regex(r[1]), r[2] if len(r) > 2 else None)
+                      for r in self.tensors]
+        self.fused_rules = [(template_regex(f.hf), f) for f in self.fused]
+
+    # -- config ------------------------------------------------------------------------------------------
+
+    def to_config(self, hf: dict) -> ModelConfig:
+        for unsupported, why in self.refuse:
+            if unsupported(hf):
+                raise GQAError(f"{self.name}: {why} is not supported")
+        got: dict[str, Any] = {}
+        for name, rule in self.config.items():
+            got[name] = (read_key(rule, hf, got) if isinstance(rule, Key) else
+                         rule.compute(got) if isinstance(rule, Derived) else rule)
+        if isinstance(got.get("n_kv_heads"), int):
+            got["n_kv_heads"] = [got["n_kv_heads"]] * got["n_layers"]
+        if self.rope is not None:
+            got.update(read_rope(self.rope, hf, got["head_dim"]))
+        return ModelConfig(**got)
+
+    def to_hf_config(self, config: ModelConfig, base: dict) -> dict:
+        out = dict(base, architectures=[self.architectures[0]], model_type=self.model_type)
+        for name, rule in self.config.items():
+            if isinstance(rule, Key):
+                value = getattr(config, name)
+                out[rule.name] = rule.write(value, base) if rule.write else value
+        if self.rope is not None:
+            write_rope(self.rope, config, base, out)
+        if self.write_extra:
+            self.write_extra(config, base, out)
+        return out
+
+    def can_express(self, config: ModelConfig) -> bool:
+        """Whether this family's config.json holds the model: written and read back, it is the same model
+        (KV heads, biases, norms, rotary layout: whatever the family has no key for comes back different)."""
+        try:
+            back = self.to_config(self.to_hf_config(config, {}))
+        except (GQAError, KeyError, TypeError, ValueError):
+            return False
+        return replace(back, extra={}) == replace(config, extra={})
+
+    # -- tensors -----------------------------------------------------------------------------------------
+
+    def canonical_name(self, name: str) -> str:
+        for old, new in self.aliases:
+            if name.startswith(old):
+                return new + name[len(old):]
+        return name
+
+    def import_tensor(self, name: str, tensor: torch.Tensor, config: ModelConfig) -> dict[str, torch.Tensor]:
+        """One HF tensor -> the gqa tensors it holds (several for a fused one, none for a buffer). A tensor the
+        family stores per head comes back as `name#h`: `stack_heads` joins them."""
+        name = self.canonical_name(name)
+        if any(re.fullmatch(pattern, name) for pattern in self.ignore):
+            return {}
+        for regex, _hf, ours, _, _ in self.rules:
+            m = regex.fullmatch(name)
+            if m:
+                if self.conv1d and tensor.dim() == 2 and ours.startswith("layers."):
+                    tensor = tensor.t()
+                head = f"#{m['h']}" if "h" in m.groupdict() else ""
+                return {ours.format(**m.groupdict()) + head: tensor.contiguous()}
+        for regex, fused in self.fused_rules:
+            m = regex.fullmatch(name)
+            if m:
+                layer, part = int(m["i"]), m["p"]
+                if self.conv1d and part == "weight":
+                    tensor = tensor.t()
+                pieces = split_fused(tensor, fused, config, layer)
+                return {f"layers.{layer}.{p}.{part}": t for p, t in zip(fused.parts, pieces)}
+        raise GQAError(f"unexpected tensor {name!r} in a {self.name} checkpoint")
+
+    def export_state(self, state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+        """gqa tensors -> HF tensors (the reverse of import_tensor); tied output weights are left out."""
+        out: dict[str, torch.Tensor] = {}
+        fused_parts = {part: f for f in self.fused for part in f.parts}
+        for name, tensor in state.items():
+            if name == "output.weight" and config.tie_embeddings:
+                continue
+            m = re.fullmatch(r"layers\.(\d+)\.(.+)\.(weight|bias)", name)
+            if m and m[2] in fused_parts:
+                fused = fused_parts[m[2]]
+                if m[2] == fused.parts[0]:  # the first part writes the whole fused tensor
+                    layer, part = int(m[1]), m[3]
+                    joined = join_fused([state[f"layers.{layer}.{p}.{part}"] for p in fused.parts], fused, config, layer)
+                    out[fused.hf.format(i=layer, p=part)] = (joined.t() if self.conv1d and part == "weight"
+                                                             else joined).contiguous()
+                continue
+            out.update(self.export_tensor(name, tensor, config))
+        return out
+
+    def export_tensor(self, name: str, tensor: torch.Tensor, config: ModelConfig) -> dict[str, torch.Tensor]:
+        for _, hf, ours, ours_regex, when in self.rules:
+            m = ours_regex.fullmatch(name)
+            if m and (when is None or when(config)):
+                if self.conv1d and tensor.dim() == 2 and ours.startswith("layers."):
+                    tensor = tensor.t()
+                if "{h}" in hf:  # stored one head at a time
+                    heads = tensor.reshape(-1, config.head_dim)
+                    return {hf.format(h=h, **m.groupdict()): t.contiguous() for h, t in enumerate(heads)}
+                return {hf.format(**m.groupdict()): tensor.contiguous()}
+        raise GQAError(f"the {self.name} format has no place for tensor {name!r}")
+
+
+def stack_heads(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Join `name#h` pieces (a family's per-head tensors) into one flat [heads · D] tensor under `name`."""
+    pieces = {k: v for k, v in state.items() if "#" in k}
+    if not pieces:
+        return state
+    out = {k: v for k, v in state.items() if "#" not in k}
+    for name in {k.split("#")[0] for k in pieces}:
+        heads = sorted((int(k.split("#")[1]), v) for k, v in pieces.items() if k.split("#")[0] == name)
+        out[name] = torch.cat([v for _, v in heads])
+    return out
+
+
+def template_regex(template: str) -> re.Pattern:
+    pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
+    return re.compile(pattern.replace(r"\{h\}", r"(?P<h>\d+)"))
+
+
+def read_key(rule: Key, hf: dict, got: dict) -> Any:
+    value = hf.get(rule.name)
+    if value is None:
+        if rule.default is REQUIRED:
+            raise KeyError(rule.name)
+        return rule.default(got) if callable(rule.default) else rule.default
+    return rule.read(value) if rule.read else value
+
+
+# ------------------------------------------------------------------------------------------ rotary settings
+
+def rope_settings(hf: dict, default_theta: float = 10000.0) -> tuple[float, dict | None, float | None]:
+    """(theta, scaling, partial_rotary_factor or None) from transformers 5's `rope_parameters` or 4's fields."""
     params = dict(hf.get("rope_parameters") or {})
     theta = params.pop("rope_theta", hf.get("rope_theta", default_theta))
-    partial = params.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    partial = params.pop("partial_rotary_factor", hf.get("partial_rotary_factor"))
     kind = params.get("rope_type", params.get("type", "default"))
     if kind == "default":
         scaling = hf.get("rope_scaling")
@@ -56,518 +265,388 @@ def rope_settings(hf: dict, default_theta: float = 10000.0) -> tuple[float, dict
     return float(theta), params, partial
 
 
-@dataclass
-class Family:
-    name: str
-    architectures: tuple[str, ...]
-    model_type: str
-    rules: list[tuple[str, str]]  # (hf template, gqa template); "{i}" is the layer, "{p}" weight|bias
-    to_config: Callable[[dict], ModelConfig]
-    to_hf_config: Callable[[ModelConfig, dict], dict]
-    fused_qkv: str | None = None  # hf template of a fused qkv tensor
-    fused_layout: str = "blocks"
-    conv1d: bool = False  # [in, out] storage of linear weights (GPT-2)
-    aliases: tuple[tuple[str, str], ...] = ()  # (old prefix, current prefix) of names older writers used
-    ignore: tuple[str, ...] = ()  # regexes of HF buffers that carry no weights
-    compiled: list = field(default_factory=list, repr=False)
-
-    def __post_init__(self) -> None:
-        for hf, ours in self.rules:
-            self.compiled.append((template_regex(hf), hf, ours, template_regex(ours)))
-        self.fused_regex = template_regex(self.fused_qkv) if self.fused_qkv else None
-
-    def can_express(self, config: ModelConfig) -> bool:
-        """Whether this HF family can hold the model's KV-head layout."""
-        return all(g == config.n_heads for g in config.n_kv_heads)
-
-    def qkv_layout(self, config: ModelConfig) -> str:
-        """How the fused qkv tensor orders its rows for a model with this config."""
-        return self.fused_layout
-
-    # -- import ------------------------------------------------------------------------------------------
-
-    def canonical_name(self, name: str) -> str:
-        for old, new in self.aliases:
-            if name.startswith(old):
-                return new + name[len(old):]
-        return name
-
-    def import_tensor(self, name: str, tensor: torch.Tensor, config: ModelConfig) -> dict[str, torch.Tensor]:
-        """One HF tensor -> the gqa tensors it holds (three for a fused qkv tensor, none for a buffer)."""
-        name = self.canonical_name(name)
-        if any(re.fullmatch(pattern, name) for pattern in self.ignore):
-            return {}
-        for regex, _hf, ours, _ in self.compiled:
-            m = regex.fullmatch(name)
-            if m:
-                if self.conv1d and tensor.dim() == 2 and not ours.startswith(("tok_", "pos_", "output")):
-                    tensor = tensor.t()
-                return {ours.format(**m.groupdict()): tensor.contiguous()}
-        m = self.fused_regex.fullmatch(name) if self.fused_regex else None
-        if m:
-            layer, part = int(m["i"]), m["p"]
-            if self.conv1d and part == "weight":
-                tensor = tensor.t()
-            q, k, v = split_qkv(tensor, config, layer, self.qkv_layout(config))
-            base = f"layers.{layer}.attention"
-            return {f"{base}.wq.{part}": q, f"{base}.wk.{part}": k, f"{base}.wv.{part}": v}
-        raise GQAError(f"unexpected tensor {name!r} in a {self.name} checkpoint")
-
-    # -- export ------------------------------------------------------------------------------------------
-
-    def export_state(self, state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-        """gqa tensors -> HF tensors (the reverse of import_tensor); tied output weights are left out."""
-        out = {}
-        for name, tensor in state.items():
-            if name == "output.weight" and config.tie_embeddings:
-                continue
-            m = re.fullmatch(r"layers\.(\d+)\.attention\.w([qkv])\.(weight|bias)", name)
-            if m and self.fused_qkv:
-                if m[2] == "q":
-                    layer, part = int(m[1]), m[3]
-                    base = f"layers.{layer}.attention"
-                    qkv = [state[f"{base}.w{x}.{part}"] for x in "qkv"]
-                    fused = join_qkv(*qkv, config, layer, self.qkv_layout(config))
-                    if self.conv1d and part == "weight":
-                        fused = fused.t()
-                    out[self.fused_qkv.format(i=layer, p=part)] = fused.contiguous()
-                continue
-            for _, hf, ours, ours_regex in self.compiled:
-                m = ours_regex.fullmatch(name)
-                if m:
-                    if self.conv1d and tensor.dim() == 2 and not ours.startswith(("tok_", "pos_", "output")):
-                        tensor = tensor.t()
-                    out[hf.format(**m.groupdict())] = tensor.contiguous()
-                    break
-            else:
-                raise GQAError(f"the {self.name} format has no place for tensor {name!r}")
-        return out
+def read_rope(rope: Rope, hf: dict, head_dim: int) -> dict:
+    if rope.style == "gptj":
+        return {"rope_theta": 10000.0, "rope_scaling": None, "rotary_dim": hf.get("rotary_dim") or head_dim,
+                "rope_style": rope.layout}
+    theta, scaling, partial = rope_settings(hf, hf.get("rotary_emb_base", 10000.0))
+    if rope.style == "neox" and partial is None:
+        partial = hf.get("rotary_pct")
+    partial = rope.partial if partial is None else partial
+    return {"rope_theta": theta, "rope_scaling": scaling, "rotary_dim": int(head_dim * partial),
+            "rope_style": rope.layout}
 
 
-def template_regex(template: str) -> re.Pattern:
-    pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
-    return re.compile(pattern)
+def write_rope(rope: Rope, config: ModelConfig, base: dict, out: dict) -> None:
+    if rope.style == "gptj":
+        out["rotary_dim"] = config.rotary_dim
+        return
+    partial = config.rotary_dim / config.head_dim
+    params = {"rope_type": "default", "rope_theta": config.rope_theta, **(config.rope_scaling or {})}
+    if partial != 1.0 or "partial_rotary_factor" in (base.get("rope_parameters") or {}):
+        params["partial_rotary_factor"] = partial
+    if "rope_parameters" in base or "rope_theta" not in base:
+        out["rope_parameters"] = params
+        for key in ("rope_scaling", "rope_theta", "partial_rotary_factor"):
+            out.pop(key, None)
+    else:
+        out["rope_theta"] = config.rope_theta
+        out["rope_scaling"] = config.rope_scaling
+        if "partial_rotary_factor" in base or partial != 1.0:
+            out["partial_rotary_factor"] = partial
+    if rope.style == "neox":
+        out["rotary_pct"], out["rotary_emb_base"] = partial, config.rope_theta
 
 
-def split_qkv(t: torch.Tensor, config: ModelConfig, layer: int, layout: str):
-    """A fused [rows, ...] qkv tensor -> (q, k, v) with rows ordered head by head."""
+# ------------------------------------------------------------------------------------------ fused layouts
+
+def part_rows(part: str, config: ModelConfig, layer: int) -> int:
+    """Rows of one part of a fused tensor: q -> H·D, k and v -> G·D, an MLP part -> hidden_dim."""
+    if part.endswith("wq"):
+        return config.n_heads * config.head_dim
+    if part.endswith(("wk", "wv")):
+        return config.n_kv_heads[layer] * config.head_dim
+    return config.hidden_dim
+
+
+def split_fused(t: torch.Tensor, fused: Fused, config: ModelConfig, layer: int) -> list[torch.Tensor]:
+    """A fused [rows, ...] tensor -> its parts, each with rows ordered head by head."""
+    layout = fused.layout_for(config)
+    if layout == "blocks":
+        return [x.contiguous() for x in t.split([part_rows(p, config, layer) for p in fused.parts], dim=0)]
     H, G, D = config.n_heads, config.n_kv_heads[layer], config.head_dim
+    if layout == "per_head":
+        if G != H:
+            raise GQAError(f"a per-head fused qkv tensor needs as many KV heads as query heads, got {G} of {H}")
+        t = t.reshape(H, 3, D, *t.shape[1:])
+        return [t[:, j].reshape(H * D, *t.shape[3:]).contiguous() for j in range(3)]
+    r = H // G  # per_group: [q x r, k, v] for each KV group
+    t = t.reshape(G, r + 2, D, *t.shape[1:])
+    rest = t.shape[3:]
+    return [t[:, :r].reshape(H * D, *rest).contiguous(), t[:, r].reshape(G * D, *rest).contiguous(),
+            t[:, r + 1].reshape(G * D, *rest).contiguous()]
+
+
+def join_fused(parts: list[torch.Tensor], fused: Fused, config: ModelConfig, layer: int) -> torch.Tensor:
+    layout = fused.layout_for(config)
     if layout == "blocks":
-        return tuple(x.contiguous() for x in t.split([H * D, G * D, G * D], dim=0))
-    if G != H:
-        raise GQAError(f"a per-head fused qkv tensor needs as many KV heads as query heads, got {G} of {H}")
-    t = t.reshape(H, 3, D, *t.shape[1:])
-    return tuple(t[:, j].reshape(H * D, *t.shape[3:]).contiguous() for j in range(3))
+        return torch.cat(parts, dim=0)
+    q, k, v = parts
+    H, G, D = config.n_heads, config.n_kv_heads[layer], config.head_dim
+    rest = q.shape[1:]
+    if layout == "per_head":
+        if k.shape[0] != H * D:
+            raise GQAError("a per-head fused qkv tensor needs as many KV heads as query heads")
+        return torch.stack([x.reshape(H, D, *rest) for x in (q, k, v)], dim=1).reshape(3 * H * D, *rest)
+    r = H // G
+    return torch.cat([q.reshape(G, r, D, *rest), k.reshape(G, 1, D, *rest), v.reshape(G, 1, D, *rest)],
+                     dim=1).reshape((r + 2) * G * D, *rest)
 
 
-def join_qkv(q, k, v, config: ModelConfig, layer: int, layout: str) -> torch.Tensor:
-    if layout == "blocks":
-        return torch.cat([q, k, v], dim=0)
-    H, D = config.n_heads, config.head_dim
-    if k.shape[0] != H * D:
-        raise GQAError("a per-head fused qkv tensor needs as many KV heads as query heads")
-    parts = [x.reshape(H, D, *x.shape[1:]) for x in (q, k, v)]
-    return torch.stack(parts, dim=1).reshape(3 * H * D, *q.shape[1:])
+# ------------------------------------------------------------------------------------------ the families
+
+def layer_rules(prefix: str, names: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """Per-layer rules from {hf suffix: gqa suffix} under `prefix` (the HF layer prefix, with {i})."""
+    return tuple((f"{prefix}.{hf}", f"layers.{{i}}.{ours}") for hf, ours in names.items())
 
 
-def _set(base: dict, **fields) -> dict:
-    out = dict(base)
-    out.update(fields)
-    return out
-
-
-# ------------------------------------------------------------------------------------------- Llama-style
-
-LLAMA_RULES = [
-    ("model.embed_tokens.weight", "tok_embeddings.weight"),
-    ("model.layers.{i}.self_attn.q_proj.{p}", "layers.{i}.attention.wq.{p}"),
-    ("model.layers.{i}.self_attn.k_proj.{p}", "layers.{i}.attention.wk.{p}"),
-    ("model.layers.{i}.self_attn.v_proj.{p}", "layers.{i}.attention.wv.{p}"),
-    ("model.layers.{i}.self_attn.o_proj.{p}", "layers.{i}.attention.wo.{p}"),
-    ("model.layers.{i}.mlp.gate_proj.{p}", "layers.{i}.mlp.gate.{p}"),
-    ("model.layers.{i}.mlp.up_proj.{p}", "layers.{i}.mlp.up.{p}"),
-    ("model.layers.{i}.mlp.down_proj.{p}", "layers.{i}.mlp.down.{p}"),
-    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attention_norm.weight"),
-    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.mlp_norm.weight"),
-    ("model.norm.weight", "norm.weight"),
-    ("lm_head.weight", "output.weight"),
-]
-
-
+LLAMA_LAYER = {
+    "self_attn.q_proj.{p}": "attention.wq.{p}", "self_attn.k_proj.{p}": "attention.wk.{p}",
+    "self_attn.v_proj.{p}": "attention.wv.{p}", "self_attn.o_proj.{p}": "attention.wo.{p}",
+    "mlp.gate_proj.{p}": "mlp.gate.{p}", "mlp.up_proj.{p}": "mlp.up.{p}", "mlp.down_proj.{p}": "mlp.down.{p}",
+    "input_layernorm.{p}": "attention_norm.{p}", "post_attention_layernorm.{p}": "mlp_norm.{p}",
+}
+LLAMA_OUTER = (("model.embed_tokens.weight", "tok_embeddings.weight"), ("model.norm.{p}", "norm.{p}"),
+               ("lm_head.{p}", "output.{p}"))
+LLAMA_RULES = (*LLAMA_OUTER, *layer_rules("model.layers.{i}", LLAMA_LAYER))
+QK_NORM_RULES = layer_rules("model.layers.{i}", {"self_attn.q_norm.{p}": "attention.q_norm.{p}",
+                                                 "self_attn.k_norm.{p}": "attention.k_norm.{p}"})
 # older transformers saved the rotary table as a buffer; it is recomputed from the config
 LLAMA_BUFFERS = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"model\.rotary_emb\.inv_freq")
 
 
-def llama_like_config(hf: dict, family: str) -> ModelConfig:
-    n_heads = hf["num_attention_heads"]
-    n_kv = hf.get("num_key_value_heads") or n_heads
-    dim = hf["hidden_size"]
-    theta, scaling, partial = rope_settings(hf)
-    head_dim = hf.get("head_dim") or dim // n_heads
-    sliding = None
-    if family == "mistral":
-        sliding = hf.get("sliding_window")
-    if family == "qwen2" and hf.get("use_sliding_window", False):
-        raise GQAError("Qwen2 checkpoints with use_sliding_window=true are not supported")
-    bias = hf.get("attention_bias", False)
-    return ModelConfig(
-        vocab_size=hf["vocab_size"],
-        dim=dim,
-        n_layers=hf["num_hidden_layers"],
-        n_heads=n_heads,
-        n_kv_heads=[n_kv] * hf["num_hidden_layers"],
-        head_dim=head_dim,
-        hidden_dim=hf["intermediate_size"],
-        max_positions=hf.get("max_position_embeddings", 2048),
-        norm="rms",
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        positions="rope",
-        rope_theta=theta,
-        rotary_dim=int(head_dim * partial),
-        rope_scaling=scaling,
-        mlp="gated",
-        activation=activation(hf.get("hidden_act", "silu")),
-        qkv_bias=True if family == "qwen2" else bias,
-        out_bias=False if family == "qwen2" else bias,
-        mlp_bias=hf.get("mlp_bias", False),
-        tie_embeddings=hf.get("tie_word_embeddings", False),
-        sliding_window=sliding,
+def llama_config(**changes) -> dict[str, Any]:
+    """The config of a Llama-style family (changes: its own keys, defaults and constants)."""
+    base = dict(
+        vocab_size=Key("vocab_size"), dim=Key("hidden_size"), n_layers=Key("num_hidden_layers"),
+        n_heads=Key("num_attention_heads"), n_kv_heads=kv_key("num_key_value_heads"),
+        head_dim=Key("head_dim", lambda got: got["dim"] // got["n_heads"]), hidden_dim=Key("intermediate_size"),
+        max_positions=Key("max_position_embeddings", 2048), norm="rms", norm_eps=Key("rms_norm_eps", 1e-6),
+        positions="rope", mlp="gated", activation=act_key("hidden_act", "silu"),
+        qkv_bias=Key("attention_bias", False), out_bias=Key("attention_bias", False), mlp_bias=Key("mlp_bias", False),
+        tie_embeddings=Key("tie_word_embeddings", False),
     )
+    return {**base, **changes}
 
 
-def llama_like_hf_config(config: ModelConfig, base: dict, model_type: str, arch: str) -> dict:
-    if len(set(config.n_kv_heads)) != 1:
-        raise GQAError("a Llama-style HF config holds one KV-head count; per-layer counts need block_configs")
-    if config.qkv_bias != config.out_bias and model_type != "qwen2":
-        raise GQAError(f"{arch} cannot hold q/k/v biases without an output bias")
-    out = _set(
-        base,
-        architectures=[arch],
-        model_type=model_type,
-        vocab_size=config.vocab_size,
-        hidden_size=config.dim,
-        intermediate_size=config.hidden_dim,
-        num_hidden_layers=config.n_layers,
-        num_attention_heads=config.n_heads,
-        num_key_value_heads=config.n_kv_heads[0],
-        head_dim=config.head_dim,
-        max_position_embeddings=config.max_positions,
-        rms_norm_eps=config.norm_eps,
-        hidden_act=hf_activation(config.activation, base.get("hidden_act")),
-        tie_word_embeddings=config.tie_embeddings,
-        mlp_bias=config.mlp_bias,
-    )
-    if model_type != "qwen2":
-        out["attention_bias"] = config.qkv_bias
-    params = {"rope_type": "default", "rope_theta": config.rope_theta}
-    if config.rope_scaling:
-        params.update(config.rope_scaling)
-    if "rope_parameters" in base or "rope_theta" not in base:
-        out["rope_parameters"] = params
-        out.pop("rope_scaling", None)
-        out.pop("rope_theta", None)
-    else:
-        out["rope_theta"] = config.rope_theta
-        out["rope_scaling"] = config.rope_scaling
-    if model_type == "mistral":
-        out["sliding_window"] = config.sliding_window
-    return out
+def llama_like(name: str, arch: str, **options) -> Family:
+    options.setdefault("config", llama_config())
+    return Family(name=name, architectures=(arch,), model_type=name, tensors=LLAMA_RULES, ignore=LLAMA_BUFFERS,
+                  kv_heads="num_key_value_heads", **options)
 
 
-class LlamaLikeFamily(Family):
-    def can_express(self, config: ModelConfig) -> bool:
-        return len(set(config.n_kv_heads)) == 1  # any uniform G: num_key_value_heads
+LLAMA = llama_like("llama", "LlamaForCausalLM")
+MISTRAL = llama_like("mistral", "MistralForCausalLM", config=llama_config(sliding_window=Key("sliding_window", None)))
+QWEN2 = llama_like("qwen2", "Qwen2ForCausalLM", config=llama_config(qkv_bias=True, out_bias=False),
+                   refuse=((lambda hf: hf.get("use_sliding_window", False), "Qwen2 with use_sliding_window=true"),))
+GEMMA = llama_like("gemma", "GemmaForCausalLM", config=llama_config(
+    head_dim=Key("head_dim", 256), max_positions=Key("max_position_embeddings", 8192),
+    activation=act_key("hidden_act", "gelu_pytorch_tanh"), tie_embeddings=Key("tie_word_embeddings", True),
+    norm_weight_offset=1.0, embedding_multiplier=Derived(lambda got: got["dim"] ** 0.5),
+))
+QWEN3 = Family(
+    name="qwen3", architectures=("Qwen3ForCausalLM",), model_type="qwen3", tensors=(*LLAMA_RULES, *QK_NORM_RULES),
+    ignore=LLAMA_BUFFERS, kv_heads="num_key_value_heads",
+    config=llama_config(head_dim=Key("head_dim", 128), max_positions=Key("max_position_embeddings", 32768),
+                        qk_norm="rms_head"),
+    refuse=((lambda hf: hf.get("use_sliding_window", False), "Qwen3 with use_sliding_window=true"),),
+)
+OLMO2 = Family(
+    name="olmo2", architectures=("Olmo2ForCausalLM",), model_type="olmo2", ignore=LLAMA_BUFFERS,
+    kv_heads="num_key_value_heads",
+    tensors=(*LLAMA_OUTER, *QK_NORM_RULES, *layer_rules("model.layers.{i}", {
+        **{k: v for k, v in LLAMA_LAYER.items() if "layernorm" not in k},
+        "post_attention_layernorm.{p}": "attention_norm.{p}", "post_feedforward_layernorm.{p}": "mlp_norm.{p}"})),
+    config=llama_config(norm_eps=Key("rms_norm_eps", 1e-5), block="post_norm", qk_norm="rms_all"),
+)
+PHI3 = Family(
+    name="phi3", architectures=("Phi3ForCausalLM",), model_type="phi3", ignore=LLAMA_BUFFERS,
+    kv_heads="num_key_value_heads",
+    tensors=(*LLAMA_OUTER, *layer_rules("model.layers.{i}", {
+        "self_attn.o_proj.{p}": "attention.wo.{p}", "mlp.down_proj.{p}": "mlp.down.{p}",
+        "input_layernorm.{p}": "attention_norm.{p}", "post_attention_layernorm.{p}": "mlp_norm.{p}"})),
+    fused=(Fused("model.layers.{i}.self_attn.qkv_proj.{p}", ("attention.wq", "attention.wk", "attention.wv")),
+           Fused("model.layers.{i}.mlp.gate_up_proj.{p}", ("mlp.gate", "mlp.up"))),
+    config=llama_config(norm_eps=Key("rms_norm_eps", 1e-5), max_positions=Key("max_position_embeddings", 4096),
+                        qkv_bias=False, out_bias=False, mlp_bias=False, sliding_window=Key("sliding_window", None)),
+    refuse=((lambda hf: (hf.get("rope_parameters") or hf.get("rope_scaling") or {}).get("rope_type", "default")
+             not in ("default", None), "Phi-3 with longrope scaling (the 128k-context variants)"),),
+)
+PHI = Family(
+    name="phi", architectures=("PhiForCausalLM",), model_type="phi", ignore=LLAMA_BUFFERS,
+    kv_heads="num_key_value_heads", rope=Rope(partial=0.5),
+    tensors=(("model.embed_tokens.weight", "tok_embeddings.weight"), ("model.final_layernorm.{p}", "norm.{p}"),
+             ("lm_head.{p}", "output.{p}"), *layer_rules("model.layers.{i}", {
+                 "self_attn.q_proj.{p}": "attention.wq.{p}", "self_attn.k_proj.{p}": "attention.wk.{p}",
+                 "self_attn.v_proj.{p}": "attention.wv.{p}", "self_attn.dense.{p}": "attention.wo.{p}",
+                 "self_attn.q_layernorm.{p}": "attention.q_norm.{p}", "self_attn.k_layernorm.{p}": "attention.k_norm.{p}",
+                 "mlp.fc1.{p}": "mlp.up.{p}", "mlp.fc2.{p}": "mlp.down.{p}", "input_layernorm.{p}": "attention_norm.{p}"})),
+    config=llama_config(norm="layer", norm_eps=Key("layer_norm_eps", 1e-5), mlp="plain",
+                        activation=act_key("hidden_act", "gelu_new"), block="parallel_shared", qkv_bias=True,
+                        out_bias=True, mlp_bias=True, output_bias=True,
+                        qk_norm=Key("qk_layernorm", None, read=lambda on: "layer_head" if on else None,
+                                    write=lambda v, base: v is not None)),
+)
+STABLELM = Family(
+    name="stablelm", architectures=("StableLmForCausalLM",), model_type="stablelm", ignore=LLAMA_BUFFERS,
+    kv_heads="num_key_value_heads", rope=Rope(partial=0.25),
+    tensors=(*LLAMA_OUTER, *layer_rules("model.layers.{i}", {
+        **LLAMA_LAYER, "self_attn.q_layernorm.norms.{h}.weight": "attention.q_norm.weight",
+        "self_attn.k_layernorm.norms.{h}.weight": "attention.k_norm.weight"})),
+    config=llama_config(norm="layer", norm_eps=Key("layer_norm_eps", 1e-5),
+                        max_positions=Key("max_position_embeddings", 4096), qkv_bias=Key("use_qkv_bias", False),
+                        out_bias=False, mlp_bias=False,
+                        block=Key("use_parallel_residual", "sequential",
+                                  read=lambda on: "parallel_shared" if on else "sequential",
+                                  write=lambda v, base: v == "parallel_shared"),
+                        qk_norm=Key("qk_layernorm", None, read=lambda on: "layer_per_head" if on else None,
+                                    write=lambda v, base: v is not None)),
+)
+GPTJ = Family(
+    name="gptj", architectures=("GPTJForCausalLM",), model_type="gptj", rope=Rope(style="gptj", layout="interleaved"),
+    tensors=(("transformer.wte.weight", "tok_embeddings.weight"), ("transformer.ln_f.{p}", "norm.{p}"),
+             ("lm_head.{p}", "output.{p}"), *layer_rules("transformer.h.{i}", {
+                 "attn.q_proj.{p}": "attention.wq.{p}", "attn.k_proj.{p}": "attention.wk.{p}",
+                 "attn.v_proj.{p}": "attention.wv.{p}", "attn.out_proj.{p}": "attention.wo.{p}",
+                 "mlp.fc_in.{p}": "mlp.up.{p}", "mlp.fc_out.{p}": "mlp.down.{p}", "ln_1.{p}": "attention_norm.{p}"})),
+    config=dict(vocab_size=Key("vocab_size"), dim=Key("n_embd"), n_layers=Key("n_layer"), n_heads=Key("n_head"),
+                n_kv_heads=Derived(lambda got: got["n_heads"]), head_dim=Derived(lambda got: got["dim"] // got["n_heads"]),
+                hidden_dim=Key("n_inner", lambda got: 4 * got["dim"]), max_positions=Key("n_positions", 2048),
+                norm="layer", norm_eps=Key("layer_norm_epsilon", 1e-5), positions="rope", mlp="plain",
+                activation=act_key("activation_function", "gelu_new"), block="parallel_shared", mlp_bias=True,
+                output_bias=True, tie_embeddings=Key("tie_word_embeddings", False)),
+    ignore=(r"transformer\.h\.\d+\.attn\.(masked_bias|bias|embed_positions)",),
+)
 
 
-def llama_like(name: str, arch: str) -> Family:
-    return LlamaLikeFamily(
-        name=name,
-        architectures=(arch,),
-        model_type=name,
-        rules=LLAMA_RULES,
-        to_config=lambda hf: llama_like_config(hf, name),
-        to_hf_config=lambda c, base: llama_like_hf_config(c, base, name, arch),
-        ignore=LLAMA_BUFFERS,
-    )
+def falcon_layout(config: ModelConfig) -> str:
+    g = set(config.n_kv_heads)
+    if g == {config.n_heads}:
+        return "per_head" if config.extra.get("falcon_new_arch") is False else "per_group"
+    return "blocks" if g == {1} and not config.extra.get("falcon_new_arch") else "per_group"
 
+
+def falcon_new_arch(config: ModelConfig) -> bool:
+    """Falcon's new decoder architecture holds any G; the old one only MQA (blocks) or MHA (per head)."""
+    if config.extra.get("falcon_new_arch"):
+        return True
+    return not ({config.n_heads} == set(config.n_kv_heads) or {1} == set(config.n_kv_heads))
+
+
+def falcon_extra(config: ModelConfig, base: dict, out: dict) -> None:
+    new = falcon_new_arch(config)
+    out.update(new_decoder_architecture=new, multi_query=set(config.n_kv_heads) == {1} and not new,
+               num_kv_heads=config.n_kv_heads[0], parallel_attn=config.block != "sequential",
+               num_ln_in_parallel_attn=(2 if config.block == "parallel" else 1) if new else None,
+               bias=config.qkv_bias, alibi=False, ffn_hidden_size=config.hidden_dim)
+    for key in ("num_key_value_heads", "intermediate_size"):
+        out.pop(key, None)
+
+
+def falcon_kv(got: dict, hf: dict) -> int:
+    if hf.get("new_decoder_architecture"):
+        return hf.get("num_kv_heads") or got["n_heads"]
+    return 1 if hf.get("multi_query", True) else got["n_heads"]
+
+
+def falcon_block(hf: dict) -> str:
+    if not hf.get("parallel_attn", True):
+        return "sequential"
+    two = hf.get("new_decoder_architecture") and (hf.get("num_ln_in_parallel_attn") or 2) == 2
+    return "parallel" if two else "parallel_shared"
+
+
+class FalconFamily(Family):
+    """Falcon's layout flags decide its KV heads, fused layout and block; they are read from the whole config."""
+
+    def to_config(self, hf: dict) -> ModelConfig:
+        config = super().to_config(hf)
+        n_kv = falcon_kv({"n_heads": config.n_heads}, hf)
+        return replace(config, n_kv_heads=[n_kv] * config.n_layers, block=falcon_block(hf),
+                       extra={"falcon_new_arch": bool(hf.get("new_decoder_architecture"))})
+
+
+FALCON = FalconFamily(
+    name="falcon", architectures=("FalconForCausalLM",), model_type="falcon",
+    tensors=(("transformer.word_embeddings.weight", "tok_embeddings.weight"), ("transformer.ln_f.{p}", "norm.{p}"),
+             ("lm_head.{p}", "output.{p}"), *layer_rules("transformer.h.{i}", {
+                 "self_attention.dense.{p}": "attention.wo.{p}", "mlp.dense_h_to_4h.{p}": "mlp.up.{p}",
+                 "mlp.dense_4h_to_h.{p}": "mlp.down.{p}"}),
+             ("transformer.h.{i}.ln_attn.{p}", "layers.{i}.attention_norm.{p}", lambda c: c.block == "parallel"),
+             ("transformer.h.{i}.ln_mlp.{p}", "layers.{i}.mlp_norm.{p}", lambda c: c.block == "parallel"),
+             ("transformer.h.{i}.input_layernorm.{p}", "layers.{i}.attention_norm.{p}"),
+             ("transformer.h.{i}.post_attention_layernorm.{p}", "layers.{i}.mlp_norm.{p}")),
+    fused=(Fused("transformer.h.{i}.self_attention.query_key_value.{p}", ("attention.wq", "attention.wk", "attention.wv"),
+                 falcon_layout),),
+    config=dict(vocab_size=Key("vocab_size"), dim=Key("hidden_size"), n_layers=Key("num_hidden_layers"),
+                n_heads=Key("num_attention_heads"), n_kv_heads=Derived(lambda got: got["n_heads"]),
+                head_dim=Derived(lambda got: got["dim"] // got["n_heads"]),
+                hidden_dim=Key("ffn_hidden_size", lambda got: 4 * got["dim"]),
+                max_positions=Key("max_position_embeddings", 2048), norm="layer",
+                norm_eps=Key("layer_norm_epsilon", 1e-5), positions="rope", mlp="plain",
+                activation=act_key("activation", "gelu"), qkv_bias=Key("bias", False), out_bias=Key("bias", False),
+                mlp_bias=Key("bias", False), tie_embeddings=Key("tie_word_embeddings", True)),
+    kv_heads="num_kv_heads", write_extra=falcon_extra,
+    refuse=((lambda hf: hf.get("alibi", False), "Falcon with ALiBi positions (alibi=true)"),
+            (lambda hf: hf.get("new_decoder_architecture") and not hf.get("parallel_attn", True),
+             "Falcon's new decoder architecture without parallel attention")),
+)
 
 # ----------------------------------------------------------------------------------- GPT-2 and BigCode
 
-GPT2_RULES = [
-    ("transformer.wte.weight", "tok_embeddings.weight"),
-    ("transformer.wpe.weight", "pos_embeddings.weight"),
-    ("transformer.h.{i}.ln_1.{p}", "layers.{i}.attention_norm.{p}"),
-    ("transformer.h.{i}.attn.c_proj.{p}", "layers.{i}.attention.wo.{p}"),
-    ("transformer.h.{i}.ln_2.{p}", "layers.{i}.mlp_norm.{p}"),
-    ("transformer.h.{i}.mlp.c_fc.{p}", "layers.{i}.mlp.up.{p}"),
-    ("transformer.h.{i}.mlp.c_proj.{p}", "layers.{i}.mlp.down.{p}"),
-    ("transformer.ln_f.{p}", "norm.{p}"),
-    ("lm_head.weight", "output.weight"),
-]
-
-
-def gpt2_config(hf: dict, multi_query: bool | None = None) -> ModelConfig:
-    if hf.get("scale_attn_by_inverse_layer_idx", False):
-        raise GQAError("GPT-2 checkpoints with scale_attn_by_inverse_layer_idx=true are not supported")
-    if not hf.get("scale_attn_weights", True):
-        raise GQAError("GPT-2 checkpoints with scale_attn_weights=false are not supported")
-    dim, n_heads = hf["n_embd"], hf["n_head"]
-    n_kv = 1 if multi_query else n_heads
-    default_act = "gelu_pytorch_tanh" if multi_query is not None else "gelu_new"
-    return ModelConfig(
-        vocab_size=hf["vocab_size"],
-        dim=dim,
-        n_layers=hf["n_layer"],
-        n_heads=n_heads,
-        n_kv_heads=[n_kv] * hf["n_layer"],
-        head_dim=dim // n_heads,
-        hidden_dim=hf.get("n_inner") or 4 * dim,
-        max_positions=hf.get("n_positions", 1024),
-        norm="layer",
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        positions="learned",
-        mlp="plain",
-        activation=activation(hf.get("activation_function", default_act)),
-        qkv_bias=True,
-        out_bias=True,
-        mlp_bias=True,
-        tie_embeddings=hf.get("tie_word_embeddings", True),
-    )
-
-
-def gpt2_hf_config(config: ModelConfig, base: dict, model_type: str, arch: str) -> dict:
-    out = _set(
-        base,
-        architectures=[arch],
-        model_type=model_type,
-        vocab_size=config.vocab_size,
-        n_embd=config.dim,
-        n_layer=config.n_layers,
-        n_head=config.n_heads,
-        n_inner=config.hidden_dim,
-        n_positions=config.max_positions,
-        layer_norm_epsilon=config.norm_eps,
-        activation_function=hf_activation(config.activation, base.get("activation_function", "gelu_new")),
-        tie_word_embeddings=config.tie_embeddings,
-    )
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
-        out.pop(key, None)  # aliases some writers add; the GPT-2 names above are the ones read
-    if model_type == "gpt_bigcode":
-        out["multi_query"] = config.n_kv_heads[0] == 1
-        out.pop("num_key_value_heads", None)
-    return out
-
-
+GPT2_RULES = (("transformer.wte.weight", "tok_embeddings.weight"), ("transformer.wpe.weight", "pos_embeddings.weight"),
+              ("transformer.ln_f.{p}", "norm.{p}"), ("lm_head.weight", "output.weight"),
+              *layer_rules("transformer.h.{i}", {"ln_1.{p}": "attention_norm.{p}", "attn.c_proj.{p}": "attention.wo.{p}",
+                                                 "ln_2.{p}": "mlp_norm.{p}", "mlp.c_fc.{p}": "mlp.up.{p}",
+                                                 "mlp.c_proj.{p}": "mlp.down.{p}"}))
 GPT2_ALIASES = tuple((p, "transformer." + p) for p in ("wte.", "wpe.", "h.", "ln_f."))
+GPT2_BUFFERS = (r"transformer\.h\.\d+\.attn\.(masked_)?bias",)
 
+
+def gpt2_config(multi_query: bool = False) -> dict[str, Any]:
+    return dict(
+        vocab_size=Key("vocab_size"), dim=Key("n_embd"), n_layers=Key("n_layer"), n_heads=Key("n_head"),
+        n_kv_heads=Derived(lambda got: 1 if multi_query else got["n_heads"]),
+        head_dim=Derived(lambda got: got["dim"] // got["n_heads"]), hidden_dim=Key("n_inner", lambda got: 4 * got["dim"]),
+        max_positions=Key("n_positions", 1024), norm="layer", norm_eps=Key("layer_norm_epsilon", 1e-5),
+        positions="learned", mlp="plain",
+        activation=act_key("activation_function", "gelu_pytorch_tanh" if multi_query else "gelu_new"),
+        qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=Key("tie_word_embeddings", True),
+    )
+
+
+def gpt2_extra(config: ModelConfig, base: dict, out: dict) -> None:
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
+                "num_key_value_heads"):
+        out.pop(key, None)  # aliases some writers add; the GPT-2 names are the ones read
+    if out["model_type"] == "gpt_bigcode":
+        out["multi_query"] = config.n_kv_heads[0] == 1
+
+
+GPT2_REFUSE = ((lambda hf: hf.get("scale_attn_by_inverse_layer_idx", False), "GPT-2 with scale_attn_by_inverse_layer_idx=true"),
+               (lambda hf: not hf.get("scale_attn_weights", True), "GPT-2 with scale_attn_weights=false"))
 GPT2 = Family(
-    name="gpt2",
-    architectures=("GPT2LMHeadModel",),
-    model_type="gpt2",
-    rules=GPT2_RULES,
-    to_config=gpt2_config,
-    to_hf_config=lambda c, base: gpt2_hf_config(c, base, "gpt2", "GPT2LMHeadModel"),
-    fused_qkv="transformer.h.{i}.attn.c_attn.{p}",
-    fused_layout="blocks",
-    conv1d=True,
-    aliases=GPT2_ALIASES,
-    ignore=(r"transformer\.h\.\d+\.attn\.(masked_)?bias",),
+    name="gpt2", architectures=("GPT2LMHeadModel",), model_type="gpt2", tensors=GPT2_RULES, config=gpt2_config(),
+    rope=None, fused=(Fused("transformer.h.{i}.attn.c_attn.{p}", ("attention.wq", "attention.wk", "attention.wv")),),
+    conv1d=True, aliases=GPT2_ALIASES, ignore=GPT2_BUFFERS, refuse=GPT2_REFUSE, write_extra=gpt2_extra,
 )
 
 
 class BigCodeFamily(Family):
-    """GPT-2 with multi-query attention: c_attn is [Q | K | V] when multi_query, per-head otherwise."""
+    """GPT-2 with multi-query attention: c_attn is [Q | K | V] when multi_query, per head otherwise."""
 
-    def qkv_layout(self, config):
-        return "blocks" if config.n_kv_heads[0] == 1 else "per_head"
-
-    def can_express(self, config):
-        return all(g == 1 for g in config.n_kv_heads) or all(g == config.n_heads for g in config.n_kv_heads)
+    def to_config(self, hf: dict) -> ModelConfig:
+        config = super().to_config(hf)
+        return replace(config, n_kv_heads=[1 if hf.get("multi_query", True) else config.n_heads] * config.n_layers)
 
 
 BIGCODE = BigCodeFamily(
-    name="gpt_bigcode",
-    architectures=("GPTBigCodeForCausalLM",),
-    model_type="gpt_bigcode",
-    rules=GPT2_RULES,
-    to_config=lambda hf: gpt2_config(hf, multi_query=hf.get("multi_query", True)),
-    to_hf_config=lambda c, base: gpt2_hf_config(c, base, "gpt_bigcode", "GPTBigCodeForCausalLM"),
-    fused_qkv="transformer.h.{i}.attn.c_attn.{p}",
-    aliases=GPT2_ALIASES,
-    ignore=(r"transformer\.h\.\d+\.attn\.(masked_)?bias",),
+    name="gpt_bigcode", architectures=("GPTBigCodeForCausalLM",), model_type="gpt_bigcode", tensors=GPT2_RULES,
+    config=gpt2_config(multi_query=True), rope=None,
+    fused=(Fused("transformer.h.{i}.attn.c_attn.{p}", ("attention.wq", "attention.wk", "attention.wv"),
+                 lambda c: "blocks" if c.n_kv_heads[0] == 1 else "per_head"),),
+    aliases=GPT2_ALIASES, ignore=GPT2_BUFFERS, refuse=GPT2_REFUSE, write_extra=gpt2_extra,
 )
 
-# --------------------------------------------------------------------------------------------- GPT-NeoX
-
-NEOX_RULES = [
-    ("gpt_neox.embed_in.weight", "tok_embeddings.weight"),
-    ("gpt_neox.layers.{i}.input_layernorm.{p}", "layers.{i}.attention_norm.{p}"),
-    ("gpt_neox.layers.{i}.post_attention_layernorm.{p}", "layers.{i}.mlp_norm.{p}"),
-    ("gpt_neox.layers.{i}.attention.dense.{p}", "layers.{i}.attention.wo.{p}"),
-    ("gpt_neox.layers.{i}.mlp.dense_h_to_4h.{p}", "layers.{i}.mlp.up.{p}"),
-    ("gpt_neox.layers.{i}.mlp.dense_4h_to_h.{p}", "layers.{i}.mlp.down.{p}"),
-    ("gpt_neox.final_layer_norm.{p}", "norm.{p}"),
-    ("embed_out.weight", "output.weight"),
-]
-NEOX_ALIASES = (("lm_head.", "embed_out."),)  # transformers 5 names the head lm_head
-
-
-def neox_config(hf: dict) -> ModelConfig:
-    dim, n_heads = hf["hidden_size"], hf["num_attention_heads"]
-    head_dim = dim // n_heads
-    theta, scaling, partial = rope_settings(hf, default_theta=hf.get("rotary_emb_base", 10000.0))
-    if "rope_parameters" not in hf or "partial_rotary_factor" not in (hf.get("rope_parameters") or {}):
-        partial = hf.get("rotary_pct", 0.25 if "rope_parameters" not in hf else partial)
-    bias = hf.get("attention_bias", True)
-    return ModelConfig(
-        vocab_size=hf["vocab_size"],
-        dim=dim,
-        n_layers=hf["num_hidden_layers"],
-        n_heads=n_heads,
-        n_kv_heads=[n_heads] * hf["num_hidden_layers"],
-        head_dim=head_dim,
-        hidden_dim=hf["intermediate_size"],
-        max_positions=hf.get("max_position_embeddings", 2048),
-        norm="layer",
-        norm_eps=hf.get("layer_norm_eps", 1e-5),
-        positions="rope",
-        rope_theta=theta,
-        rotary_dim=int(head_dim * partial),
-        rope_scaling=scaling,
-        mlp="plain",
-        activation=activation(hf.get("hidden_act", "gelu")),
-        parallel_residual=hf.get("use_parallel_residual", True),
-        qkv_bias=bias,
-        out_bias=bias,
-        mlp_bias=True,
-        tie_embeddings=hf.get("tie_word_embeddings", False),
-    )
-
-
-def neox_hf_config(config: ModelConfig, base: dict) -> dict:
-    out = _set(
-        base,
-        architectures=["GPTNeoXForCausalLM"],
-        model_type="gpt_neox",
-        vocab_size=config.vocab_size,
-        hidden_size=config.dim,
-        num_hidden_layers=config.n_layers,
-        num_attention_heads=config.n_heads,
-        intermediate_size=config.hidden_dim,
-        max_position_embeddings=config.max_positions,
-        layer_norm_eps=config.norm_eps,
-        hidden_act=hf_activation(config.activation, base.get("hidden_act")),
-        use_parallel_residual=config.parallel_residual,
-        attention_bias=config.qkv_bias,
-        tie_word_embeddings=config.tie_embeddings,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": config.rope_theta,
-            "partial_rotary_factor": config.rotary_dim / config.head_dim,
-        },
-        rotary_pct=config.rotary_dim / config.head_dim,
-        rotary_emb_base=config.rope_theta,
-    )
-    return out
-
+# --------------------------------------------------------------------------------------------- GPT-NeoX, OPT
 
 NEOX = Family(
-    name="gpt_neox",
-    architectures=("GPTNeoXForCausalLM",),
-    model_type="gpt_neox",
-    rules=NEOX_RULES,
-    to_config=neox_config,
-    to_hf_config=neox_hf_config,
-    fused_qkv="gpt_neox.layers.{i}.attention.query_key_value.{p}",
-    fused_layout="per_head",
-    aliases=NEOX_ALIASES,
+    name="gpt_neox", architectures=("GPTNeoXForCausalLM",), model_type="gpt_neox", rope=Rope(style="neox", partial=0.25),
+    tensors=(("gpt_neox.embed_in.weight", "tok_embeddings.weight"), ("gpt_neox.final_layer_norm.{p}", "norm.{p}"),
+             ("embed_out.weight", "output.weight"), *layer_rules("gpt_neox.layers.{i}", {
+                 "input_layernorm.{p}": "attention_norm.{p}", "post_attention_layernorm.{p}": "mlp_norm.{p}",
+                 "attention.dense.{p}": "attention.wo.{p}", "mlp.dense_h_to_4h.{p}": "mlp.up.{p}",
+                 "mlp.dense_4h_to_h.{p}": "mlp.down.{p}"})),
+    fused=(Fused("gpt_neox.layers.{i}.attention.query_key_value.{p}", ("attention.wq", "attention.wk", "attention.wv"),
+                 "per_head"),),
+    config=dict(vocab_size=Key("vocab_size"), dim=Key("hidden_size"), n_layers=Key("num_hidden_layers"),
+                n_heads=Key("num_attention_heads"), n_kv_heads=Derived(lambda got: got["n_heads"]),
+                head_dim=Derived(lambda got: got["dim"] // got["n_heads"]), hidden_dim=Key("intermediate_size"),
+                max_positions=Key("max_position_embeddings", 2048), norm="layer", norm_eps=Key("layer_norm_eps", 1e-5),
+                positions="rope", mlp="plain", activation=act_key("hidden_act", "gelu"),
+                block=Key("use_parallel_residual", "parallel", read=lambda on: "parallel" if on else "sequential",
+                          write=lambda v, base: v == "parallel"),
+                qkv_bias=Key("attention_bias", True), out_bias=Key("attention_bias", True), mlp_bias=True,
+                tie_embeddings=Key("tie_word_embeddings", False)),
+    aliases=(("lm_head.", "embed_out."),),  # transformers 5 names the head lm_head
     ignore=(r"gpt_neox\.layers\.\d+\.attention\.(masked_bias|bias|rotary_emb\.inv_freq)",),
 )
 
-# ------------------------------------------------------------------------------------------------- OPT
-
-OPT_RULES = [
-    ("model.decoder.embed_tokens.weight", "tok_embeddings.weight"),
-    ("model.decoder.embed_positions.weight", "pos_embeddings.weight"),
-    ("model.decoder.layers.{i}.self_attn.q_proj.{p}", "layers.{i}.attention.wq.{p}"),
-    ("model.decoder.layers.{i}.self_attn.k_proj.{p}", "layers.{i}.attention.wk.{p}"),
-    ("model.decoder.layers.{i}.self_attn.v_proj.{p}", "layers.{i}.attention.wv.{p}"),
-    ("model.decoder.layers.{i}.self_attn.out_proj.{p}", "layers.{i}.attention.wo.{p}"),
-    ("model.decoder.layers.{i}.self_attn_layer_norm.{p}", "layers.{i}.attention_norm.{p}"),
-    ("model.decoder.layers.{i}.final_layer_norm.{p}", "layers.{i}.mlp_norm.{p}"),
-    ("model.decoder.layers.{i}.fc1.{p}", "layers.{i}.mlp.up.{p}"),
-    ("model.decoder.layers.{i}.fc2.{p}", "layers.{i}.mlp.down.{p}"),
-    ("model.decoder.final_layer_norm.{p}", "norm.{p}"),
-    ("lm_head.weight", "output.weight"),
-]
-
-
-def opt_config(hf: dict) -> ModelConfig:
-    if not hf.get("do_layer_norm_before", True):
-        raise GQAError("OPT checkpoints with do_layer_norm_before=false (post-norm, e.g. opt-350m) are not supported")
-    dim = hf["hidden_size"]
-    if hf.get("word_embed_proj_dim", dim) != dim:
-        raise GQAError("OPT checkpoints with word_embed_proj_dim != hidden_size are not supported")
-    if hf.get("_remove_final_layer_norm", False) or not hf.get("layer_norm_elementwise_affine", True):
-        raise GQAError("OPT checkpoints without an affine final layer norm are not supported")
-    n_heads = hf["num_attention_heads"]
-    bias = hf.get("enable_bias", True)
-    return ModelConfig(
-        vocab_size=hf["vocab_size"],
-        dim=dim,
-        n_layers=hf["num_hidden_layers"],
-        n_heads=n_heads,
-        n_kv_heads=[n_heads] * hf["num_hidden_layers"],
-        head_dim=dim // n_heads,
-        hidden_dim=hf["ffn_dim"],
-        max_positions=hf.get("max_position_embeddings", 2048),
-        norm="layer",
-        norm_eps=1e-5,
-        positions="learned",
-        position_offset=2,
-        mlp="plain",
-        activation=activation(hf.get("activation_function", "relu")),
-        qkv_bias=bias,
-        out_bias=bias,
-        mlp_bias=bias,
-        tie_embeddings=hf.get("tie_word_embeddings", True),
-    )
-
-
-def opt_hf_config(config: ModelConfig, base: dict) -> dict:
-    return _set(
-        base,
-        architectures=["OPTForCausalLM"],
-        model_type="opt",
-        vocab_size=config.vocab_size,
-        hidden_size=config.dim,
-        word_embed_proj_dim=config.dim,
-        num_hidden_layers=config.n_layers,
-        num_attention_heads=config.n_heads,
-        ffn_dim=config.hidden_dim,
-        max_position_embeddings=config.max_positions,
-        activation_function=hf_activation(config.activation, base.get("activation_function")),
-        enable_bias=config.qkv_bias,
-        do_layer_norm_before=True,
-        tie_word_embeddings=config.tie_embeddings,
-    )
-
-
 OPT = Family(
-    name="opt",
-    architectures=("OPTForCausalLM",),
-    model_type="opt",
-    rules=OPT_RULES,
-    to_config=opt_config,
-    to_hf_config=opt_hf_config,
+    name="opt", architectures=("OPTForCausalLM",), model_type="opt", rope=None,
+    tensors=(("model.decoder.embed_tokens.weight", "tok_embeddings.weight"),
+             ("model.decoder.embed_positions.weight", "pos_embeddings.weight"),
+             ("model.decoder.final_layer_norm.{p}", "norm.{p}"), ("lm_head.weight", "output.weight"),
+             *layer_rules("model.decoder.layers.{i}", {
+                 "self_attn.q_proj.{p}": "attention.wq.{p}", "self_attn.k_proj.{p}": "attention.wk.{p}",
+                 "self_attn.v_proj.{p}": "attention.wv.{p}", "self_attn.out_proj.{p}": "attention.wo.{p}",
+                 "self_attn_layer_norm.{p}": "attention_norm.{p}", "final_layer_norm.{p}": "mlp_norm.{p}",
+                 "fc1.{p}": "mlp.up.{p}", "fc2.{p}": "mlp.down.{p}"})),
+    config=dict(vocab_size=Key("vocab_size"), dim=Key("hidden_size"), n_layers=Key("num_hidden_layers"),
+                n_heads=Key("num_attention_heads"), n_kv_heads=Derived(lambda got: got["n_heads"]),
+                head_dim=Derived(lambda got: got["dim"] // got["n_heads"]), hidden_dim=Key("ffn_dim"),
+                max_positions=Key("max_position_embeddings", 2048), norm="layer", norm_eps=1e-5, positions="learned",
+                position_offset=2, mlp="plain", activation=act_key("activation_function", "relu"),
+                qkv_bias=Key("enable_bias", True), out_bias=Key("enable_bias", True), mlp_bias=Key("enable_bias", True),
+                tie_embeddings=Key("tie_word_embeddings", True)),
     aliases=(("decoder.", "model.decoder."),),
+    write_extra=lambda config, base, out: out.update(word_embed_proj_dim=config.dim, do_layer_norm_before=True),
+    refuse=((lambda hf: not hf.get("do_layer_norm_before", True), "OPT with do_layer_norm_before=false (post-norm, opt-350m)"),
+            (lambda hf: hf.get("word_embed_proj_dim", hf["hidden_size"]) != hf["hidden_size"],
+             "OPT with word_embed_proj_dim != hidden_size"),
+            (lambda hf: hf.get("_remove_final_layer_norm", False) or not hf.get("layer_norm_elementwise_affine", True),
+             "OPT without an affine final layer norm")),
 )
-
-# ------------------------------------------------------------------------------------------------ index
-
-LLAMA = llama_like("llama", "LlamaForCausalLM")
-MISTRAL = llama_like("mistral", "MistralForCausalLM")
-QWEN2 = llama_like("qwen2", "Qwen2ForCausalLM")
 
 # ------------------------------------------------------------------------- Nemotron-NAS (DeciLM) per layer
 
@@ -580,49 +659,43 @@ def ffn_mult_to_hidden(ffn_mult: float, dim: int) -> int:
     return find_multiple(int(2 * ffn_mult * dim / 3), 256)
 
 
-def decilm_config(hf: dict) -> ModelConfig:
-    blocks = hf.get("block_configs")
-    if not isinstance(blocks, list) or len(blocks) != hf["num_hidden_layers"]:
-        raise GQAError("DeciLM config needs block_configs with one entry per layer")
-    n_heads, dim = hf["num_attention_heads"], hf["hidden_size"]
-    n_kv, widths = [], set()
-    for i, block in enumerate(blocks):
-        attn, ffn = block.get("attention", {}), block.get("ffn", {})
-        if attn.get("no_op") or attn.get("replace_with_linear") or ffn.get("no_op") or ffn.get("replace_with_linear"):
-            raise GQAError(f"DeciLM block {i}: no-op or linear-replacement blocks are not supported")
-        if attn.get("window_length") or attn.get("sparsify") or ffn.get("sparsify"):
-            raise GQAError(f"DeciLM block {i}: windowed or sparse blocks are not supported")
-        group = attn.get("n_heads_in_group")
-        if not group or n_heads % group:
-            raise GQAError(f"DeciLM block {i}: n_heads_in_group {group} does not divide {n_heads} heads")
-        n_kv.append(n_heads // group)
-        widths.add(ffn_mult_to_hidden(ffn["ffn_mult"], dim))
-    if len(widths) != 1:
-        raise GQAError("DeciLM checkpoints whose MLP width varies by layer are not supported")
-    base = dict(hf, num_key_value_heads=n_heads, intermediate_size=widths.pop())
-    return replace(llama_like_config(base, "llama"), n_kv_heads=n_kv)
-
-
-def decilm_hf_config(config: ModelConfig, base: dict) -> dict:
-    ffn_mult = config.hidden_dim * 3 / (2 * config.dim)
-    if ffn_mult_to_hidden(ffn_mult, config.dim) != config.hidden_dim:
-        raise GQAError(f"DeciLM block_configs cannot express an MLP width of {config.hidden_dim} (not a multiple of 256)")
-    out = llama_like_hf_config(replace(config, n_kv_heads=[config.n_heads] * config.n_layers), base, "nemotron-nas",
-                               "DeciLMForCausalLM")
-    out.pop("num_key_value_heads", None)
-    out.pop("intermediate_size", None)
-    out.pop("auto_map", None)  # the remote code it names is not ours to point at
-    out["block_configs"] = [
-        {
-            "attention": {"n_heads_in_group": config.n_heads // g, "no_op": False, "replace_with_linear": False},
-            "ffn": {"ffn_mult": ffn_mult, "no_op": False, "replace_with_linear": False},
-        }
-        for g in config.n_kv_heads
-    ]
-    return out
-
-
 class DeciLMFamily(Family):
+    """Llama with a KV-head count per layer, in `block_configs` (`attention.n_heads_in_group`)."""
+
+    def to_config(self, hf: dict) -> ModelConfig:
+        blocks = hf.get("block_configs")
+        if not isinstance(blocks, list) or len(blocks) != hf["num_hidden_layers"]:
+            raise GQAError("DeciLM config needs block_configs with one entry per layer")
+        n_heads, dim = hf["num_attention_heads"], hf["hidden_size"]
+        n_kv, widths = [], set()
+        for i, block in enumerate(blocks):
+            attn, ffn = block.get("attention", {}), block.get("ffn", {})
+            if any(part.get(flag) for part in (attn, ffn) for flag in ("no_op", "replace_with_linear", "sparsify")) \
+                    or attn.get("window_length"):
+                raise GQAError(f"DeciLM block {i}: no-op, linear-replacement, windowed or sparse blocks are not supported")
+            group = attn.get("n_heads_in_group")
+            if not group or n_heads % group:
+                raise GQAError(f"DeciLM block {i}: n_heads_in_group {group} does not divide {n_heads} heads")
+            n_kv.append(n_heads // group)
+            widths.add(ffn_mult_to_hidden(ffn["ffn_mult"], dim))
+        if len(widths) != 1:
+            raise GQAError("DeciLM checkpoints whose MLP width varies by layer are not supported")
+        return replace(LLAMA.to_config(dict(hf, num_key_value_heads=n_heads, intermediate_size=widths.pop())),
+                       n_kv_heads=n_kv)
+
+    def to_hf_config(self, config: ModelConfig, base: dict) -> dict:
+        if self.why_not(config):
+            raise GQAError(f"DeciLM block_configs cannot hold this model: {self.why_not(config)}")
+        ffn_mult = config.hidden_dim * 3 / (2 * config.dim)
+        out = LLAMA.to_hf_config(replace(config, n_kv_heads=[config.n_heads] * config.n_layers), base)
+        for key in ("num_key_value_heads", "intermediate_size", "auto_map"):  # auto_map names remote code not ours
+            out.pop(key, None)
+        out.update(architectures=["DeciLMForCausalLM"], model_type="nemotron-nas", block_configs=[
+            {"attention": {"n_heads_in_group": config.n_heads // g, "no_op": False, "replace_with_linear": False},
+             "ffn": {"ffn_mult": ffn_mult, "no_op": False, "replace_with_linear": False}}
+            for g in config.n_kv_heads])
+        return out
+
     def can_express(self, config: ModelConfig) -> bool:
         return self.why_not(config) is None
 
@@ -630,8 +703,10 @@ class DeciLMFamily(Family):
         """Why block_configs cannot hold this model (None when they can)."""
         ffn_mult = config.hidden_dim * 3 / (2 * config.dim)
         checks = [
-            (config.norm == "rms" and config.positions == "rope" and config.mlp == "gated",
-             "it is not a Llama-style model (RMSNorm, rotary, gated MLP)"),
+            ((config.norm, config.positions, config.mlp, config.block, config.rope_style, config.qk_norm,
+              config.norm_weight_offset, config.embedding_multiplier, config.output_bias) ==
+             ("rms", "rope", "gated", "sequential", "half", None, 0.0, 1.0, False),
+             "it is not a Llama-style model (RMSNorm, rotary, gated MLP, pre-norm blocks, no q/k norms)"),
             (config.qkv_bias == config.out_bias, "its q/k/v biases come without an output bias"),
             (config.sliding_window is None, "it uses a sliding window"),
             (config.rotary_dim == config.head_dim, "it rotates only part of each head"),
@@ -641,18 +716,16 @@ class DeciLMFamily(Family):
         return next((reason for ok, reason in checks if not ok), None)
 
 
-DECILM = DeciLMFamily(
-    name="decilm",
-    architectures=("DeciLMForCausalLM",),
-    model_type="nemotron-nas",
-    rules=LLAMA_RULES,
-    to_config=decilm_config,
-    to_hf_config=decilm_hf_config,
-    ignore=LLAMA_BUFFERS,
-)
+DECILM = DeciLMFamily(name="decilm", architectures=("DeciLMForCausalLM",), model_type="nemotron-nas",
+                      tensors=LLAMA_RULES, config={}, ignore=LLAMA_BUFFERS, kv_heads="block_configs")
 
-FAMILIES: list[Family] = [LLAMA, MISTRAL, QWEN2, GPT2, NEOX, OPT, BIGCODE, DECILM]
+# ------------------------------------------------------------------------------------------------ index
+
+FAMILIES: list[Family] = [LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, PHI, PHI3, OLMO2, STABLELM, GPTJ, FALCON, GPT2, NEOX,
+                          OPT, BIGCODE, DECILM]
 BY_ARCHITECTURE = {arch: fam for fam in FAMILIES for arch in fam.architectures}
+PER_LAYER = {"llama": DECILM, "mistral": DECILM, "qwen2": DECILM}  # where per-layer KV heads go, by source family
+MQA_FORM = {"gpt2": BIGCODE}  # where a model of G = 1 goes when its source family has no KV-head count
 
 
 def family_for(hf: dict, where: str) -> Family:

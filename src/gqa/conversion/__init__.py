@@ -1,11 +1,18 @@
 """MHA -> GQA / MQA conversion of a model folder, streamed one layer at a time.
 
 The converter never holds the model: it reads one layer's tensors (from whichever shard holds them),
-splits fused layouts into per-head projections (`gqa.checkpoints.families`), pools the K and V
-projections (`pooling`), joins them back into the output family's layout and hands them to a shard
-writer whose shards are at most half the largest input shard. Peak memory is therefore bounded by the
-largest shard, not the model. Output goes to a temporary folder renamed when complete; config.json is
-written last, so a partial folder is never mistaken for a model.
+splits fused layouts into per-head projections (`gqa.checkpoints.families`), merges the layer's K/V heads
+with a method, joins the result back into the output family's layout and hands it to a shard writer whose
+shards are at most half the largest input shard. Methods, one module each, map one layer's attention
+(`heads.AttentionWeights`) to the merged attention:
+
+- `pooling`: mean / first / random, from the weights alone (the GQA paper's three);
+- `aligned`: exact symmetries, then fits to calibration activations (needs `calib`).
+
+With calibration text (`calib`), the source model runs over it layer by layer beside the conversion
+(`calibration.Stream`): that is what `aligned` fits to, what `transfer` (`transfer_steps`) trains each
+converted attention against, and what `budget` (`kv_budget`) measures each layer's sensitivity on.
+Output goes to a temporary folder renamed when complete; config.json is written last.
 """
 
 from __future__ import annotations
@@ -13,21 +20,29 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..checkpoints import check_finite, check_layout, config_json, export_tensors, files, read_model_config, target_family
+from ..checkpoints.families import stack_heads
 from ..errors import GQAError, warn
+from ..jsonfiles import read_json, write_json
+from ..model import ModelConfig
 from ..version import __version__
-from .pooling import METHODS, check_method, pool_heads
+from . import aligned, budget, pooling
+from .calibration import Stream, build_block, calibration_blocks
+from .heads import AttentionWeights, RopeLayout
+from .transfer import TransferSettings, transfer_layer
 
 LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
-KV_TENSOR = re.compile(r"layers\.(\d+)\.attention\.w[kv]\.(weight|bias)")
 TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+METHODS = (*pooling.METHODS, "aligned")
+CALIBRATED = ("aligned",)  # methods that need calibration text
 
 __all__ = ["convert", "target_kv_heads", "METHODS"]
 
@@ -35,7 +50,7 @@ __all__ = ["convert", "target_kv_heads", "METHODS"]
 def target_kv_heads(current: list[int], n_heads: int, n_kv_heads: int | None, per_layer: list[int] | None) -> list[int]:
     """The new KV-head count of every layer, checked: each must divide the layer's current count."""
     if (n_kv_heads is None) == (per_layer is None):
-        raise GQAError("give exactly one of --kv-heads or --kv-heads-per-layer")
+        raise GQAError("give exactly one of --kv-heads, --kv-heads-per-layer or --kv-budget")
     new = [n_kv_heads] * len(current) if per_layer is None else list(per_layer)
     if len(new) != len(current):
         raise GQAError(f"--kv-heads-per-layer has {len(new)} entries but the model has {len(current)} layers")
@@ -44,10 +59,320 @@ def target_kv_heads(current: list[int], n_heads: int, n_kv_heads: int | None, pe
         if g < 1:
             raise GQAError(f"{where}the number of KV heads must be >= 1, got {g}")
         if old % g:
-            divisors = [d for d in range(1, old + 1) if old % d == 0]
             raise GQAError(f"{where}{g} KV heads does not divide the current {old} (of {n_heads} query heads); "
-                           f"choose one of {divisors}")
+                           f"choose one of {budget.divisors(old)}")
     return new
+
+
+@dataclass
+class Job:
+    """Everything one conversion needs, checked before any work starts."""
+    src: Path
+    dst: Path
+    config: ModelConfig
+    family: object
+    source_hf: dict | None
+    method: str
+    seed: int
+    grouping: str
+    calib: dict | None  # {"data", "tokens", "seq_len"}
+    transfer: TransferSettings
+    kv_budget: float | None
+    new_heads: list[int] | None
+    index: dict = field(default_factory=dict)
+    dtype: torch.dtype = torch.float32
+    init_std: float = 0.02
+
+    @property
+    def rope(self) -> RopeLayout:
+        return RopeLayout.of(self.config)
+
+
+def plan(src, dst, n_kv_heads, per_layer, method, seed, overwrite, calib, calib_tokens, calib_seq_len, grouping,
+         transfer, kv_budget) -> Job:
+    if method not in METHODS:
+        raise GQAError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if grouping not in aligned.GROUPINGS:
+        raise GQAError(f"unknown grouping {grouping!r}; choose one of {', '.join(aligned.GROUPINGS)}")
+    transfer.check()
+    config, family, hf = read_model_config(src)
+    if kv_budget is not None:
+        if n_kv_heads is not None or per_layer is not None:
+            raise GQAError("give exactly one of --kv-heads, --kv-heads-per-layer or --kv-budget")
+        budget.check_budget(kv_budget, config.n_kv_heads)
+        new_heads = None
+    else:
+        new_heads = target_kv_heads(config.n_kv_heads, config.n_heads, n_kv_heads, per_layer)
+    needs = [what for what, wanted in ((f"--method {method}", method in CALIBRATED), ("--transfer-steps",
+             transfer.steps > 0), ("--kv-budget", kv_budget is not None)) if wanted]
+    calibration = None
+    if needs and not calib:
+        raise GQAError(f"{' and '.join(needs)} need calibration text: pass --calib DATA (a file, folder or bundled corpus)")
+    if calib:
+        from ..data import check_source
+
+        check_source(calib)
+        seq_len = calib_seq_len or min(512, config.max_positions)
+        if not 2 <= seq_len <= config.max_positions:
+            raise GQAError(f"--calib-seq-len must be in [2, {config.max_positions}], got {seq_len}")
+        if calib_tokens < seq_len:
+            raise GQAError(f"--calib-tokens {calib_tokens} is less than one block of --calib-seq-len {seq_len}")
+        calibration = {"data": str(calib), "tokens": calib_tokens, "seq_len": seq_len}
+    check_layout(src, config, family)  # from the headers: a config that disagrees with the weights stops here
+    files.check_destination(dst, overwrite, sources=[src])
+    source_hf = hf.get("hf_config") if family is None else hf
+    return Job(Path(src), Path(dst), config, family, source_hf, method, seed, grouping, calibration, transfer,
+               kv_budget, new_heads, files.tensor_index(src), storage_dtype(files.tensor_shapes(src)),
+               init_std(source_hf or {}))
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    n_kv_heads: int | None = None,
+    n_kv_heads_per_layer: list[int] | None = None,
+    method: str = "mean",
+    seed: int = 0,
+    overwrite: bool = False,
+    format: str = "auto",
+    progress: bool = True,
+    *,
+    calib: str | os.PathLike | None = None,
+    calib_tokens: int = 65536,
+    calib_seq_len: int | None = None,
+    grouping: str = "similarity",
+    transfer_steps: int = 0,
+    transfer_lr: float = 0.015,
+    transfer_inputs: str = "original",
+    kv_budget: float | None = None,
+) -> dict:
+    """Convert the model folder `src` to `dst` with fewer KV heads; returns the report written to conversion.json.
+
+    Exactly one of n_kv_heads (every layer), n_kv_heads_per_layer, kv_budget (a fraction of the source's KV
+    bytes, split over layers by measured sensitivity) sets the target. `calib` (a file, folder or bundled
+    corpus name) is the text `aligned`, transfer and the budget need; `calib_tokens` of it are used.
+    """
+    start = time.time()
+    transfer = TransferSettings(steps=transfer_steps, lr=transfer_lr, inputs=transfer_inputs, seed=seed)
+    job = plan(src, dst, n_kv_heads, n_kv_heads_per_layer, method, seed, overwrite, calib, calib_tokens,
+               calib_seq_len, grouping, transfer, kv_budget)
+    warn_without_tokenizer(src)
+    blocks = calibration_for(job) if job.calib else None
+    budget_record = None
+    if job.kv_budget is not None:
+        budget_record = choose_heads(job, blocks, progress)
+        job.new_heads = budget_record["kv_heads"]
+    new_config = replace(job.config, n_kv_heads=job.new_heads)
+    out_family = target_family(new_config, job.source_hf, format)
+    state_dir = TransferState(job, new_config) if job.transfer.steps else None
+    with files.atomic_dir(dst, overwrite=overwrite) as tmp:
+        writer = files.ShardWriter(tmp, shard_bytes(job))
+        counts, layers = write_model(job, new_config, out_family, writer, blocks, state_dir, progress)
+        writer.close()
+        report = conversion_report(job, new_config, out_family, counts, layers, budget_record, start)
+        files.copy_tokenizer(src, tmp)
+        files.write_json(tmp / "conversion.json", report)
+        files.write_json(tmp / "config.json", config_json(new_config, job.source_hf, out_family, job.dtype))
+    if state_dir:
+        state_dir.remove()
+    return report
+
+
+# ------------------------------------------------------------------------------------------- the layers
+
+def write_model(job: Job, new_config: ModelConfig, out_family, writer, blocks, state_dir, progress: bool):
+    """Read, merge (and transfer) and write every layer; returns (parameters before/after, per-layer record)."""
+    groups = layer_groups(job.index)
+    counts = [0, 0]
+    outer = groups.pop() if groups and layer_of(groups[-1][0]) is None else []
+    outside = read_layer(job, outer, counts)  # embeddings, final norm, head: the stream starts from them
+    streams = Streams.start(job, outside, blocks)
+    layers = []
+    bar = tqdm(groups, desc=f"converting ({job.method})", unit="layer", disable=not progress)
+    for names in bar:
+        layer = layer_of(names[0])
+        state, record = convert_layer(job, layer, read_layer(job, names, counts), new_config, streams, state_dir)
+        layers.append(record)
+        write(writer, export_tensors(state, new_config, out_family), counts)
+    write(writer, export_tensors(outside, new_config, out_family), counts)
+    return counts, layers
+
+
+def convert_layer(job: Job, layer: int, state: dict, new_config: ModelConfig, streams, state_dir) -> tuple[dict, dict]:
+    """One layer's tensors with its attention merged to the layer's new KV-head count, and what was done."""
+    g_now, g = job.config.n_kv_heads[layer], new_config.n_kv_heads[layer]
+    record: dict = {"layer": layer, "kv_heads": g}
+    block = build_block(job.config, layer, state) if streams else None
+    if g != g_now:
+        saved = state_dir.get(layer) if state_dir else None
+        if saved is not None:
+            merged, record = saved
+        else:
+            inputs = streams.source.attention_inputs(block) if streams else None
+            attn = AttentionWeights.from_state(state, layer, job.config)
+            merged, info = merge_attention(job, layer, attn, g, inputs, streams.source.rope if streams else None, block)
+            record.update(info)
+            if job.transfer.steps:
+                merged, info = transfer_attention(job, layer, block, merged, inputs, streams)
+                record.update(info)
+                state_dir.put(layer, merged, record)
+        state = {**state, **merged.to_state(layer)}
+    if streams:
+        streams.advance(block, build_block(new_config, layer, state))
+    return state, record
+
+
+def merge_attention(job: Job, layer: int, attn: AttentionWeights, g: int, inputs=None, rope_tables=None, block=None):
+    """The method's merge of one layer's attention to g KV heads (inputs: its calibration inputs [blocks, T, d];
+    block: the source layer)."""
+    if job.method in pooling.METHODS:
+        return pooling.merge(attn, g, job.method, layer, job.seed, job.init_std), {}
+    with_bias = any(t is not None for t in (attn.bq, attn.bk, attn.bv))
+    layer_inputs = aligned.LayerInputs(inputs, rope_tables, with_bias, block.attention)
+    return aligned.merge(attn, g, layer_inputs, job.rope, job.grouping)
+
+
+def transfer_attention(job: Job, layer: int, block, merged: AttentionWeights, inputs, streams) -> tuple[AttentionWeights, dict]:
+    targets = streams.source.attention_outputs(block, inputs)
+    if job.transfer.inputs == "converted":
+        inputs = streams.converted.attention_inputs(block)
+    return transfer_layer(job.config, layer, merged, inputs, targets, streams.source.rope, job.transfer)
+
+
+@dataclass
+class Streams:
+    """The calibration blocks' residual stream through the source layers and, where transfer trains on the
+    converted model's own inputs, through the converted layers."""
+    source: Stream
+    converted: Stream | None
+
+    @classmethod
+    def start(cls, job: Job, outside: dict, blocks) -> Streams | None:
+        if blocks is None:
+            return None
+        source = Stream.start(job.config, outside, blocks)
+        own = job.transfer.steps and job.transfer.inputs == "converted"
+        return cls(source, Stream(source.hidden.clone(), source.rope, source.targets) if own else None)
+
+    def advance(self, source_block, converted_block) -> None:
+        self.source.advance(source_block)
+        if self.converted is not None:
+            self.converted.advance(converted_block)
+
+
+# ------------------------------------------------------------------------------------------- calibration
+
+def calibration_for(job: Job) -> torch.Tensor:
+    from ..checkpoints.tokenizer import load_tokenizer
+
+    c = job.calib
+    return calibration_blocks(c["data"], load_tokenizer(job.src), c["tokens"], c["seq_len"], job.seed)
+
+
+BUDGET_TOKENS = 4096  # calibration tokens the sensitivities are measured on
+
+
+def choose_heads(job: Job, blocks: torch.Tensor, progress: bool) -> dict:
+    """Measure every layer's sensitivity to merging and pick per-layer KV heads within the budget."""
+    allowed = budget.check_budget(job.kv_budget, job.config.n_kv_heads)
+    sample = blocks[: max(1, BUDGET_TOKENS // job.calib["seq_len"])]
+    groups = layer_groups(job.index)
+    outer = groups.pop() if groups and layer_of(groups[-1][0]) is None else []
+    outside = read_layer(job, outer, [0, 0])
+    by_layer = {layer_of(names[0]): names for names in groups}
+
+    stream = Stream.start(job.config, outside, sample)
+
+    def merge(layer, state, inputs, g, block):
+        attn = AttentionWeights.from_state(state, layer, job.config)
+        return {**state, **merge_attention(job, layer, attn, g, inputs, stream.rope, block)[0].to_state(layer)}
+
+    bar = (lambda it: tqdm(it, desc="measuring sensitivities", unit="layer")) if progress else iter
+    measured = budget.measure(job.config, lambda layer: read_layer(job, by_layer[layer], [0, 0]), stream, outside,
+                              merge, bar)
+    choice = budget.choose(measured["increase"], job.config.n_kv_heads, allowed)
+    return {"fraction": job.kv_budget, "kv_heads_allowed": allowed, "tokens": int(sample[:, 1:].numel()),
+            "loss": measured["loss"], "sensitivity": [{str(g): v for g, v in d.items()} for d in measured["increase"]],
+            "kv_heads": choice}
+
+
+class TransferState:
+    """Layers already transferred, kept beside the destination until the conversion completes: a run that
+    was interrupted resumes at the first layer it had not finished (its settings must be the same)."""
+
+    def __init__(self, job: Job, new_config: ModelConfig):
+        self.dir = job.dst.parent / f".{job.dst.name}.transfer"
+        self.record = {"source": str(job.src.resolve()), "method": job.method, "seed": job.seed,
+                       "grouping": job.grouping, "calibration": job.calib, "transfer": asdict(job.transfer),
+                       "kv_heads": new_config.n_kv_heads, "gqa_version": __version__}
+        settings = self.dir / "settings.json"
+        if self.dir.exists() and (not settings.is_file() or read_json(settings) != self.record):
+            warn(f"{self.dir} holds an interrupted transfer with other settings; starting afresh")
+            shutil.rmtree(self.dir)
+        elif self.dir.exists():
+            warn(f"resuming the transfer saved in {self.dir}")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json(settings, self.record)
+        self.config = new_config
+
+    def get(self, layer: int):
+        path = self.dir / f"layer-{layer:05d}.safetensors"
+        if not path.is_file():
+            return None
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+        return AttentionWeights.from_state(state, layer, self.config), read_json(path.with_suffix(".json"))
+
+    def put(self, layer: int, merged: AttentionWeights, record: dict) -> None:
+        from safetensors.torch import save_file
+
+        path = self.dir / f"layer-{layer:05d}.safetensors"
+        write_json(path.with_suffix(".json"), record)
+        save_file(merged.to_state(layer), str(path.with_suffix(".partial")))
+        os.replace(path.with_suffix(".partial"), path)  # the weights last: their presence marks the layer done
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------- reading, writing
+
+def layer_of(name: str) -> int | None:
+    m = LAYER.search(name)
+    return int(m[1]) if m else None
+
+
+def layer_groups(names) -> list[list[str]]:
+    """Tensor names grouped by layer, in layer order; tensors outside the layers (embeddings, head) last."""
+    groups: dict[int | None, list[str]] = {}
+    for name in names:
+        groups.setdefault(layer_of(name), []).append(name)
+    order = sorted(k for k in groups if k is not None) + ([None] if None in groups else [])
+    return [groups[k] for k in order]
+
+
+def read_layer(job: Job, names: list[str], counts: list[int]) -> dict[str, torch.Tensor]:
+    """Tensors under gqa's names (fused layouts split), checked finite; counts the source parameters."""
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in files.read_tensors(job.index, names).items():
+        check_finite(job.src, name, tensor)
+        got = job.family.import_tensor(name, tensor, job.config) if job.family else {name: tensor}
+        if got:
+            counts[0] += tensor.numel()
+        state.update(got)
+    return stack_heads(state)
+
+
+def write(writer, tensors: dict[str, torch.Tensor], counts: list[int]) -> None:
+    for name, tensor in tensors.items():
+        counts[1] += tensor.numel()
+        writer.add(name, tensor)
+
+
+def shard_bytes(job: Job) -> int:
+    largest = max(f.stat().st_size for f in set(job.index.values()))
+    return min(files.SHARD_BYTES, max(largest // 2, 256 * 1024**2))
 
 
 def init_std(hf: dict) -> float:
@@ -65,16 +390,6 @@ def storage_dtype(shapes: dict) -> torch.dtype:
     return TORCH_DTYPES.get(max(counts, key=counts.get), torch.float32)
 
 
-def layer_groups(names) -> list[list[str]]:
-    """Tensor names grouped by layer, in layer order; tensors outside the layers (embeddings, head) last."""
-    groups: dict[int | None, list[str]] = {}
-    for name in names:
-        m = LAYER.search(name)
-        groups.setdefault(int(m[1]) if m else None, []).append(name)
-    order = sorted(k for k in groups if k is not None) + ([None] if None in groups else [])
-    return [groups[k] for k in order]
-
-
 def warn_without_tokenizer(src) -> None:
     from ..checkpoints.tokenizer import TOKENIZER_MARKERS
 
@@ -83,91 +398,37 @@ def warn_without_tokenizer(src) -> None:
              f"evaluated or generated from until they are copied next to it")
 
 
-def convert(
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
-    n_kv_heads: int | None = None,
-    n_kv_heads_per_layer: list[int] | None = None,
-    method: str = "mean",
-    seed: int = 0,
-    overwrite: bool = False,
-    format: str = "auto",
-    progress: bool = True,
-) -> dict:
-    """Convert the model folder `src` to `dst` with fewer KV heads; returns the report written to conversion.json."""
-    start = time.time()
-    check_method(method)
-    config, family, hf = read_model_config(src)
-    source_hf = hf.get("hf_config") if family is None else hf
-    new_config = replace(config, n_kv_heads=target_kv_heads(config.n_kv_heads, config.n_heads, n_kv_heads,
-                                                             n_kv_heads_per_layer))
-    out_family = target_family(new_config, source_hf, format)
-    check_layout(src, config, family)  # from the headers: a config that disagrees with the weights stops here
-    files.check_destination(dst, overwrite, sources=[src])
-    warn_without_tokenizer(src)
-    index, shapes = files.tensor_index(src), files.tensor_shapes(src)
-    dtype = storage_dtype(shapes)
-    largest = max(f.stat().st_size for f in set(index.values()))
-    std = init_std(source_hf or {})
+# ------------------------------------------------------------------------------------------- the report
 
-    def merge(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        m = KV_TENSOR.fullmatch(name)
-        if not m:
-            return tensor
-        layer = int(m[1])
-        return pool_heads(tensor, config.n_kv_heads[layer], new_config.n_kv_heads[layer], method, name=name, seed=seed,
-                          init_std=std)
-
-    with files.atomic_dir(dst, overwrite=overwrite) as tmp:
-        writer = files.ShardWriter(tmp, min(files.SHARD_BYTES, max(largest // 2, 256 * 1024**2)))
-        counts = [0, 0]  # parameters before, after
-        bar = tqdm(layer_groups(index), desc=f"converting ({method})", unit="layer", disable=not progress)
-        for names in bar:
-            state = read_layer(src, index, names, config, family, counts)
-            for name, tensor in export_tensors({k: merge(k, v) for k, v in state.items()}, new_config, out_family).items():
-                counts[1] += tensor.numel()
-                writer.add(name, tensor)
-        writer.close()
-        report = conversion_report(src, dst, method, seed, config, new_config, out_family, dtype, counts, start)
-        files.copy_tokenizer(src, tmp)
-        files.write_json(tmp / "conversion.json", report)
-        files.write_json(tmp / "config.json", config_json(new_config, source_hf, out_family, dtype))
-    return report
-
-
-def read_layer(src, index, names: list[str], config, family, counts: list[int]) -> dict[str, torch.Tensor]:
-    """One layer's tensors under gqa's names (fused layouts split), checked finite; counts the source parameters."""
-    state: dict[str, torch.Tensor] = {}
-    for name, tensor in files.read_tensors(index, names).items():
-        check_finite(src, name, tensor)
-        got = family.import_tensor(name, tensor, config) if family else {name: tensor}
-        if got:
-            counts[0] += tensor.numel()
-        state.update(got)
-    return state
-
-
-def conversion_report(src, dst, method, seed, config, new_config, out_family, dtype, counts, start) -> dict:
-    element = torch.empty((), dtype=dtype).element_size()
-    before, after = config.kv_bytes_per_token(element), new_config.kv_bytes_per_token(element)
-    return {
+def conversion_report(job: Job, new_config: ModelConfig, out_family, counts, layers, budget_record, start) -> dict:
+    element = torch.empty((), dtype=job.dtype).element_size()
+    before, after = job.config.kv_bytes_per_token(element), new_config.kv_bytes_per_token(element)
+    report = {
         "gqa_version": __version__,
-        "source": str(Path(src).resolve()),
-        "destination": str(Path(dst).resolve()),
-        "method": method,
-        "seed": seed if method == "random" else None,
+        "source": str(job.src.resolve()),
+        "destination": str(job.dst.resolve()),
+        "method": job.method,
+        "seed": job.seed if job.method == "random" or job.calib else None,
         "architecture": (out_family.architectures[0] if out_family else "GQAForCausalLM"),
-        "query_heads": config.n_heads,
-        "kv_heads_before": config.n_kv_heads,
+        "query_heads": job.config.n_heads,
+        "kv_heads_before": job.config.n_kv_heads,
         "kv_heads_after": new_config.n_kv_heads,
         "kv_bytes_per_token_before": before,
         "kv_bytes_per_token_after": after,
         "kv_reduction": before / after,
         "parameters_before": counts[0],
         "parameters_after": counts[1],
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(job.dtype).removeprefix("torch."),
         "seconds": round(time.time() - start, 3),
     }
+    if job.calib:
+        report["calibration"] = job.calib
+        report["grouping"] = job.grouping if job.method in CALIBRATED else None
+        report["transfer"] = asdict(job.transfer) if job.transfer.steps else None
+        report["layers"] = layers
+    if budget_record:
+        report["kv_budget"] = budget_record
+    return report
 
 
 def format_report(report: dict) -> str:
@@ -185,6 +446,16 @@ def format_report(report: dict) -> str:
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     lines = [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
-    lines.append(f"method {report['method']}" + (f", seed {report['seed']}" if report["seed"] is not None else "")
-                 + f"; written as {report['architecture']} to {report['destination']}")
+    how = report["method"] + (f", seed {report['seed']}" if report["seed"] is not None else "")
+    if report.get("calibration"):
+        c = report["calibration"]
+        how += f"; calibrated on {c['tokens']:,} tokens of {c['data']}"
+        if report.get("transfer"):
+            errors = [(r["relative_error_before"], r["relative_error_after"]) for r in report["layers"]
+                      if "relative_error_after" in r]
+            how += f"; transfer {report['transfer']['steps']} steps per layer"
+            if errors:
+                how += (f" (attention output error, mean over layers: {sum(e[0] for e in errors) / len(errors):.3f}"
+                        f" -> {sum(e[1] for e in errors) / len(errors):.3f})")
+    lines.append(f"method {how}; written as {report['architecture']} to {report['destination']}")
     return "\n".join(lines)

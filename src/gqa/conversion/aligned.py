@@ -3,53 +3,50 @@
 Mean pooling averages the heads' projection weights as they are. But each head's K and V sit in a basis of
 their own: attention has exact symmetries that change the weights and not the function (see `heads`), so
 two heads computing nearly the same thing can have very different weights, and their average computes
-neither. This method first uses those symmetries, then fits, both against the statistics of the layer's
-real inputs x on calibration text (Σ = E[x xᵀ], with a constant 1 appended where the model has biases):
+neither. This method uses those symmetries, then fits what the group shares to the layer's real inputs x
+on calibration text (x̃ = [x, 1] where the model has biases), measured the way attention uses them:
 
 - Grouping: query heads are permuted so that heads whose keys and values are alike share a KV head
-  (`grouping="similarity"`; `"contiguous"` keeps h // r). An expanded GQA source is handled the same way.
-- Keys, per RoPE frequency pair: the pair of a head's key is a complex linear function of x, k_h = w_hᴴx,
-  and the only freedom that commutes with RoPE is a complex scalar per head and pair (a scaled 2x2
-  rotation). So the group's shared key is the best rank-1 fit k_h ≈ c_h·k̃ of the heads' keys over the
-  calibration inputs, each head weighted by its query energy E|q_h|² in that pair (what the scores see),
-  and c_h is folded into the head's query. Dims RoPE leaves alone (no rotary embedding, partial rotary)
-  get the real version: a shared key subspace fitted to the heads' score maps W_kᵀW_q, queries refitted.
+  (`grouping="similarity"`; `"contiguous"` keeps h // r). A GQA source is first expanded (exactly) to MHA.
 - Values: any invertible map per head commutes with attention, so the shared value subspace and each
-  head's new W_o are a reduced-rank fit of the heads' value-to-output maps W_vᵀW_oᵀ, whitened by Σ.
+  head's new W_o are a reduced-rank fit of the heads' value-to-output maps W_vᵀW_oᵀ. What values meet is
+  the attended input P_h x̃ (attention rows average tokens), so the fit is whitened by E[(P_h x̃)(P_h x̃)ᵀ],
+  pooled over the group's heads, not by E[x̃x̃ᵀ].
+- Keys, per RoPE frequency pair: the pair of a head's key is a complex linear function of x̃, and the only
+  freedom that commutes with RoPE is a complex scalar per head and pair (a scaled 2x2 rotation). So the
+  group's shared key is the best rank-1 fit k_h ≈ c_h·k̃ of the heads' keys, each head weighted by its query
+  energy E|q_h|² in that pair, and c_h is folded into the head's query. Softmax ignores a score shift shared
+  by all the keys a query attends to, so key errors are measured by the spread of the attended keys around
+  their attention-weighted mean: Σ_t Σ_u p_tu (x̃_u − x̄_t)(x̃_u − x̄_t)ᵀ, with x̄_t = (P x̃)_t.
+  Dims RoPE leaves alone (no rotary embedding, or partial rotary) get the real version: a shared key
+  subspace fitted to the heads' score maps W_kᵀW_q, queries refitted.
 
-All fits are closed-form (SVDs in float64): no gradient steps. With G = H every fit is exact.
+All fits are closed-form (SVDs in float64) on second moments accumulated over the calibration blocks: no
+gradient steps. With G = H every fit is exact.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import GQAError
+from ..model import apply_rope
 from .heads import AttentionWeights, RopeLayout, as_complex
 
 GROUPINGS = ("similarity", "contiguous")
+QUERY_ROWS = 128  # query positions per block the attention-weighted moments are estimated from
+MOMENT_BLOCKS = 64  # calibration blocks they are estimated from (enough for d x d moments; the rest is time)
+CHUNK_BLOCKS = 4
 
 
-@dataclass
-class InputStats:
-    """What the fits need of a layer's inputs: Σ = E[x̃ x̃ᵀ] over calibration tokens, x̃ = [x, 1] when biased."""
-    covariance: torch.Tensor  # [n, n] float64
-    tokens: int
-
-    @classmethod
-    def of(cls, inputs: torch.Tensor, with_bias: bool) -> InputStats:
-        x = inputs.reshape(-1, inputs.shape[-1]).double()
-        if with_bias:
-            x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
-        return cls(x.T @ x / len(x), len(x))
-
-    def whitener(self) -> torch.Tensor:
-        """L with Σ ≈ L Lᵀ (lower), damped so that directions the calibration never excited stay finite."""
-        n = self.covariance.shape[0]
-        damp = 1e-6 * self.covariance.diagonal().mean().clamp(min=1e-12)
-        return torch.linalg.cholesky(self.covariance + damp * torch.eye(n, dtype=torch.float64))
+def whitener(covariance: torch.Tensor) -> torch.Tensor:
+    """L with Σ ≈ L Lᵀ (lower), damped so that directions the calibration never excited stay finite."""
+    n = covariance.shape[0]
+    damp = 1e-6 * covariance.diagonal().mean().clamp(min=1e-12)
+    return torch.linalg.cholesky(covariance + damp * torch.eye(n, dtype=torch.float64))
 
 
 def augmented(weight: torch.Tensor, bias: torch.Tensor | None, with_bias: bool) -> torch.Tensor:
@@ -61,22 +58,79 @@ def augmented(weight: torch.Tensor, bias: torch.Tensor | None, with_bias: bool) 
     return torch.cat([w, b[:, None]], dim=1)
 
 
-def merge(attn: AttentionWeights, n_kv_heads: int, stats: InputStats, rope: RopeLayout,
+@dataclass
+class LayerInputs:
+    """A layer's attention inputs on the calibration blocks, and what the fits measure with them."""
+    x: torch.Tensor  # [blocks, T, d]
+    rope: tuple | None  # what apply_rope takes after x, or None
+    with_bias: bool
+    attention: torch.nn.Module  # the source layer's attention (model.Attention): its probabilities weight the fits
+
+    def blocks(self, limit: int | None = None):
+        for start in range(0, min(len(self.x), limit or len(self.x)), CHUNK_BLOCKS):
+            x = self.x[start:start + CHUNK_BLOCKS].float()
+            if self.with_bias:
+                x = torch.cat([x, torch.ones(*x.shape[:2], 1)], dim=-1)
+            yield x
+
+    def covariance(self) -> torch.Tensor:
+        """E[x̃ x̃ᵀ] over every calibration token."""
+        total = sum(x.flatten(0, 1).double().T @ x.flatten(0, 1).double() for x in self.blocks())
+        return total / (self.x.shape[0] * self.x.shape[1])
+
+    @torch.no_grad()
+    def attention_moments(self, heads: "Heads", groups: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per group: (value metric, key metric) — E[(P x̃)(P x̃)ᵀ] and the attention-weighted spread of keys
+        around each query's attended mean, pooled over the group's heads (see the module docstring)."""
+        T = self.x.shape[1]
+        rows = torch.unique(torch.linspace(0, T - 1, min(T, QUERY_ROWS)).round().long())
+        n = heads.wq.shape[-1]
+        moments = [(torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)) for _ in groups]
+        for x in self.blocks(MOMENT_BLOCKS):
+            probs = attention_probs(self.attention, x[..., :self.x.shape[-1]], self.rope)[:, :, rows]  # [B, H, rows, T]
+            attended = probs @ x[:, None]  # [B, H, rows, n]
+            for (value, key), group in zip(moments, groups):
+                px = attended[:, group].flatten(0, 2).double()
+                received = probs[:, group].sum((1, 2)).double()  # [B, T]: attention each token received
+                spread = torch.einsum("bt,btn,btm->nm", received, x.double(), x.double())
+                value += px.T @ px
+                key += spread - px.T @ px
+        count = min(len(self.x), MOMENT_BLOCKS) * len(rows)
+        return [(v / count, k / count) for v, k in moments]
+
+
+
+def attention_probs(module, x: torch.Tensor, rope) -> torch.Tensor:
+    """The source layer's causal attention probabilities on x [B, T, d]: [B, H, T, T] (q/k norms included)."""
+    q = module.project(x, module.wq, module.n_heads, getattr(module, "q_norm", None))
+    k = module.project(x, module.wk, module.n_kv_heads, getattr(module, "k_norm", None))
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    k = k.repeat_interleave(module.n_heads // module.n_kv_heads, dim=1)  # calibration only, never on a hot path
+    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
+    return F.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+
+
+def merge(attn: AttentionWeights, n_kv_heads: int, inputs: LayerInputs, rope: RopeLayout,
           grouping: str = "similarity") -> tuple[AttentionWeights, dict]:
     """This layer's attention with `n_kv_heads` KV heads, and a record of what was chosen (the groups)."""
     if grouping not in GROUPINGS:
         raise GQAError(f"unknown grouping {grouping!r}; choose one of {', '.join(GROUPINGS)}")
-    with_bias = attn.bq is not None or attn.bk is not None or attn.bv is not None
     mha = attn.expanded()
-    L = stats.whitener()
-    heads = Heads.of(mha, L, rope, with_bias)
+    L = whitener(inputs.covariance())
+    heads = Heads.of(mha, L, rope, inputs.with_bias)
     r = mha.n_heads // n_kv_heads
     order = list(range(mha.n_heads))
     if grouping == "similarity" and 1 < r < mha.n_heads:
-        order = similar_groups(heads.pair_costs(), r)
+        order = similar_groups(heads.pair_costs(L), r)
     groups = [order[j * r:(j + 1) * r] for j in range(n_kv_heads)]
-    fitted = [(*fit_keys(heads, g, L, rope), *fit_values(heads, g, L)) for g in groups]
-    return assemble(attn, fitted, with_bias), {"groups": groups}
+    fitted = []
+    for group, (value_metric, key_metric) in zip(groups, inputs.attention_moments(heads, groups)):
+        fitted.append((*fit_keys(heads, group, L, whitener(key_metric), rope),
+                       *fit_values(heads, group, whitener(value_metric))))
+    merged = assemble(attn, fitted, inputs.with_bias)
+    return merged_norms(merged, mha, groups), {"groups": groups}
 
 
 @dataclass
@@ -84,36 +138,40 @@ class Heads:
     """The expanded layer's heads as the fits see them, in float64, x̃-augmented where the model has biases."""
     wq: torch.Tensor  # [H, D, n]
     wk: torch.Tensor  # [H, D, n]
+    wv: torch.Tensor  # [H, D, n]
+    wo_t: torch.Tensor  # [H, D, d_out]: W_o,hᵀ
     query_energy: torch.Tensor  # [H, pairs]: E|q_h|² in each rotary pair
-    key_columns: torch.Tensor  # [pairs, n, H] complex: sqrt(E|q_h|²) · Lᵀ w_h, the weighted whitened keys
-    value_left: torch.Tensor  # [H, n, D]: Lᵀ W_v,hᵀ
-    value_right: torch.Tensor  # [H, D, d_out]: W_o,hᵀ
+    rope_layout: RopeLayout
 
     @classmethod
     def of(cls, mha: AttentionWeights, L: torch.Tensor, rope: RopeLayout, with_bias: bool) -> Heads:
         H, D = mha.n_heads, mha.head_dim
-        wq = augmented(mha.wq, mha.bq, with_bias).reshape(H, D, -1)
-        wk = augmented(mha.wk, mha.bk, with_bias).reshape(H, D, -1)
-        wv = augmented(mha.wv, mha.bv, with_bias).reshape(H, D, -1)
+        wq, wk, wv = (augmented(w, b, with_bias).reshape(H, D, -1)
+                      for w, b in ((mha.wq, mha.bq), (mha.wk, mha.bk), (mha.wv, mha.bv)))
         a, b = rope.pairs
         energy = (wq[:, a] @ L).pow(2).sum(-1) + (wq[:, b] @ L).pow(2).sum(-1)  # E|q|² = ||Lᵀ w_q||²
         energy = energy.clamp(min=1e-12 * float(energy.max()) if energy.numel() else 0.0)
-        keys = as_complex(wk, a, b) @ L.to(torch.complex128)  # [H, pairs, n]: (Lᵀ w_h)ᵀ
-        key_columns = (energy.sqrt()[..., None] * keys).permute(1, 2, 0)
-        value_left = torch.einsum("hdn,nm->hmd", wv, L)
-        return cls(wq, wk, energy, key_columns, value_left, mha.heads("wo").double().transpose(1, 2))
+        return cls(wq, wk, wv, mha.heads("wo").double().transpose(1, 2), energy, rope)
 
-    def pair_costs(self) -> torch.Tensor:
+    def key_columns(self, index, L_key: torch.Tensor) -> torch.Tensor:
+        """[pairs, n, r] complex: √(E|q_h|²) · L_keyᵀ w_h for the heads in `index`, per rotary pair."""
+        a, b = self.rope_layout.pairs
+        keys = as_complex(self.wk[index], a, b) @ L_key.to(torch.complex128)  # [r, pairs, n]
+        return (self.query_energy[index].sqrt()[..., None] * keys).permute(1, 2, 0)
+
+    def pair_costs(self, L: torch.Tensor) -> torch.Tensor:
         """[H, H]: what is lost when heads a and b share a KV head: the residual of the best shared rank-1 key
         per rotary pair plus that of the best shared rank-D value subspace, each relative to its total."""
-        gram = torch.einsum("pnh,pnk->phk", self.key_columns.conj(), self.key_columns)  # [pairs, H, H]
+        H = self.wq.shape[0]
+        columns = self.key_columns(torch.arange(H), L)
+        gram = torch.einsum("pnh,pnk->phk", columns.conj(), columns)  # [pairs, H, H]
         diag = gram.diagonal(dim1=1, dim2=2).real
         tr = diag[:, :, None] + diag[:, None, :]  # smaller eigenvalue of each 2x2 Gram: (tr - √(tr² - 4 det)) / 2
         det = diag[:, :, None] * diag[:, None, :] - gram.abs().pow(2)
         key = ((tr - (tr.pow(2) - 4 * det).clamp(min=0).sqrt()) / 2).sum(0) / diag.sum().clamp(min=1e-30)
-        factors = whitened_factors(self.value_left, self.value_right)[0]  # [H, n, D]
-        H, n, D = factors.shape
-        flat = factors.permute(1, 0, 2).reshape(n, H * D)
+        factors = whitened_factors(torch.einsum("hdn,nm->hmd", self.wv, L), self.wo_t)[0]  # [H, n, D]
+        D = factors.shape[-1]
+        flat = factors.permute(1, 0, 2).reshape(factors.shape[1], H * D)
         gram_v = (flat.T @ flat).reshape(H, D, H, D)
         value = torch.zeros(H, H, dtype=torch.float64)
         for i in range(H):
@@ -171,37 +229,52 @@ def reduced_rank(left: torch.Tensor, right: torch.Tensor, rank: int):
     return u[:, :rank], torch.einsum("hak,hnk->han", mix, q)
 
 
-def fit_keys(heads: Heads, group: list[int], L: torch.Tensor, rope: RopeLayout):
+def fit_keys(heads: Heads, group: list[int], L_query: torch.Tensor, L_key: torch.Tensor, rope: RopeLayout):
     """The shared key rows of a group [D, n] and its heads' query rows adjusted to it [r, D, n]."""
     index = torch.as_tensor(group)
     wq, wk = heads.wq[index].clone(), heads.wk[index]
     key = torch.zeros(wk.shape[1:], dtype=torch.float64)
     a, b = rope.pairs
     if len(a):
-        u, s, vh = torch.linalg.svd(heads.key_columns[:, :, index], full_matrices=False)
+        u, s, vh = torch.linalg.svd(heads.key_columns(index, L_key), full_matrices=False)
         # column h ≈ s₀ u₀ vh[0, h]: head h's whitened key ≈ c_h · κ u₀, with c_h κ = s₀ vh[0, h] / √e_h
         coef = s[:, :1] * vh[:, 0, :] / heads.query_energy[index].T.sqrt()  # [pairs, r]
         kappa = coef.abs().pow(2).mean(1, keepdim=True).sqrt().clamp(min=1e-30)
-        shared = torch.linalg.solve_triangular(L.T.to(torch.complex128), u[:, :, 0].T, upper=True).T * kappa
+        shared = torch.linalg.solve_triangular(L_key.T.to(torch.complex128), u[:, :, 0].T, upper=True).T * kappa
         key[a], key[b] = shared.real, shared.imag
         q = torch.complex(wq[:, a], wq[:, b]) * (coef / kappa).T.conj()[..., None]  # q -> q · conj(c_h)
         wq[:, a], wq[:, b] = q.real, q.imag
     free = rope.free
-    if len(free):  # dims without rotation: a shared subspace for the score maps W_kᵀ W_q, weighted by Σ twice
-        left = torch.einsum("hkn,nm->hmk", wk[:, free], L)  # Lᵀ W_k,hᵀ
-        right = torch.einsum("hkn,nm->hkm", wq[:, free], L)  # W_q,h L
+    if len(free):  # dims without rotation: a shared subspace for the score maps W_kᵀ W_q
+        left = torch.einsum("hkn,nm->hmk", wk[:, free], L_key)  # L_keyᵀ W_k,hᵀ
+        right = torch.einsum("hkn,nm->hkm", wq[:, free], L_query)  # W_q,h L_query
         basis, coefs = reduced_rank(left, right, len(free))
-        key[free] = torch.linalg.solve_triangular(L.T, basis, upper=True).T
-        wq[:, free] = torch.linalg.solve_triangular(L, coefs, upper=False, left=False)  # C_h L⁻¹
+        key[free] = torch.linalg.solve_triangular(L_key.T, basis, upper=True).T
+        wq[:, free] = torch.linalg.solve_triangular(L_query, coefs, upper=False, left=False)  # C_h L_query⁻¹
     return key, wq
 
 
-def fit_values(heads: Heads, group: list[int], L: torch.Tensor):
+def fit_values(heads: Heads, group: list[int], L_value: torch.Tensor):
     """The shared value rows of a group [D, n] and its heads' W_o refitted to them [r, d_out, D]."""
     index = torch.as_tensor(group)
-    basis, coefs = reduced_rank(heads.value_left[index], heads.value_right[index], heads.value_left.shape[-1])
-    value = torch.linalg.solve_triangular(L.T, basis, upper=True).T  # (L⁻ᵀ B)ᵀ
+    left = torch.einsum("hdn,nm->hmd", heads.wv[index], L_value)  # L_valueᵀ W_v,hᵀ
+    basis, coefs = reduced_rank(left, heads.wo_t[index], heads.wv.shape[1])
+    value = torch.linalg.solve_triangular(L_value.T, basis, upper=True).T  # (L⁻ᵀ B)ᵀ
     return value, coefs.transpose(1, 2)
+
+
+def merged_norms(merged: AttentionWeights, mha: AttentionWeights, groups: list[list[int]]) -> AttentionWeights:
+    """q/k norms of the merged layer. A norm shared by all heads stays; per-head q norms follow their heads;
+    per-head k norms are the mean over the group (the norm does not commute with the fits, so models with
+    q/k norms are merged approximately: `transfer` is what makes them close)."""
+    if not mha.norms_per_head:
+        return replace(merged, qn=mha.qn, qnb=mha.qnb, kn=mha.kn, knb=mha.knb)
+    order = torch.as_tensor([h for g in groups for h in g])
+    parts = {p: None if getattr(mha, p) is None else mha.heads(p)[order] for p in ("qn", "qnb")}
+    for p in ("kn", "knb"):
+        heads = mha.heads(p)
+        parts[p] = None if heads is None else torch.stack([heads[torch.as_tensor(g)].mean(0) for g in groups])
+    return merged.with_heads(**parts)
 
 
 def assemble(attn: AttentionWeights, fitted: list[tuple], with_bias: bool) -> AttentionWeights:
@@ -220,4 +293,5 @@ def assemble(attn: AttentionWeights, fitted: list[tuple], with_bias: bool) -> At
     wv, bv = rows(values, "bv")
     wo = torch.cat(outputs)  # [H, d_out, D]
     wo = wo.permute(1, 0, 2).reshape(wo.shape[1], -1).to(attn.wq.dtype)
-    return AttentionWeights(wq=wq, wk=wk, wv=wv, wo=wo, bq=bq, bk=bk, bv=bv, bo=attn.bo, head_dim=attn.head_dim)
+    return AttentionWeights(wq=wq, wk=wk, wv=wv, wo=wo, bq=bq, bk=bk, bv=bv, bo=attn.bo, head_dim=attn.head_dim,
+                            norms_per_head=attn.norms_per_head)

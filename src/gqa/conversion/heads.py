@@ -10,7 +10,8 @@ input (tests check each against the model's logits):
 - `rotate_keys`: per head and RoPE frequency pair, a complex scalar c (a scaled 2x2 rotation) on the key
   and conj(c)^-1 on the query, the only maps that commute with the rotary embedding.
 
-`RopeLayout` says which dims of a head RoPE pairs up (rotate-half: i and i + R/2) and which it leaves alone.
+`RopeLayout` says which dims of a head RoPE pairs up (rotate-half: i and i + R/2; interleaved: 2i and
+2i + 1) and which it leaves alone.
 """
 
 from __future__ import annotations
@@ -19,26 +20,31 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..model import ModelConfig
+from ..model import PER_HEAD_QK_NORMS, ModelConfig
 
-PARTS = ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo")
+PARTS = ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "qn", "qnb", "kn", "knb")
 NAMES = {"wq": "wq.weight", "wk": "wk.weight", "wv": "wv.weight", "wo": "wo.weight",
-         "bq": "wq.bias", "bk": "wk.bias", "bv": "wv.bias", "bo": "wo.bias"}
+         "bq": "wq.bias", "bk": "wk.bias", "bv": "wv.bias", "bo": "wo.bias",
+         "qn": "q_norm.weight", "qnb": "q_norm.bias", "kn": "k_norm.weight", "knb": "k_norm.bias"}
 
 
 @dataclass(frozen=True)
 class RopeLayout:
     head_dim: int
     rotary_dim: int  # 0 for models without rotary embeddings (learned positions)
+    interleaved: bool = False  # GPT-J pairs dims (2i, 2i + 1); Llama, NeoX and the rest (i, i + R/2)
 
     @classmethod
     def of(cls, config: ModelConfig) -> RopeLayout:
-        return cls(config.head_dim, config.rotary_dim if config.positions == "rope" else 0)
+        return cls(config.head_dim, config.rotary_dim if config.positions == "rope" else 0,
+                   config.rope_style == "interleaved")
 
     @property
     def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Within a head, the dims (a_i, b_i) RoPE rotates together: x_a + j·x_b turns by the pair's angle."""
         half = self.rotary_dim // 2
+        if self.interleaved:
+            return torch.arange(half) * 2, torch.arange(half) * 2 + 1
         return torch.arange(half), torch.arange(half) + half
 
     @property
@@ -57,12 +63,26 @@ class AttentionWeights:
     bk: torch.Tensor | None = None
     bv: torch.Tensor | None = None
     bo: torch.Tensor | None = None
+    qn: torch.Tensor | None = None  # q/k norm weights and biases, where the model has them
+    qnb: torch.Tensor | None = None
+    kn: torch.Tensor | None = None
+    knb: torch.Tensor | None = None
     head_dim: int = 0
+    norms_per_head: bool = False  # q/k norm weights with an entry per head's channel (they move with the heads)
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor], layer: int, head_dim: int) -> AttentionWeights:
+    def from_state(cls, state: dict[str, torch.Tensor], layer: int, config: ModelConfig) -> AttentionWeights:
         prefix = f"layers.{layer}.attention."
-        return cls(**{part: state.get(prefix + name) for part, name in NAMES.items()}, head_dim=head_dim)
+        return cls(**{part: state.get(prefix + name) for part, name in NAMES.items()}, head_dim=config.head_dim,
+                   norms_per_head=config.qk_norm in PER_HEAD_QK_NORMS)
+
+    def query_parts(self) -> tuple[str, ...]:
+        """The tensors that have a slice per query head (they move with it), besides W_o's columns."""
+        return ("wq", "bq", "qn", "qnb") if self.norms_per_head else ("wq", "bq")
+
+    def kv_parts(self) -> tuple[str, ...]:
+        """The tensors that have a slice per KV head (a merge pools them)."""
+        return ("wk", "wv", "bk", "bv", "kn", "knb") if self.norms_per_head else ("wk", "wv", "bk", "bv")
 
     def to_state(self, layer: int) -> dict[str, torch.Tensor]:
         prefix = f"layers.{layer}.attention."
@@ -82,9 +102,11 @@ class AttentionWeights:
 
     # -- per-head views ----------------------------------------------------------------------------------
 
-    def heads(self, part: str) -> torch.Tensor:
+    def heads(self, part: str) -> torch.Tensor | None:
         """A projection or bias split by head: [heads, D, ...] (wo: [H, d, D], its columns by head)."""
         t = getattr(self, part)
+        if t is None:
+            return None
         if part == "wo":
             return t.reshape(t.shape[0], self.n_heads, self.head_dim).permute(1, 0, 2)
         return t.reshape(-1, self.head_dim, *t.shape[1:])
@@ -107,13 +129,13 @@ class AttentionWeights:
         """Every query head with its own K/V head (copies): the same layer, written as MHA."""
         group = self.n_heads // self.n_kv_heads
         kv = {p: None if getattr(self, p) is None else self.heads(p).repeat_interleave(group, dim=0)
-              for p in ("wk", "wv", "bk", "bv")}
+              for p in self.kv_parts()}
         return self.with_heads(**kv)
 
     def permuted(self, order: list[int]) -> AttentionWeights:
         """Query head i of the result is query head order[i] of this layer (K/V move too when G = H)."""
         index = torch.as_tensor(order)
-        parts = ("wq", "bq", "wo") + (("wk", "wv", "bk", "bv") if self.n_kv_heads == self.n_heads else ())
+        parts = (*self.query_parts(), "wo") + (self.kv_parts() if self.n_kv_heads == self.n_heads else ())
         return self.with_heads(**{p: None if getattr(self, p) is None else self.heads(p)[index] for p in parts})
 
     def transform_values(self, maps: torch.Tensor) -> AttentionWeights:

@@ -21,13 +21,22 @@ import zlib
 import torch
 
 from ..errors import GQAError
+from .heads import NAMES, AttentionWeights
 
 METHODS = ("mean", "first", "random")
 
 
-def check_method(method: str) -> None:
-    if method not in METHODS:
-        raise GQAError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+def merge(attn: AttentionWeights, n_kv_heads: int, method: str, layer: int, seed: int = 0,
+          init_std: float = 0.02) -> AttentionWeights:
+    """A layer's attention with its K/V projections pooled to `n_kv_heads` heads; Q and O unchanged."""
+    pooled = {}
+    for part in attn.kv_parts():
+        tensor = getattr(attn, part)
+        if tensor is not None:
+            how = "mean" if method == "random" and part in ("kn", "knb") else method  # a K norm is pooled, not drawn
+            pooled[part] = pool_heads(tensor, attn.n_kv_heads, n_kv_heads, how,
+                                      name=f"layers.{layer}.attention.{NAMES[part]}", seed=seed, init_std=init_std)
+    return AttentionWeights(**{**attn.__dict__, **pooled})
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -46,8 +55,9 @@ def pool_heads(
     init_std: float = 0.02,
 ) -> torch.Tensor:
     """[old_heads·head_dim, ...] -> [new_heads·head_dim, ...], per `method` (see the module docstring)."""
-    check_method(method)  # new_heads divides old_heads: `target_kv_heads` checked it for every layer
-    if tensor.shape[0] % old_heads:
+    if method not in METHODS:
+        raise GQAError(f"unknown pooling {method!r}; choose one of {', '.join(METHODS)}")
+    if tensor.shape[0] % old_heads:  # new_heads divides old_heads: `target_kv_heads` checked it for every layer
         raise GQAError(f"{name}: {tensor.shape[0]} rows do not split into {old_heads} heads")
     head_dim = tensor.shape[0] // old_heads
     ratio = old_heads // new_heads

@@ -1,0 +1,95 @@
+"""Calibration: text the source model reads while it is converted, so that merges fit its real activations.
+
+The converter never holds the model. `Stream` keeps only the residual stream of the calibration blocks
+([blocks, T, d]) and one layer's weights at a time: the layer's attention inputs are read off the stream
+for the merge, then the layer (the source's own, or the converted one) advances the stream to the next.
+Memory is one layer's weights plus the stream, whatever the model's size.
+
+Calibration text comes from the training side of the data's document-hash split (`gqa.data`), so the
+validation split of the same source, which `gqa eval --data` scores, is text no merge has seen.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ..data import prepare
+from ..errors import GQAError
+from ..model import Block, ModelConfig, Transformer
+
+CHUNK_TOKENS = 8192  # blocks run through a layer this many tokens at a time (bounds the attention scores)
+
+
+def calibration_blocks(source, tokenizer, n_tokens: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """[blocks, seq_len + 1] token blocks, ⌈n_tokens / seq_len⌉ of them, drawn (seeded) from the training
+    split of `source` (a file, folder or bundled corpus name, as `--data` takes it)."""
+    if n_tokens < 1:
+        raise GQAError(f"--calib-tokens must be >= 1, got {n_tokens}")
+    data = prepare(source, tokenizer, seq_len)
+    needed = math.ceil(n_tokens / seq_len)
+    if len(data.train) < needed:
+        raise GQAError(f"{source} holds {len(data.train) * seq_len:,} calibration tokens (its training split, in "
+                       f"blocks of {seq_len}); --calib-tokens {n_tokens:,} needs more text or a smaller number")
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
+    return data.train[order[:needed]]
+
+
+def build_block(config: ModelConfig, layer: int, state: dict[str, torch.Tensor]) -> Block:
+    """Layer `layer` as a module holding the given gqa tensors (built on the meta device, then assigned)."""
+    with torch.device("meta"):
+        block = Block(config, layer)
+    prefix = f"layers.{layer}."
+    block.load_state_dict({k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)},
+                          assign=True, strict=True)
+    return block.eval()
+
+
+@dataclass
+class Stream:
+    """The residual stream of the calibration blocks entering the next layer, and their rotary tables."""
+    hidden: torch.Tensor  # [blocks, T, d] float32
+    rope: tuple | None
+    targets: torch.Tensor  # [blocks, T]: the next token at each position (for losses)
+
+    @classmethod
+    def start(cls, config: ModelConfig, embeddings: dict[str, torch.Tensor], blocks: torch.Tensor) -> Stream:
+        """Embed the blocks with the source's embedding tensors (gqa names)."""
+        with torch.device("meta"):
+            model = Transformer(config)
+        for name in ("tok_embeddings", "pos_embeddings"):
+            if hasattr(model, name):
+                getattr(model, name).weight = torch.nn.Parameter(embeddings[f"{name}.weight"].float(), requires_grad=False)
+        model.reset_rope()
+        inputs = blocks[:, :-1]
+        positions = torch.arange(inputs.shape[1])[None]
+        with torch.no_grad():
+            hidden = model.embed(inputs, positions.expand_as(inputs))
+        return cls(hidden, model.rope(positions, torch.float32), blocks[:, 1:])
+
+    def chunks(self) -> Iterator[slice]:
+        per_chunk = max(1, CHUNK_TOKENS // self.hidden.shape[1])
+        for start in range(0, len(self.hidden), per_chunk):
+            yield slice(start, start + per_chunk)
+
+    @torch.no_grad()
+    def attention_inputs(self, block: Block) -> torch.Tensor:
+        """What the layer's attention reads of the stream (after its norm, where it has one first): [blocks, T, d]."""
+        return torch.cat([block.attention_input(self.hidden[c]) for c in self.chunks()])
+
+    @torch.no_grad()
+    def attention_outputs(self, block: Block, inputs: torch.Tensor) -> torch.Tensor:
+        return torch.cat([block.attention(inputs[c], self.rope, None, True, None, None) for c in self.chunks()])
+
+    @torch.no_grad()
+    def advance(self, block: Block) -> None:
+        """Run the stream through `block`."""
+        for c in self.chunks():
+            self.hidden[c] = block(self.hidden[c], self.rope, None, True, None, None)
+
+    def advanced(self, block: Block) -> torch.Tensor:
+        self.advance(block)
+        return self.hidden
