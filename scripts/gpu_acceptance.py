@@ -1,0 +1,135 @@
+"""Every GPU measurement gqa promises, in one entry point, part by part, resumable.
+
+On the GPU machine (see DEVELOPERS.md), from the repository root:
+
+    python scripts/gpu_acceptance.py --out $OUT/gpu --parts versions,kernels,train,decode   # first call
+    python scripts/gpu_acceptance.py --out $OUT/gpu --parts generate,capacity                # second call
+    python scripts/gpu_acceptance.py --out $OUT/gpu --parts paper                            # ...
+    python scripts/gpu_acceptance.py --out docs/results/gpu --dry-run                        # CPU, tiny: CI
+
+Each part is a list of real commands (gqa verbs, pytest, the benchmarks) run in order; its outputs go to
+OUT/<part>/ with `part.json` (commands, exit codes, seconds, device, versions) written last, so a part whose
+`part.json` records success is skipped when the script runs again (a 10-minute call that ran out resumes
+with the next part). `--force` reruns the named parts. OUT/README.md indexes what has run.
+`--dry-run` runs every part at toy sizes on the CPU: it checks that the commands still work, not speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GQA = [sys.executable, "-m", "gqa"]
+
+
+def parts(out: Path, dry: bool) -> dict[str, list[list[str]]]:
+    """part -> commands. Dry runs shrink every command to a harness check that runs on a CPU in seconds."""
+    quick = ["--quick", "--device", "cpu"] if dry else []
+    train = ["--steps", "3", "--batch-size", "2", "--seq-len", "64", "--no-compile"] if dry else []
+    kernel_tests = ["tests/test_kernels.py::test_split_count_does_not_change_the_result"] if dry else \
+        ["tests/test_kernels.py", "tests/test_paged.py"]
+    return {
+        "versions": [[sys.executable, "-c", "import torch, triton, transformers, gqa; "
+                      "print(torch.__version__, triton.__version__, transformers.__version__, gqa.__version__, "
+                      "torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"]],
+        "kernels": [[sys.executable, "-m", "pytest", "-q", *kernel_tests, "--junitxml", str(out / "kernels" / "junit.xml")]],
+        "train": [[sys.executable, "benchmarks/train_throughput.py", "--out", str(out / "train" / "train-125m.json"), *train]],
+        "decode": [[*GQA, "bench", "decode", "--out", str(out / "decode"), *quick]],
+        "generate": [[*GQA, "bench", "generate", "--out", str(out / "generate"), *quick]],
+        "capacity": [[*GQA, "bench", "capacity", "--out", str(out / "capacity"),
+                      *(["--memory-gb", "0.05", "--context", "64", *quick] if dry else ["--memory-gb", "60"])]],
+        "paper": [[*GQA, "experiment", "paper", "--out", str(out / "paper"), *quick]],
+        "smollm2": [[*GQA, "experiment", "smollm2", "--out", str(out / "smollm2"), *quick]],
+    }
+
+
+def environment() -> dict:
+    import torch
+
+    return {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.machine()})",
+            "torch": torch.__version__, "python": platform.python_version(), "host": platform.node()}
+
+
+def run_part(name: str, commands: list[list[str]], out: Path, dry: bool) -> dict:
+    from gqa.jsonfiles import write_json
+
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"part": name, "dry_run": dry, **environment(), "commands": []}
+    for command in commands:
+        line = " ".join(shlex.quote(c) for c in command).replace(sys.executable, "python")
+        print(f"[{name}] $ {line}", flush=True)
+        start = time.time()
+        with open(folder / "log.txt", "a") as log:
+            result = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+        record["commands"].append({"command": line, "exit_code": result.returncode,
+                                   "seconds": round(time.time() - start, 1)})
+        if result.returncode != 0:
+            break
+    record["ok"] = all(c["exit_code"] == 0 for c in record["commands"])
+    write_json(folder / "part.json", record)
+    return record
+
+
+def index(out: Path) -> None:
+    """OUT/README.md: each part, whether it ran, where its results are."""
+    from gqa.jsonfiles import read_json
+
+    lines = ["# GPU acceptance results\n", "Written by `scripts/gpu_acceptance.py` (see DEVELOPERS.md); every number "
+             "comes from the files in each part's folder, with the command that made it.\n",
+             "| part | ran | device | seconds | commands |", "|---|---|---|---|---|"]
+    for name in parts(out, False):
+        file = out / name / "part.json"
+        if not file.is_file():
+            lines.append(f"| {name} | not yet | | | |")
+            continue
+        r = read_json(file)
+        status = ("ok" if r["ok"] else "FAILED") + (" (dry run)" if r["dry_run"] else "")
+        commands = "<br>".join(f"`{c['command']}`" for c in r["commands"])
+        lines.append(f"| [{name}]({name}/) | {status} | {r['device']} | {sum(c['seconds'] for c in r['commands']):.0f} "
+                     f"| {commands} |")
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="docs/results/gpu")
+    parser.add_argument("--parts", default=None, help="comma-separated (default: all, in order)")
+    parser.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU: checks the commands still work")
+    parser.add_argument("--force", action="store_true", help="rerun parts that already succeeded")
+    args = parser.parse_args()
+    out = Path(args.out).resolve()
+    plan = parts(out, args.dry_run)
+    wanted = args.parts.split(",") if args.parts else list(plan)
+    unknown = sorted(set(wanted) - set(plan))
+    if unknown:
+        print(f"gpu_acceptance: unknown parts {unknown}; known: {', '.join(plan)}", file=sys.stderr)
+        return 2
+    failed = []
+    for name in wanted:
+        done = out / name / "part.json"
+        if done.is_file() and not args.force:
+            from gqa.jsonfiles import read_json
+
+            if read_json(done)["ok"]:
+                print(f"[{name}] done before; skipped (--force reruns it)")
+                continue
+        if not run_part(name, plan[name], out, args.dry_run)["ok"]:
+            failed.append(name)
+        index(out)
+    index(out)
+    if failed:
+        print(f"failed parts: {', '.join(failed)} (their logs: {out}/<part>/log.txt)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
