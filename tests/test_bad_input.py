@@ -42,6 +42,7 @@ def world(tmp_path_factory, tokenizer):
     (root / "wide-config" / "config.json").write_text(json.dumps({**config, "hidden_size": 128}))
     save(build("llama", vocab_size=100), root / "small-vocab", tokenizer)  # the tokenizer has 320 tokens
     (root / "afile").write_text("not a folder")
+    save(build("llama"), root / "no-tokenizer")
     from gqa.checkpoints.gguf import packaged_smollm2
 
     (root / "trunc.gguf").write_bytes(packaged_smollm2().read_bytes()[:100])
@@ -74,6 +75,10 @@ CASES = {
                             "is the source folder", True),
     "export-over-source": (["export", "{w}/model", "{w}/model", "--overwrite"], "is the source folder", True),
     "export-read-only": (["export", "{w}/model", "{ro}/out"], "is not writable", True),
+    "export-gguf-no-tokenizer": (["export", "{w}/no-tokenizer", "{w}/o.gguf", "--format", "gguf"],
+                                 "GGUF export needs the model's tokenizer.json", True),
+    "export-gguf-bfloat16": (["export", "{w}/model", "{w}/o.gguf", "--format", "gguf", "--dtype", "bfloat16"],
+                             "GGUF export writes float32 or float16, not bfloat16", True),
     "uptrain-into-source": (["uptrain", "{w}/model", "{w}/model/run", "--data", "{w}/text.txt", "--steps", "1"],
                             "is inside the source folder", True),
     "uptrain-read-only": (["uptrain", "{w}/model", "{ro}/run", "--data", "{w}/text.txt", "--steps", "1"],

@@ -199,10 +199,23 @@ def cmd_generate(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .checkpoints import load, save, target_family
+    import torch
+
+    from .checkpoints import load, parse_dtype, save, target_family
 
     config = model_config(args.model)
     check_out(args.out, args.overwrite, args.model)
+    if args.format == "gguf":
+        from .checkpoints.gguf import GGUF_DTYPES, gguf_architecture, gguf_support, gguf_tokenizer_file, write_gguf
+
+        if gguf_support(config):
+            raise GQAError(f"cannot write {args.out} as GGUF: {gguf_support(config)}")
+        gguf_tokenizer_file(args.model)
+        dtype = parse_dtype(args.dtype) or torch.float32
+        if dtype not in GGUF_DTYPES:
+            raise GQAError(f"GGUF export writes float32 or float16, not {args.dtype}")
+        out = write_gguf(load(args.model, dtype="float32"), args.out, args.overwrite, dtype)
+        return print(f"wrote {out} (GGUF, architecture {gguf_architecture(config)})")
     model = load(args.model, dtype=args.dtype)
     family = target_family(config, model.hf_config, args.format)
     save(model, args.out, format=args.format, overwrite=args.overwrite)
@@ -479,10 +492,11 @@ def add_model_verbs(sub) -> None:
     add_device_args(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("export", help="write a model as an HF folder (or gqa's own format where HF cannot hold it)")
+    p = sub.add_parser("export", help="write a model as an HF folder (or gqa's own format), or as a GGUF file")
     p.add_argument("model")
     p.add_argument("out")
-    p.add_argument("--format", default="auto", choices=["auto", "hf", "native"])
+    p.add_argument("--format", default="auto", choices=["auto", "hf", "native", "gguf"],
+                   help="gguf: one file llama.cpp runs (Llama-style models, per-layer KV heads as `deci`)")
     p.add_argument("--dtype", default=None)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)

@@ -1,4 +1,5 @@
-"""GGUF files (llama.cpp's format) -> a plain Hugging Face folder that `gqa.load` reads.
+"""GGUF files (llama.cpp's format), both ways: a GGUF checkpoint -> a plain Hugging Face folder that `gqa.load`
+reads, and a Llama-style gqa model -> a GGUF file llama.cpp runs (`write_gguf`), per-layer KV heads included.
 
 transformers dequantizes the GGUF weights (and undoes llama.cpp's Q/K row permutation); the model it
 returns is marked as quantized and refuses `save_pretrained`, so the weights are moved into a plain model
@@ -8,8 +9,12 @@ of the same architecture built from the config, which saves as ordinary safetens
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import re
 from pathlib import Path
+
+import torch
 
 from ..errors import GQAError
 from .files import atomic_dir, check_destination
@@ -60,3 +65,155 @@ def gguf_to_hf(gguf_file: str | os.PathLike, dest: str | os.PathLike, overwrite:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return Path(dest)
+
+
+# ------------------------------------------------------------------------------------------ writing GGUF
+
+GGUF_NAMES = {  # gqa tensor -> llama.cpp tensor, for its `llama` and `deci` architectures
+    "tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight", "output.weight": "output.weight",
+    "attention_norm.weight": "attn_norm.weight", "mlp_norm.weight": "ffn_norm.weight",
+    "attention.wq.weight": "attn_q.weight", "attention.wk.weight": "attn_k.weight",
+    "attention.wv.weight": "attn_v.weight", "attention.wo.weight": "attn_output.weight",
+    "attention.wq.bias": "attn_q.bias", "attention.wk.bias": "attn_k.bias", "attention.wv.bias": "attn_v.bias",
+    "mlp.gate.weight": "ffn_gate.weight", "mlp.up.weight": "ffn_up.weight", "mlp.down.weight": "ffn_down.weight",
+}
+GGUF_DTYPES = {torch.float32: "F32", torch.float16: "F16"}
+
+
+def gguf_support(config) -> str | None:
+    """Why llama.cpp's llama / deci architectures cannot hold this model (None when they can)."""
+    llama_style = (config.norm, config.positions, config.mlp, config.block, config.rope_style, config.qk_norm,
+                   config.norm_weight_offset, config.embedding_multiplier, config.output_bias, config.activation,
+                   config.out_bias, config.mlp_bias, config.sliding_window) == \
+        ("rms", "rope", "gated", "sequential", "half", None, 0.0, 1.0, False, "silu", False, False, None)
+    if not llama_style:
+        return "gqa writes GGUF for Llama-style models (use llama.cpp's convert_hf_to_gguf.py on an HF export)"
+    if config.qkv_bias and len(set(config.n_kv_heads)) > 1:
+        return "llama.cpp's per-layer architecture (deci) has no q/k/v biases"
+    if config.rotary_dim != config.head_dim:
+        return "partial rotary is not written to GGUF"
+    kind = (config.rope_scaling or {}).get("rope_type", (config.rope_scaling or {}).get("type", "default"))
+    if kind not in ("default", "linear"):
+        return f"rope scaling {kind!r} is not written to GGUF"
+    return None
+
+
+def rope_halves_to_pairs(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of each head from HF's rotate-half order (i, i + D/2) to GGML's adjacent pairs (2i, 2i + 1)."""
+    return weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2) \
+        .reshape(weight.shape)
+
+
+def write_gguf(model, dest: str | os.PathLike, overwrite: bool = False, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a Llama-style model as a GGUF file llama.cpp runs: architecture `llama` (one KV-head count) or
+    `deci` (a count per layer, which llama.cpp's own converter only takes with Llama-3's vocabulary), with
+    the BPE tokenizer of its folder. Written to a temporary name and renamed when complete."""
+    import gguf
+
+    config = model.config
+    why = gguf_support(config)
+    if why:
+        raise GQAError(f"cannot write {dest} as GGUF: {why}")
+    if dtype not in GGUF_DTYPES:
+        raise GQAError("GGUF export writes float32 or float16")
+    dest = Path(dest)
+    if dest.exists() and not overwrite:
+        raise GQAError(f"{dest} already exists; pass --overwrite to replace it")
+    check_destination(dest, overwrite=True)
+    per_layer = len(set(config.n_kv_heads)) > 1
+    tmp = dest.with_name(f".{dest.name}.partial")
+    try:
+        writer = gguf.GGUFWriter(str(tmp), gguf_architecture(config))
+        gguf_metadata(writer, config, per_layer, dtype)
+        gguf_tokenizer(writer, model.source_dir, config.vocab_size)
+        for name, tensor in gguf_tensors(model, dtype):
+            writer.add_tensor(name, tensor.numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)  # nothing half-written is left behind (a no-op once renamed)
+    return dest
+
+
+def gguf_architecture(config) -> str:
+    """llama.cpp's name for the model: `deci` with per-layer KV heads, `qwen2` with q/k/v biases (its RoPE
+    pairs dims as HF does), `llama` otherwise (its RoPE pairs adjacent dims: Q/K rows are reordered)."""
+    if len(set(config.n_kv_heads)) > 1:
+        return "deci"
+    return "qwen2" if config.qkv_bias else "llama"
+
+
+def gguf_metadata(writer, config, per_layer: bool, dtype: torch.dtype) -> None:
+    import gguf
+
+    L = config.n_layers
+    writer.add_name("gqa export")
+    writer.add_context_length(config.max_positions)
+    writer.add_embedding_length(config.dim)
+    writer.add_block_count(L)
+    writer.add_feed_forward_length([config.hidden_dim] * L if per_layer else config.hidden_dim)
+    writer.add_head_count([config.n_heads] * L if per_layer else config.n_heads)
+    writer.add_head_count_kv(list(config.n_kv_heads) if per_layer else config.n_kv_heads[0])
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.rotary_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    if config.rope_scaling:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(config.rope_scaling["factor"])
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == torch.float32 else gguf.LlamaFileType.MOSTLY_F16)
+
+
+def gguf_tokenizer_file(folder) -> Path:
+    """The tokenizer a GGUF file must carry (llama.cpp tokenizes the prompt itself)."""
+    file = Path(folder or "") / "tokenizer.json"
+    if not file.is_file():
+        raise GQAError(f"GGUF export needs the model's tokenizer.json (none in {folder})")
+    return file
+
+
+def gguf_tokenizer(writer, folder, vocab_size: int) -> None:
+    """The folder's byte-level BPE tokenizer as llama.cpp reads it: tokens, types, merges, special ids, and a
+    pre-tokenizer it knows (GPT-2's regex is what a plain ByteLevel pre-tokenizer applies)."""
+    import gguf
+
+    file = gguf_tokenizer_file(folder)
+    spec = json.loads(file.read_text())
+    model, pre = spec.get("model", {}), spec.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
+        raise GQAError("GGUF export writes byte-level BPE tokenizers with a plain ByteLevel pre-tokenizer; "
+                       f"{file} has {model.get('type')} with {pre.get('type')}")
+    added = {t["id"]: t for t in spec.get("added_tokens", [])}
+    by_id = {i: tok for tok, i in model["vocab"].items()} | {i: t["content"] for i, t in added.items()}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        tokens.append(by_id.get(i, f"[PAD{i}]"))
+        types.append(gguf.TokenType.UNUSED if i not in by_id else
+                     gguf.TokenType.CONTROL if added.get(i, {}).get("special") else gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")  # llama.cpp's name for the GPT-2 regex
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(Path(folder), load_merges=True, n_vocab=vocab_size).add_to_gguf(writer)
+
+
+def gguf_tensors(model, dtype: torch.dtype):
+    config = model.config
+    for name, tensor in model.state_dict().items():
+        if name == "output.weight" and config.tie_embeddings:
+            continue  # llama.cpp reads the embedding table as the head when output.weight is absent
+        m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+        key = m[2] if m else name
+        if key not in GGUF_NAMES:
+            raise GQAError(f"GGUF export has no place for tensor {name}")
+        t = tensor.detach().to("cpu", torch.float32)
+        if key.startswith(("attention.wq", "attention.wk")) and gguf_architecture(config) != "qwen2":
+            heads = config.n_heads if key.startswith("attention.wq") else config.n_kv_heads[int(m[1])]
+            t = rope_halves_to_pairs(t, heads)
+        out = t.to(dtype) if t.dim() > 1 else t  # norms and biases stay float32, as llama.cpp's converter writes them
+        yield (f"blk.{m[1]}.{GGUF_NAMES[key]}" if m else GGUF_NAMES[key]), out.contiguous()
