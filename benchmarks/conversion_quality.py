@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -32,16 +33,22 @@ from gqa.jsonfiles import write_json
 EVAL_SETS = ("wiki", "shakespeare")
 
 
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run(command: list[str], log: list[dict], name: str) -> dict:
     """Run one gqa command, print it, record it with its wall time; returns its JSON output if any."""
     line = "gqa " + " ".join(command)
     print(f"$ {line}", flush=True)
-    start = time.time()
+    start, cpu_start = time.time(), cpu_seconds()
     result = subprocess.run([sys.executable, "-m", "gqa", *command], capture_output=True, text=True)
-    seconds = time.time() - start
+    seconds, cpu = time.time() - start, cpu_seconds() - cpu_start
     if result.returncode != 0:
         raise SystemExit(f"{line} failed:\n{result.stderr[-3000:]}")
-    log.append({"name": name, "command": line, "seconds": round(seconds, 1)})
+    # wall time, and the CPU time the command used on all cores (what it costs even on a shared machine)
+    log.append({"name": name, "command": line, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1)})
     try:
         return json.loads(result.stdout)
     except json.JSONDecodeError:
@@ -67,6 +74,36 @@ def plans(model: str, calib: str, calib_tokens: int, transfer_steps: int, uptrai
     return out
 
 
+def minutes(row: dict, key: str) -> str:
+    return "—" if row.get(key) is None else f"{row[key] / 60:.1f}"
+
+
+def readme(results: dict) -> str:
+    """The tables of a run, every number from results.json."""
+    ev, cal, machine = results["evaluation"], results["calibration"], results["machine"]
+    original = results["rows"][0]
+    sets = " and ".join(f"`{d}` ({original[d]['tokens']:,} tokens)" for d in EVAL_SETS)
+    lines = [f"# Conversion quality: {results['model']}\n", f"```\n{results['command']}\n```\n",
+             f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}. Calibration: "
+             f"{cal['tokens']:,} tokens of the `{cal['data']}` training split. Held-out text: the validation splits "
+             f"of {sets}, in blocks of {ev['seq_len']}; perplexity, top-1 agreement with the original model's "
+             f"next-token choice, and KL(original ‖ converted) per token. Time: wall minutes of the conversion "
+             f"command, and the CPU minutes it used on all cores.\n"]
+    for target in dict.fromkeys(r["target"] for r in results["rows"][1:]):
+        lines += [f"\n## → {target}\n", "| model | KV heads per layer | wall min | CPU min | " +
+                  " | ".join(f"{d} ppl (× original) | {d} top-1 agree | {d} KL" for d in EVAL_SETS) + " |",
+                  "|---" * (4 + 3 * len(EVAL_SETS)) + "|"]
+        for row in [original] + [r for r in results["rows"] if r["target"] == target]:
+            kv = row.get("conversion", {}).get("kv_heads_after") or row.get("uptrain", {}).get("kv_heads") or []
+            kv = "source" if row is original else ",".join(map(str, kv)) if len(set(kv)) > 1 else str(kv[0]) if kv else "as above"
+            cells = [f"{row[d]['perplexity']:,.2f} ({row[d]['perplexity'] / original[d]['perplexity']:.2f}×) | "
+                     f"{row[d]['top1_agreement']:.3f} | {row[d]['kl']:.3f}" for d in EVAL_SETS]
+            lines.append(f"| {row['name']} | {kv} | {minutes(row, 'seconds')} | {minutes(row, 'cpu_seconds')} | "
+                         + " | ".join(cells) + " |")
+    lines += ["\n## Commands\n", "```"] + [f"{c['command']}    # {c['seconds']} s" for c in results["commands"]] + ["```"]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["smollm2", "demo"], default="smollm2")
@@ -77,15 +114,28 @@ def main() -> None:
     parser.add_argument("--transfer-steps", type=int, default=400)
     parser.add_argument("--uptrain-steps", type=int, default=25, help="distillation steps of 8 x 512 tokens")
     parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens scored per set")
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in OUT/rows.jsonl")
+    parser.add_argument("--report", action="store_true", help="rewrite OUT/README.md from OUT/results.json")
     args = parser.parse_args()
+    if args.report:
+        results = json.loads((Path(args.out) / "results.json").read_text())
+        return (Path(args.out) / "README.md").write_text(readme(results))
 
-    work = Path(args.workdir) / args.model
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    log: list[dict] = []
+    work, out = Path(args.workdir) / args.model, Path(args.out)
+    # Rows are appended to rows.jsonl as they finish, so a run that dies after two hours keeps what it measured.
+    done = {}
+    if args.resume and (out / "rows.jsonl").exists():
+        done = {row["name"]: row for row in map(json.loads, (out / "rows.jsonl").read_text().splitlines())}
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "rows.jsonl").write_text("")
+    work.mkdir(parents=True, exist_ok=True)
+    log: list[dict] = [command for row in done.values() for command in row.get("commands", [])]
     if args.model == "smollm2":
         original, calib, seq_len = work / "original", args.calib or "wiki", 512
-        run(["import-gguf", "smollm2", str(original)], log, "import")
+        if not (original / "config.json").exists():
+            run(["import-gguf", "smollm2", str(original)], log, "import")
     else:
         from gqa.demo import ASSET
 
@@ -94,6 +144,12 @@ def main() -> None:
     for name, label, options, uptrain_from in plans(args.model, calib, args.calib_tokens, args.transfer_steps,
                                                     args.uptrain_steps if args.model == "smollm2" else 0):
         path = original if options is None and uptrain_from is None else work / name
+        if name in done:
+            rows.append(done[name])
+            continue
+        if path != original:  # a half-written folder from a run that died here
+            shutil.rmtree(path, ignore_errors=True)
+        first_command = len(log)
         record = {"name": name, "target": label}
         if options is not None:
             run(["convert", str(original), str(path), *options], log, name)
@@ -103,11 +159,15 @@ def main() -> None:
                  "--batch-size", "8", "--seq-len", str(seq_len), "--lr", "1e-4", "--teacher", str(original),
                  "--distill-weight", "1.0", "--eval-every", "1000"], log, name)
             record["uptrain"] = json.loads((path / "train" / "report.json").read_text())
-        record["seconds"] = log[-1]["seconds"] if options is not None or uptrain_from is not None else None
+        if options is not None or uptrain_from is not None:
+            record["seconds"], record["cpu_seconds"] = log[-1]["seconds"], log[-1]["cpu_seconds"]
         for data in EVAL_SETS:
             record[data] = run(["eval", str(path), "--data", data, "--seq-len", str(seq_len), "--max-tokens",
                                 str(args.eval_tokens), "--reference", str(original), "--json"], log, f"{name} eval {data}")
+        record["commands"] = log[first_command:]
         rows.append(record)
+        with open(out / "rows.jsonl", "a") as rows_file:
+            rows_file.write(json.dumps(record) + "\n")
         print(json.dumps({k: record[k] for k in ("name", *EVAL_SETS)}), flush=True)
     results = {
         "command": "python benchmarks/conversion_quality.py " + " ".join(sys.argv[1:]),
@@ -118,9 +178,9 @@ def main() -> None:
                        "seq_len": seq_len},
         "commands": log, "rows": rows,
     }
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    write_json(Path(args.out) / "results.json", results)
-    print(f"wrote {args.out}/results.json")
+    write_json(out / "results.json", results)
+    (out / "README.md").write_text(readme(results))
+    print(f"wrote {args.out}/results.json and README.md")
 
 
 if __name__ == "__main__":

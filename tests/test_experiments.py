@@ -35,6 +35,21 @@ def test_paper_experiment_quick(tmp_path):
     assert (out / "README.md").read_text() == readme
 
 
+def test_paper_alpha_curve_without_scratch_runs(tmp_path):
+    """The settings of docs/results/paper-cpu-aligned at toy size: mean vs aligned over α, no scratch runs."""
+    settings = tmp_path / "s.json"
+    settings.write_text(json.dumps({"kv_heads": [1], "methods": ["mean", "aligned"], "alphas": [0.005, 0.05],
+                                    "seeds": [0], "scratch": False}))
+    out = tmp_path / "paper"
+    assert main(["experiment", "paper", "--quick", "--settings", str(settings), "--out", str(out), "--device", "cpu"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert not [r for r in rows if r["kind"] == "scratch"]
+    points = {(r["method"], r["alpha"]) for r in rows if r["kind"] == "uptrained"}
+    assert points == {(m, a) for m in ("mean", "aligned") for a in (0.0, 0.005, 0.05)}
+    readme = (out / "README.md").read_text()
+    assert "Uptraining the aligned start needs to match mean pooling uptrained for α = 0.05" in readme
+
+
 def test_smollm2_experiment_quick(tmp_path):
     """SmolLM2 -> MQA, uptrained with and without distillation, at toy size: curves start at the converted model."""
     out = tmp_path / "smol"

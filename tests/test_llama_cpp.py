@@ -44,7 +44,9 @@ def tiny(family: str, tokenizer_dir: Path, path: Path, **overrides) -> Path:
 def compare(llama_cpp, gguf_file: Path, folder: Path, prompt=PROMPT) -> None:
     """Same logits at every prompt position, and the same greedy continuation."""
     model = gqa.load(folder, dtype="float32")
-    llm = llama_cpp.Llama(str(gguf_file), n_ctx=64, n_batch=64, logits_all=True, n_threads=2, verbose=False)
+    # an f32 KV cache (GGML type 0): llama.cpp's default f16 cache alone moves SmolLM2's logits by ~0.1
+    llm = llama_cpp.Llama(str(gguf_file), n_ctx=64, n_batch=64, logits_all=True, n_threads=2, verbose=False,
+                          type_k=0, type_v=0)
     llm.eval(prompt)
     theirs = np.asarray(llm.scores[: len(prompt)])
     with torch.no_grad():
@@ -54,6 +56,7 @@ def compare(llama_cpp, gguf_file: Path, folder: Path, prompt=PROMPT) -> None:
     for _ in range(STEPS):
         tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
         llm.eval([tokens[-1]])
+    llm.close()
     assert tokens == gqa.generate(model, [prompt], max_new_tokens=STEPS)[0]
 
 
@@ -104,6 +107,26 @@ def test_demo_model_with_its_own_tokenizer(llama_cpp, tmp_path):
     compare(llama_cpp, tmp_path / "mqa.gguf", tmp_path / "mqa", prompt=ids)
     llm = llama_cpp.Llama(str(tmp_path / "mqa.gguf"), n_ctx=64, vocab_only=True, verbose=False)
     assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+
+
+def test_smollm2_per_layer_and_mqa(llama_cpp, tmp_path, capsys):
+    """The real checkpoint (the gap users hit: llama.cpp's converter refuses SmolLM2 with per-layer KV heads,
+    "Cannot find Llama BPE tokenizer"): per-layer through gqa's writer, MQA through llama.cpp's converter,
+    llama.cpp's tokenizer giving the model's own ids for the prompt."""
+    from gqa.checkpoints.gguf import gguf_to_hf, packaged_smollm2
+    from gqa.checkpoints.tokenizer import load_tokenizer
+
+    source = gguf_to_hf(packaged_smollm2(), tmp_path / "smollm2")
+    text = "The Eiffel Tower is a wrought-iron lattice tower in Paris. It is named after"
+    ids = load_tokenizer(source)(text)["input_ids"]
+    gqa.convert(source, tmp_path / "var", n_kv_heads_per_layer=[3, 1] * 15, progress=False)
+    assert main(["export", str(tmp_path / "var"), str(tmp_path / "var.gguf"), "--format", "gguf"]) == 0
+    llm = llama_cpp.Llama(str(tmp_path / "var.gguf"), vocab_only=True, verbose=False)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+    llm.close()
+    compare(llama_cpp, tmp_path / "var.gguf", tmp_path / "var", prompt=ids)
+    gqa.convert(source, tmp_path / "mqa", n_kv_heads=1, progress=False)
+    compare(llama_cpp, convert_with_llama_cpp(tmp_path / "mqa", tmp_path / "mqa.gguf"), tmp_path / "mqa", prompt=ids)
 
 
 def test_gguf_export_refuses_what_llama_cpp_cannot_hold(tmp_path, capsys):
