@@ -30,7 +30,19 @@ import torch
 
 from gqa.jsonfiles import write_json
 
-EVAL_SETS = ("wiki", "shakespeare")
+EVAL_SETS = ("wiki", "shakespeare", "python-reference")
+
+
+def eval_data(name: str, work: Path) -> str:
+    """What `gqa eval --data` takes for a held-out set: the bundled corpora's validation splits, and the Python
+    language reference (pydoc_data, in every Python installation): a source no calibration draws from."""
+    if name != "python-reference":
+        return name
+    import pydoc_data.topics
+
+    path = work / "python-reference.txt"
+    path.write_text("\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)))
+    return str(path)
 
 
 def cpu_seconds() -> float:
@@ -55,7 +67,8 @@ def run(command: list[str], log: list[dict], name: str) -> dict:
         return {}
 
 
-def plans(model: str, calib: str, calib_tokens: int, transfer_steps: int, uptrain_steps: int) -> list[tuple]:
+def plans(model: str, calib: str, calib_tokens: int, transfer_steps: int, uptrain_steps: int,
+          narrow_calib: str | None = None) -> list[tuple]:
     """(name, kv description, conversion options or None for the original, uptrain source or None)."""
     cal = ["--calib", calib, "--calib-tokens", str(calib_tokens)]
     targets = [("MQA", ["--kv-heads", "1"]), ("half KV bytes", ["--kv-budget", "0.5"])]
@@ -71,7 +84,18 @@ def plans(model: str, calib: str, calib_tokens: int, transfer_steps: int, uptrai
                     [*target, "--method", "aligned", *cal, "--transfer-steps", str(transfer_steps)], None))
     if uptrain_steps:
         out.append((f"{out[3][0]}-uptrained", out[3][1], None, out[3][0]))
+    if narrow_calib:  # the same conversion calibrated on one source only: how far its fit carries to other text
+        options = [*out[3][2]]
+        options[options.index("--calib") + 1] = narrow_calib
+        out.insert(4, (f"{out[3][0]}-{narrow_calib}-only", out[3][1], options, None))
     return out
+
+
+def cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def minutes(row: dict, key: str) -> str:
@@ -82,13 +106,16 @@ def readme(results: dict) -> str:
     """The tables of a run, every number from results.json."""
     ev, cal, machine = results["evaluation"], results["calibration"], results["machine"]
     original = results["rows"][0]
-    sets = " and ".join(f"`{d}` ({original[d]['tokens']:,} tokens)" for d in EVAL_SETS)
+    sets = ", ".join(f"`{d}` ({original[d]['tokens']:,} tokens)" for d in EVAL_SETS)
     lines = [f"# Conversion quality: {results['model']}\n", f"```\n{results['command']}\n```\n",
-             f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}. Calibration: "
-             f"{cal['tokens']:,} tokens of the `{cal['data']}` training split. Held-out text: the validation splits "
-             f"of {sets}, in blocks of {ev['seq_len']}; perplexity, top-1 agreement with the original model's "
-             f"next-token choice, and KL(original ‖ converted) per token. Time: wall minutes of the conversion "
-             f"command, and the CPU minutes it used on all cores.\n"]
+             f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, {machine.get('date', '')}. "
+             f"Calibration: {cal['tokens']:,} tokens of the `{cal['data']}` training split. Held-out text, scored "
+             f"in blocks of {ev['seq_len']}: {sets}; `wiki` and `shakespeare` are the validation splits (documents no "
+             "calibration or training step saw) of the sources the calibration draws from, `python-reference` is "
+             "the Python language reference (`pydoc_data`), a source none of it comes from. Per set: perplexity "
+             "(× the original's), top-1 agreement with the original model's next-token choice, and KL(original ‖ "
+             "converted) per token. Time: wall minutes of the conversion command, and the CPU minutes it used on all "
+             "cores.\n"]
     for target in dict.fromkeys(r["target"] for r in results["rows"][1:]):
         lines += [f"\n## → {target}\n", "| model | KV heads per layer | wall min | CPU min | " +
                   " | ".join(f"{d} ppl (× original) | {d} top-1 agree | {d} KL" for d in EVAL_SETS) + " |",
@@ -111,7 +138,9 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/gqa-quality")
     parser.add_argument("--calib", default=None)
     parser.add_argument("--calib-tokens", type=int, default=65536)
-    parser.add_argument("--transfer-steps", type=int, default=400)
+    parser.add_argument("--transfer-steps", type=int, default=300)
+    parser.add_argument("--narrow-calib", default=None,
+                        help="also convert MQA with aligned + transfer calibrated on this one source (e.g. wiki)")
     parser.add_argument("--uptrain-steps", type=int, default=25, help="distillation steps of 8 x 512 tokens")
     parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens scored per set")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in OUT/rows.jsonl")
@@ -133,7 +162,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     log: list[dict] = [command for row in done.values() for command in row.get("commands", [])]
     if args.model == "smollm2":
-        original, calib, seq_len = work / "original", args.calib or "wiki", 512
+        original, calib, seq_len = work / "original", args.calib or "bundled", 512
         if not (original / "config.json").exists():
             run(["import-gguf", "smollm2", str(original)], log, "import")
     else:
@@ -142,7 +171,8 @@ def main() -> None:
         original, calib, seq_len = ASSET, args.calib or "bundled", 256
     rows = []
     for name, label, options, uptrain_from in plans(args.model, calib, args.calib_tokens, args.transfer_steps,
-                                                    args.uptrain_steps if args.model == "smollm2" else 0):
+                                                    args.uptrain_steps if args.model == "smollm2" else 0,
+                                                    args.narrow_calib):
         path = original if options is None and uptrain_from is None else work / name
         if name in done:
             rows.append(done[name])
@@ -162,7 +192,7 @@ def main() -> None:
         if options is not None or uptrain_from is not None:
             record["seconds"], record["cpu_seconds"] = log[-1]["seconds"], log[-1]["cpu_seconds"]
         for data in EVAL_SETS:
-            record[data] = run(["eval", str(path), "--data", data, "--seq-len", str(seq_len), "--max-tokens",
+            record[data] = run(["eval", str(path), "--data", eval_data(data, work), "--seq-len", str(seq_len), "--max-tokens",
                                 str(args.eval_tokens), "--reference", str(original), "--json"], log, f"{name} eval {data}")
         record["commands"] = log[first_command:]
         rows.append(record)
@@ -171,10 +201,10 @@ def main() -> None:
         print(json.dumps({k: record[k] for k in ("name", *EVAL_SETS)}), flush=True)
     results = {
         "command": "python benchmarks/conversion_quality.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__},
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+                    "python": platform.python_version(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")},
         "model": args.model, "calibration": {"data": calib, "tokens": args.calib_tokens},
-        "evaluation": {"sets": [f"{d} validation split" for d in EVAL_SETS], "tokens_per_set": args.eval_tokens,
+        "evaluation": {"sets": list(EVAL_SETS), "tokens_per_set": args.eval_tokens,
                        "seq_len": seq_len},
         "commands": log, "rows": rows,
     }

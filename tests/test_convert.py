@@ -277,12 +277,20 @@ def test_convert_errors(tiny, tmp_path, capsys):
     assert gqa.load(out).config.n_kv_heads == [1, 1]
 
 
-def test_unsupported_architecture(tiny, tmp_path, capsys):
-    _, path = tiny("llama")
-    bert = tmp_path / "bert"
-    bert.mkdir()
-    (bert / "config.json").write_text(json.dumps({"architectures": ["T5ForConditionalGeneration"]}))
-    user_error(capsys, ["convert", bert, tmp_path / "o", "--kv-heads", "1"], "T5ForConditionalGeneration is not supported")
+@pytest.mark.parametrize("config_class,architecture", [
+    (transformers.T5Config, "T5ForConditionalGeneration"),
+    (transformers.BloomConfig, "BloomForCausalLM"),  # ALiBi decoders gqa does not implement
+    (transformers.MptConfig, "MptForCausalLM"),
+])
+@pytest.mark.parametrize("verb", ["info", "convert"])
+def test_unsupported_architecture(tmp_path, capsys, config_class, architecture, verb):
+    """A family outside the table: one line naming it (and what is supported), exit 2, nothing written."""
+    folder = tmp_path / "model"
+    config_class(architectures=[architecture]).save_pretrained(folder)
+    argv = ["info", folder] if verb == "info" else ["convert", folder, tmp_path / "o", "--kv-heads", "1"]
+    line = user_error(capsys, argv, f"architecture {architecture} is not supported; supported: ")
+    assert "LlamaForCausalLM" in line and "Phi3ForCausalLM" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 def test_killed_conversion_leaves_no_destination(tiny, tmp_path):

@@ -48,3 +48,22 @@ def test_every_verb_on_every_family(tiny, tmp_path, capsys, family):
     ids = torch.tensor([[5, 9, 13, 2]])
     with torch.no_grad():
         assert torch.equal(model(ids), uptrained(ids))
+
+
+@pytest.mark.parametrize("family", list(ARCHITECTURES))
+def test_calibrated_methods_on_every_family(tiny, tmp_path, family):
+    """aligned + transfer under a KV budget: every family's description gives the methods what they need
+    (rotary pairs, q/k norms, fused layouts, biases), and the per-layer result loads and runs."""
+    _, path = tiny(family)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT)
+    report = gqa.convert(path, tmp_path / "out", kv_budget=0.5, method="aligned", calib=calib, calib_tokens=256,
+                         calib_seq_len=32, transfer_steps=3, progress=False)
+    start = KV_HEADS[family]
+    assert sum(report["kv_heads_after"]) <= start  # half of 2 layers x start heads
+    assert all(start % g == 0 for g in report["kv_heads_after"])
+    assert all(r["relative_error_after"] <= r["relative_error_before"] for r in report["layers"] if "relative_error_after" in r)
+    model = gqa.load(tmp_path / "out")
+    assert model.config.n_kv_heads == report["kv_heads_after"]
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[5, 9, 13, 2, 7]]))).all()

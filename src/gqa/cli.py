@@ -527,8 +527,8 @@ def add_convert_verb(sub) -> None:
                    help="aligned: which query heads share a KV head")
     p.add_argument("--transfer-steps", type=integer(0), default=0,
                    help="train each layer's converted attention to reproduce the source's for N steps (needs --calib)")
-    p.add_argument("--transfer-lr", type=POSITIVE, default=0.015,
-                   help="Adam step size relative to each projection's weight RMS (default 0.015)")
+    p.add_argument("--transfer-lr", type=POSITIVE, default=0.04,
+                   help="Adam step size relative to each projection's weight RMS (default 0.04)")
     p.add_argument("--transfer-inputs", default="original", choices=["original", "converted"],
                    help="what each layer trains on: the source model's activations or the converted layers'")
     p.add_argument("--seed", type=int, default=0, help="seed for --method random, calibration sampling and transfer")

@@ -35,7 +35,9 @@ INPUTS = ("original", "converted")
 @dataclass(frozen=True)
 class TransferSettings:
     steps: int
-    lr: float = 0.015  # relative: each tensor's Adam step size is lr x the RMS of its projection's weights
+    # relative: each tensor's Adam step size is lr x the RMS of its projection's weights. On SmolLM2 -> MQA
+    # (layer 11, 300 steps) the error left was 0.222 at 0.005, 0.186 at 0.015, 0.165 at 0.04.
+    lr: float = 0.04
     batch_blocks: int = 4
     inputs: str = "original"
     seed: int = 0
