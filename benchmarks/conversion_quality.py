@@ -7,10 +7,11 @@ KL), and writes results.json and a README with the tables:
     python benchmarks/conversion_quality.py --model smollm2 --out docs/results/conversion-quality/smollm2
     python benchmarks/conversion_quality.py --model demo --out docs/results/conversion-quality/demo
 
-Calibration text comes from the training split of --calib (default: wiki for SmolLM2, the bundled corpus
-the demo model was trained on for the demo); the scores come from the validation splits of the Wikipedia
-leads and of Shakespeare (documents no calibration step saw; for SmolLM2 calibrated on wiki, Shakespeare
-is also a source calibration never drew from).
+Calibration text comes from the training split of --calib (default `bundled`: the mix of Wikipedia leads
+and Shakespeare the demo model was trained on). Scores come from held-out text: the validation splits of
+`wiki` and `shakespeare` (documents no calibration step saw) and the Python language reference shipped with
+CPython (`pydoc_data`), a kind of text calibration never drew from. `--narrow-calib wiki` adds the MQA
+conversion calibrated on Wikipedia alone, to show how far a fit carries outside its calibration domain.
 """
 
 from __future__ import annotations
