@@ -123,6 +123,23 @@ def test_aligned_fits_better_than_mean_pooling_and_is_exact_at_g_equal_h(demo_la
             assert fit < 0.5 * mean, (g, grouping, fit, mean)
 
 
+def test_whitener_factors_moments_that_round_off_made_indefinite():
+    """A moment from fewer tokens than dimensions, with one eigenvalue pushed below zero as float64 round-off
+    does on large layers: plain Cholesky fails there; the whitener damps until it holds, and stays exact
+    (to its smallest damping) on a well-posed moment."""
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    moment = x @ x.T / 16
+    values, vectors = torch.linalg.eigh(moment)
+    values[0] = -1e-4 * moment.diagonal().mean()
+    indefinite = vectors @ torch.diag(values) @ vectors.T
+    with pytest.raises(RuntimeError):
+        torch.linalg.cholesky(indefinite + 1e-6 * indefinite.diagonal().mean() * torch.eye(64, dtype=torch.float64))
+    L = aligned.whitener(indefinite)
+    assert torch.allclose(L @ L.T, indefinite, atol=2e-3 * moment.diagonal().mean())
+    L = aligned.whitener(moment)
+    assert torch.allclose(L @ L.T, moment, atol=2e-6 * moment.diagonal().mean())
+
+
 def test_aligned_at_g_equal_h_returns_the_model(tiny, tmp_path):
     _, path = tiny("qwen2")  # 4 query heads, 2 KV heads, biases: the GQA source is expanded, fitted, and exact
     data = tmp_path / "calib.txt"
