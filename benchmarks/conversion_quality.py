@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from gqa.bench import cpu_model_name
 from gqa.jsonfiles import write_json
 
 EVAL_SETS = ("wiki", "shakespeare", "python-reference")
@@ -92,13 +93,6 @@ def plans(model: str, calib: str, calib_tokens: int, transfer_steps: int, uptrai
     return out
 
 
-def cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def minutes(row: dict, key: str) -> str:
     return "—" if row.get(key) is None else f"{row[key] / 60:.1f}"
 
@@ -123,7 +117,8 @@ def readme(results: dict) -> str:
                   "|---" * (4 + 3 * len(EVAL_SETS)) + "|"]
         for row in [original] + [r for r in results["rows"] if r["target"] == target]:
             kv = row.get("conversion", {}).get("kv_heads_after") or row.get("uptrain", {}).get("kv_heads") or []
-            kv = "source" if row is original else ",".join(map(str, kv)) if len(set(kv)) > 1 else str(kv[0]) if kv else "as above"
+            kv = ("source" if row is original else ",".join(map(str, kv)) if len(set(kv)) > 1
+                  else str(kv[0]) if kv else "as above")
             cells = [f"{row[d]['perplexity']:,.2f} ({row[d]['perplexity'] / original[d]['perplexity']:.2f}×) | "
                      f"{row[d]['top1_agreement']:.3f} | {row[d]['kl']:.3f}" for d in EVAL_SETS]
             lines.append(f"| {row['name']} | {kv} | {minutes(row, 'seconds')} | {minutes(row, 'cpu_seconds')} | "
@@ -202,7 +197,7 @@ def main() -> None:
         print(json.dumps({k: record[k] for k in ("name", *EVAL_SETS)}), flush=True)
     results = {
         "command": "python benchmarks/conversion_quality.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+        "machine": {"cpu": cpu_model_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
                     "python": platform.python_version(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")},
         "model": args.model, "calibration": {"data": calib, "tokens": args.calib_tokens},
         "evaluation": {"sets": list(EVAL_SETS), "tokens_per_set": args.eval_tokens,

@@ -24,7 +24,6 @@ decoder's realised MHA -> GQA/MQA speed-up next to the ratio of bytes.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 
 import gqa
-from gqa.bench import random_llama
+from gqa.bench import cpu_model_name, greedy_seconds_per_step, random_llama
 from gqa.checkpoints import save
 from gqa.checkpoints.gguf import write_gguf
 from gqa.generate import DecodeStep
@@ -91,14 +90,8 @@ class GqaPeer:
             k[:, :, :context] = random_kv(k[:, :, :context].shape, i)
             v[:, :, :context] = random_kv(v[:, :, :context].shape, ~i)
         cache.lengths.fill_(context)
-        step = DecodeStep(self.model, cache)
-        tokens = torch.zeros(batch, dtype=torch.long)
-        for _ in range(WARMUP_STEPS):
-            tokens = step(tokens).argmax(-1)
-        start = time.perf_counter()
-        for _ in range(steps):
-            tokens = step(tokens).argmax(-1)
-        return (time.perf_counter() - start) / steps
+        return greedy_seconds_per_step(DecodeStep(self.model, cache), torch.zeros(batch, dtype=torch.long),
+                                       torch.device("cpu"), steps, WARMUP_STEPS)
 
 
 class TransformersPeer:
@@ -306,7 +299,8 @@ def speedups(rows: list[dict], mha: int) -> list[dict]:
     """Per (batch, context) and G < H: each peer's realised tokens/s ratio to its own MHA, next to the bytes ratio."""
     out = []
     for r in rows:
-        base = next((b for b in rows if b["kv_heads"] == mha and (b["batch"], b["context"]) == (r["batch"], r["context"])), None)
+        point = (r["batch"], r["context"])
+        base = next((b for b in rows if b["kv_heads"] == mha and (b["batch"], b["context"]) == point), None)
         if r["kv_heads"] == mha or base is None:
             continue
         bytes_ratio = base["bytes_per_step"] / r["bytes_per_step"]
@@ -318,12 +312,7 @@ def speedups(rows: list[dict], mha: int) -> list[dict]:
 
 
 def machine(threads: int) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+    return {"cpu": cpu_model_name(), "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
 
 
@@ -334,7 +323,8 @@ def readme(results: dict) -> str:
     lines = ["# Decode speed on a CPU: gqa, transformers and llama.cpp\n", f"```\n{results['command']}\n```\n",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads for every decoder, torch {m['torch']}, "
              f"{m['date']}. Read bandwidth measured in the same run: {bw['median'] / 1e9:.1f} GB/s (median; "
-             f"{bw['min'] / 1e9:.1f}–{bw['max'] / 1e9:.1f}{', ' + bw['kernel'] if 'kernel' in bw else ''}). Model: random-weight Llama, {results['shape']}, "
+             f"{bw['min'] / 1e9:.1f}–{bw['max'] / 1e9:.1f}{', ' + bw['kernel'] if 'kernel' in bw else ''}). "
+             f"Model: random-weight Llama, {results['shape']}, "
              f"{results['dtype']} weights and KV cache. Each cell: median tokens/s of {results['repeats']} rounds of "
              f"{results['new_tokens_timed']} greedy decode steps (the peers take turns, round by round), the range of "
              "the rounds in brackets, and the fraction of the roofline (tokens/s if a step cost only reading its bytes "
@@ -354,7 +344,8 @@ def readme(results: dict) -> str:
     for s in results["speedups"]:
         cells = [f"{s['realised'][n]:.2f}× ({s['fraction_of_bytes_ratio'][n]:.0%})" if n in s["realised"] else "—"
                  for n in peers]
-        lines.append(f"| {s['kv_heads']} | {s['batch']} | {s['context']:,} | {s['bytes_ratio']:.2f}× | " + " | ".join(cells) + " |")
+        lines.append(f"| {s['kv_heads']} | {s['batch']} | {s['context']:,} | {s['bytes_ratio']:.2f}× | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -142,7 +142,7 @@ def convert(
     calib_seq_len: int | None = None,
     grouping: str = "similarity",
     transfer_steps: int = 0,
-    transfer_lr: float = 0.04,
+    transfer_lr: float = TransferSettings.lr,
     transfer_inputs: str = "original",
     kv_budget: float | None = None,
 ) -> dict:
