@@ -217,8 +217,8 @@ def convert_layer(job: Job, layer: int, state: dict, new_config: ModelConfig, st
                 record.update(info)
                 state_dir.put(layer, merged, record)
         state = {**state, **merged.to_state(layer)}
-    if streams:
-        streams.advance(block, build_block(new_config, layer, state))
+    if streams:  # the converted layer is only built where a stream runs through the converted model
+        streams.advance(block, build_block(new_config, layer, state) if streams.converted else None)
     return state, record
 
 

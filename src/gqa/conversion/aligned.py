@@ -48,12 +48,12 @@ def whitener(covariance: torch.Tensor) -> torch.Tensor:
     A moment estimated from fewer tokens than it has dimensions is only semi-definite, and the key metric (a
     difference of moments) can come out slightly indefinite in float64 round-off (seen on a 7B-geometry
     layer with 1,024 calibration tokens); the damping grows tenfold until the factorization holds."""
-    n = covariance.shape[0]
     covariance = (covariance + covariance.T) / 2
     scale = covariance.diagonal().abs().mean().clamp(min=1e-12)
-    eye = torch.eye(n, dtype=torch.float64)
     for exponent in range(-6, 1):
-        L, info = torch.linalg.cholesky_ex(covariance + 10.0**exponent * scale * eye)
+        damped = covariance.clone()
+        damped.diagonal().add_(10.0**exponent * scale)
+        L, info = torch.linalg.cholesky_ex(damped)
         if info == 0:
             return L
     raise GQAError("the calibration activations of a layer are degenerate (their second moment is not "
@@ -90,25 +90,31 @@ class LayerInputs:
         return total / (self.x.shape[0] * self.x.shape[1])
 
     @torch.no_grad()
-    def attention_moments(self, heads: "Heads", groups: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per group: (value metric, key metric) — E[(P x̃)(P x̃)ᵀ] and the attention-weighted spread of keys
-        around each query's attended mean, pooled over the group's heads (see the module docstring)."""
+    def sampled_attention(self) -> list[torch.Tensor]:
+        """The source layer's attention probabilities at QUERY_ROWS sampled query positions, per chunk of the
+        first MOMENT_BLOCKS blocks: [B, H, rows, T]. The groups' moments are then accumulated one group at a
+        time from these (holding every group's two d x d float64 moments at once is 2 GB at 7B geometry)."""
         T = self.x.shape[1]
         rows = torch.unique(torch.linspace(0, T - 1, min(T, QUERY_ROWS)).round().long())
-        n = heads.wq.shape[-1]
-        moments = [(torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)) for _ in groups]
-        for x in self.blocks(MOMENT_BLOCKS):
-            probs = attention_probs(self.attention, x[..., :self.x.shape[-1]], self.rope)[:, :, rows]  # [B, H, rows, T]
-            attended = probs @ x[:, None]  # [B, H, rows, n]
-            for (value, key), group in zip(moments, groups):
-                px = attended[:, group].flatten(0, 2).double()
-                received = probs[:, group].sum((1, 2)).double()  # [B, T]: attention each token received
-                spread = torch.einsum("bt,btn,btm->nm", received, x.double(), x.double())
-                value += px.T @ px
-                key += spread - px.T @ px
-        count = min(len(self.x), MOMENT_BLOCKS) * len(rows)
-        return [(v / count, k / count) for v, k in moments]
+        d = self.x.shape[-1]
+        return [attention_probs(self.attention, x[..., :d], self.rope)[:, :, rows] for x in self.blocks(MOMENT_BLOCKS)]
 
+    @torch.no_grad()
+    def attention_moments(self, probs: list[torch.Tensor], group: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A group's (value metric, key metric): E[(P x̃)(P x̃)ᵀ] and the attention-weighted spread of keys around
+        each query's attended mean, pooled over the group's heads (see the module docstring)."""
+        n = self.x.shape[-1] + self.with_bias
+        value, key = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)
+        for x, p in zip(self.blocks(MOMENT_BLOCKS), probs):
+            p = p[:, group]  # [B, r, rows, T]
+            px = (p @ x[:, None]).flatten(0, 2).double()  # attended inputs [B·r·rows, n]
+            received = p.sum((1, 2)).double()  # [B, T]: attention each token received
+            x = x.flatten(0, 1).double()
+            spread = x.T @ (received.flatten()[:, None] * x)
+            value += px.T @ px
+            key += spread - px.T @ px
+        count = sum(p.shape[0] * p.shape[2] for p in probs)
+        return value / count, key / count
 
 
 def attention_probs(module, x: torch.Tensor, rope) -> torch.Tensor:
@@ -136,8 +142,10 @@ def merge(attn: AttentionWeights, n_kv_heads: int, inputs: LayerInputs, rope: Ro
     if grouping == "similarity" and 1 < r < mha.n_heads:
         order = similar_groups(heads.pair_costs(L), r)
     groups = [order[j * r:(j + 1) * r] for j in range(n_kv_heads)]
+    probs = inputs.sampled_attention()
     fitted = []
-    for group, (value_metric, key_metric) in zip(groups, inputs.attention_moments(heads, groups)):
+    for group in groups:
+        value_metric, key_metric = inputs.attention_moments(probs, group)
         fitted.append((*fit_keys(heads, group, L, whitener(key_metric), rope),
                        *fit_values(heads, group, whitener(value_metric))))
     merged = assemble(attn, fitted, inputs.with_bias)
