@@ -202,7 +202,9 @@ def convert_layer(job: Job, layer: int, state: dict, new_config: ModelConfig, st
     """One layer's tensors with its attention merged to the layer's new KV-head count, and what was done."""
     g_now, g = job.config.n_kv_heads[layer], new_config.n_kv_heads[layer]
     record: dict = {"layer": layer, "kv_heads": g}
-    block = build_block(job.config, layer, state) if streams else None
+    # the merge reads only the layer's attention (float32 copy without the MLP: the bound at 7B is memory)
+    block = build_block(job.config, layer, state, attention_only=True) if streams else None
+    source = state
     if g != g_now:
         saved = state_dir.get(layer) if state_dir else None
         if saved is not None:
@@ -217,8 +219,10 @@ def convert_layer(job: Job, layer: int, state: dict, new_config: ModelConfig, st
                 record.update(info)
                 state_dir.put(layer, merged, record)
         state = {**state, **merged.to_state(layer)}
-    if streams:  # the converted layer is only built where a stream runs through the converted model
-        streams.advance(block, build_block(new_config, layer, state) if streams.converted else None)
+    if streams:  # whole float32 layers only now, one at a time; the converted one only if a stream runs through it
+        del block
+        streams.advance(build_block(job.config, layer, source),
+                        build_block(new_config, layer, state) if streams.converted else None)
     return state, record
 
 

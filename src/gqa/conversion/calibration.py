@@ -38,13 +38,19 @@ def calibration_blocks(source, tokenizer, n_tokens: int, seq_len: int, seed: int
     return data.train[order[:needed]]
 
 
-def build_block(config: ModelConfig, layer: int, state: dict[str, torch.Tensor]) -> Block:
-    """Layer `layer` as a module holding the given gqa tensors (built on the meta device, then assigned)."""
+def build_block(config: ModelConfig, layer: int, state: dict[str, torch.Tensor], attention_only: bool = False) -> Block:
+    """Layer `layer` as a float32 module holding the given gqa tensors (built on the meta device, then
+    assigned). `attention_only`: only the attention and the norms are loaded, enough for `attention_input`
+    and `attention` (the MLP, most of a layer's weights, stays on the meta device: not copied to float32)."""
     with torch.device("meta"):
         block = Block(config, layer)
     prefix = f"layers.{layer}."
-    block.load_state_dict({k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)},
-                          assign=True, strict=True)
+    tensors = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if attention_only:
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("mlp.")}
+    missing, unexpected = block.load_state_dict({k: v.float() for k, v in tensors.items()}, assign=True, strict=False)
+    if unexpected or any(not k.startswith("mlp.") for k in missing) or (missing and not attention_only):
+        raise GQAError(f"layer {layer}: tensors missing {missing} or unexpected {unexpected} for its config")
     return block.eval()
 
 
