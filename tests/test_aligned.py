@@ -19,6 +19,7 @@ from gqa.conversion import aligned, budget, pooling
 from gqa.conversion.calibration import Stream, build_block, calibration_blocks
 from gqa.conversion.heads import AttentionWeights, RopeLayout
 from gqa.demo import ASSET
+from gqa.errors import GQAError
 
 ROPE_FAMILIES = {  # every rotary layout gqa reads: full rotate-half, partial (NeoX), with q/k/v biases (Qwen2),
     "llama": dict(num_attention_heads=4, num_key_value_heads=4),  # interleaved pairs over part of the head (GPT-J)
@@ -121,6 +122,20 @@ def test_aligned_fits_better_than_mean_pooling_and_is_exact_at_g_equal_h(demo_la
         for grouping in ("similarity", "contiguous"):
             fit = layer_error(config, state, stream, inputs, target, aligned.merge(attn, g, stats, rope, grouping)[0])
             assert fit < 0.5 * mean, (g, grouping, fit, mean)
+
+
+def test_attention_only_layer_reads_and_attends_like_the_whole_layer(demo_layer):
+    """What the merge builds to save memory at 7B: the same attention inputs and outputs as the whole float32
+    layer, with the MLP left uncopied (meta); a missing attention tensor is still an error."""
+    config, state, stream, inputs, target = demo_layer
+    part = build_block(config, 1, state, attention_only=True)
+    assert all(p.is_meta for p in part.mlp.parameters())
+    assert not any(p.is_meta for p in part.attention.parameters())
+    assert torch.equal(stream.attention_inputs(part), inputs)
+    assert torch.equal(stream.attention_outputs(part, inputs), target)
+    incomplete = {k: v for k, v in state.items() if k != "layers.1.attention.wk.weight"}
+    with pytest.raises(GQAError, match="layer 1: tensors missing"):
+        build_block(config, 1, incomplete, attention_only=True)
 
 
 def test_whitener_factors_moments_that_round_off_made_indefinite():

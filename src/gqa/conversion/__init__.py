@@ -185,8 +185,9 @@ def write_model(job: Job, new_config: ModelConfig, out_family, writer, blocks, s
     groups = layer_groups(job.index)
     counts = [0, 0]
     outer = groups.pop() if groups and layer_of(groups[-1][0]) is None else []
-    outside = read_layer(job, outer, counts)  # embeddings, final norm, head: the stream starts from them
-    streams = Streams.start(job, outside, blocks)
+    # embeddings, final norm, head: the stream starts from them; read again for writing at the end, not held
+    # through the layers (with a large vocabulary they are as big as several layers)
+    streams = Streams.start(job, read_layer(job, outer, [0, 0]), blocks) if blocks is not None else None
     layers = []
     bar = tqdm(groups, desc=f"converting ({job.method})", unit="layer", disable=not progress)
     for names in bar:
@@ -194,7 +195,7 @@ def write_model(job: Job, new_config: ModelConfig, out_family, writer, blocks, s
         state, record = convert_layer(job, layer, read_layer(job, names, counts), new_config, streams, state_dir)
         layers.append(record)
         write(writer, export_tensors(state, new_config, out_family), counts)
-    write(writer, export_tensors(outside, new_config, out_family), counts)
+    write(writer, export_tensors(read_layer(job, outer, counts), new_config, out_family), counts)
     return counts, layers
 
 
@@ -251,9 +252,7 @@ class Streams:
     converted: Stream | None
 
     @classmethod
-    def start(cls, job: Job, outside: dict, blocks) -> Streams | None:
-        if blocks is None:
-            return None
+    def start(cls, job: Job, outside: dict, blocks: torch.Tensor) -> Streams:
         source = Stream.start(job.config, outside, blocks)
         own = job.transfer.steps and job.transfer.inputs == "converted"
         return cls(source, Stream(source.hidden.clone(), source.rope, source.targets) if own else None)
