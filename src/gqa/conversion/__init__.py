@@ -203,28 +203,30 @@ def convert_layer(job: Job, layer: int, state: dict, new_config: ModelConfig, st
     """One layer's tensors with its attention merged to the layer's new KV-head count, and what was done."""
     g_now, g = job.config.n_kv_heads[layer], new_config.n_kv_heads[layer]
     record: dict = {"layer": layer, "kv_heads": g}
-    # the merge reads only the layer's attention (float32 copy without the MLP: the bound at 7B is memory)
-    block = build_block(job.config, layer, state, attention_only=True) if streams else None
     source = state
     if g != g_now:
         saved = state_dir.get(layer) if state_dir else None
-        if saved is not None:
-            merged, record = saved
-        else:
-            inputs = streams.source.attention_inputs(block) if streams else None
-            attn = AttentionWeights.from_state(state, layer, job.config)
-            merged, info = merge_attention(job, layer, attn, g, inputs, streams.source.rope if streams else None, block)
-            record.update(info)
-            if job.transfer.steps:
-                merged, info = transfer_attention(job, layer, block, merged, inputs, streams)
-                record.update(info)
-                state_dir.put(layer, merged, record)
+        merged, record = saved if saved is not None else merge_layer(job, layer, state, g, streams, state_dir, record)
         state = {**state, **merged.to_state(layer)}
-    if streams:  # whole float32 layers only now, one at a time; the converted one only if a stream runs through it
-        del block
+    if streams:  # whole float32 layers only here, one at a time; the converted one only if a stream runs through it
         streams.advance(build_block(job.config, layer, source),
                         build_block(new_config, layer, state) if streams.converted else None)
     return state, record
+
+
+def merge_layer(job: Job, layer: int, state: dict, g: int, streams, state_dir, record: dict) -> tuple[AttentionWeights, dict]:
+    """The method's merge of one layer (then its transfer, saved for a resume). The fits read a float32 copy of
+    the layer's attention and norms only, which lives no longer than this call: at 7B the bound is memory."""
+    block = build_block(job.config, layer, state, attention_only=True) if streams else None
+    inputs = streams.source.attention_inputs(block) if streams else None
+    attn = AttentionWeights.from_state(state, layer, job.config)
+    merged, info = merge_attention(job, layer, attn, g, inputs, streams.source.rope if streams else None, block)
+    record.update(info)
+    if job.transfer.steps:
+        merged, info = transfer_attention(job, layer, block, merged, inputs, streams)
+        record.update(info)
+        state_dir.put(layer, merged, record)
+    return merged, record
 
 
 def merge_attention(job: Job, layer: int, attn: AttentionWeights, g: int, inputs=None, rope_tables=None, block=None):
