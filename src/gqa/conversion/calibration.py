@@ -48,8 +48,9 @@ def build_block(config: ModelConfig, layer: int, state: dict[str, torch.Tensor],
     tensors = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if attention_only:
         tensors = {k: v for k, v in tensors.items() if not k.startswith("mlp.")}
-    missing, unexpected = block.load_state_dict({k: v.float() for k, v in tensors.items()}, assign=True, strict=False)
-    if unexpected or any(not k.startswith("mlp.") for k in missing) or (missing and not attention_only):
+    missing, unexpected = block.load_state_dict({k: v.float() for k, v in tensors.items()}, assign=True,
+                                                strict=not attention_only)
+    if unexpected or any(not k.startswith("mlp.") for k in missing):
         raise GQAError(f"layer {layer}: tensors missing {missing} or unexpected {unexpected} for its config")
     return block.eval()
 
