@@ -168,3 +168,53 @@ def test_old_style_names_and_buffers_load(tiny, tmp_path):
         ids, mask = padded_batch([7, 7])
         with torch.no_grad():
             assert_logits_close(gqa.load(folder)(ids), hf_logits(hf, ids, mask), mask)
+
+
+@pytest.mark.parametrize("header_bytes", [64 * 1024, 256], ids=["default", "small header room"])
+def test_shard_writer_streams_every_dtype_into_shards_safetensors_reads_back(tmp_path, monkeypatch, header_bytes):
+    """The writer puts each tensor's bytes on disk as it comes and fills the header in last: what safetensors
+    reads back is every tensor exactly, and shards stay within their size; a shard whose header room is
+    full closes early."""
+    from safetensors import safe_open
+
+    from gqa.checkpoints.files import ShardWriter
+
+    monkeypatch.setattr(ShardWriter, "HEADER_BYTES", header_bytes)
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a": torch.randn(3, 5, generator=g),
+        "b": torch.randn(7, generator=g).bfloat16(),
+        "c": torch.randn(2, 2, 2, generator=g).half(),
+        "d": torch.arange(6).reshape(2, 3),
+        "e": torch.tensor([True, False, True]),
+        "f": torch.tensor(2.5, dtype=torch.float64),
+        "g": torch.empty(0, 4),
+        "h": torch.randn(4, 3, generator=g).T,  # not contiguous
+        "i": torch.randint(-128, 127, (9,), generator=g, dtype=torch.int8),
+    }
+    writer = ShardWriter(tmp_path, shard_bytes=64 if header_bytes > 256 else 10**6)
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
+    writer.close()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert sorted(index["weight_map"]) == sorted(tensors)
+    for shard in set(index["weight_map"].values()):
+        with safe_open(str(tmp_path / shard), "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            sizes = [f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()]
+            assert sum(sizes) <= 64 or len(sizes) == 1 or header_bytes == 256
+            for name in f.keys():
+                got = f.get_tensor(name)
+                assert got.dtype == tensors[name].dtype and torch.equal(got, tensors[name]), name
+    assert len(set(index["weight_map"].values())) > 2
+    one = tmp_path / "one"
+    one.mkdir()
+    writer = ShardWriter(one)
+    writer.add("a", tensors["a"])
+    writer.close()
+    from safetensors.torch import load_file
+
+    assert sorted(p.name for p in one.iterdir()) == ["model.safetensors"]
+    assert torch.equal(load_file(str(one / "model.safetensors"))["a"], tensors["a"])

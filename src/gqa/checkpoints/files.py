@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..errors import GQAError, warn
 from ..jsonfiles import write_json
@@ -235,31 +234,62 @@ def copy_tokenizer(src: str | os.PathLike | None, dest: Path) -> None:
             shutil.copy2(Path(src) / name, dest / name)
 
 
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
 class ShardWriter:
-    """Writes tensors into safetensors shards of at most `shard_bytes`, then the index if there is more than one."""
+    """Writes tensors into safetensors shards of at most `shard_bytes`, then the index if there is more than one.
+
+    A tensor's bytes go to disk when it is added, so the writer holds none of a shard in memory (holding
+    one was 2 GB of a 7B-geometry conversion's peak). The safetensors header comes first in a file and is
+    known only when the shard is complete: room for it (`HEADER_BYTES`) is left at the start and filled
+    then, padded with spaces as the format allows; a shard whose header would outgrow it closes early."""
+
+    HEADER_BYTES = 64 * 1024
 
     def __init__(self, dest: Path, shard_bytes: int = SHARD_BYTES):
         self.dest, self.shard_bytes = dest, shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
+        self.header: dict[str, dict] = {"__metadata__": {"format": "pt"}}  # the open shard's
+        self.header_bytes = len(header_json(self.header))
+        self.out = None  # the open shard
+        self.data_bytes = 0
         self.files: list[tuple[str, list[str]]] = []
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise GQAError(f"cannot write {name}: dtype {tensor.dtype} has no safetensors name here")
+        tensor = tensor.detach().cpu().contiguous()
         size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.shard_bytes:
+        entry = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape)}
+        most = max(self.shard_bytes, self.data_bytes + size)  # offsets never have more digits than this
+        grows = len(header_json({name: {**entry, "data_offsets": [most, most]}}))  # >= len("," + the entry)
+        if self.out is not None and (self.data_bytes + size > self.shard_bytes
+                                     or self.header_bytes + grows > self.HEADER_BYTES):
             self.flush()
-        self.pending[name] = tensor.detach().contiguous()
-        self.pending_bytes += size
+        if self.header_bytes + grows > self.HEADER_BYTES:
+            raise GQAError(f"cannot write {name}: its safetensors header entry alone is over {self.HEADER_BYTES} bytes")
+        if self.out is None:
+            self.out = open(self.dest / f"shard-{len(self.files):05d}.safetensors", "wb")
+            self.out.seek(8 + self.HEADER_BYTES)
+        self.out.write(tensor.reshape(-1).view(torch.uint8).numpy())
+        self.header[name] = {**entry, "data_offsets": [self.data_bytes, self.data_bytes + size]}
+        self.header_bytes += grows
+        self.data_bytes += size
         self.total_bytes += size
 
     def flush(self) -> None:
-        if not self.pending:
+        if self.out is None:
             return
-        name = f"shard-{len(self.files):05d}.safetensors"
-        save_file(self.pending, str(self.dest / name), metadata={"format": "pt"})
-        self.files.append((name, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+        header = header_json(self.header)
+        self.out.seek(0)
+        self.out.write(self.HEADER_BYTES.to_bytes(8, "little") + header + b" " * (self.HEADER_BYTES - len(header)))
+        self.out.close()
+        self.files.append((Path(self.out.name).name, [k for k in self.header if k != "__metadata__"]))
+        self.header = {"__metadata__": self.header["__metadata__"]}
+        self.header_bytes, self.out, self.data_bytes = len(header_json(self.header)), None, 0
 
     def close(self) -> None:
         self.flush()
@@ -276,3 +306,7 @@ class ShardWriter:
             self.dest / "model.safetensors.index.json",
             {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map},
         )
+
+
+def header_json(header: dict) -> bytes:
+    return json.dumps(header, separators=(",", ":")).encode()
