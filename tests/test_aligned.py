@@ -124,18 +124,22 @@ def test_aligned_fits_better_than_mean_pooling_and_is_exact_at_g_equal_h(demo_la
             assert fit < 0.5 * mean, (g, grouping, fit, mean)
 
 
-def test_attention_only_layer_reads_and_attends_like_the_whole_layer(demo_layer):
-    """What the merge builds to save memory at 7B: the same attention inputs and outputs as the whole float32
-    layer, with the MLP left uncopied (meta); a missing attention tensor is still an error."""
-    config, state, stream, inputs, target = demo_layer
-    part = build_block(config, 1, state, attention_only=True)
-    assert all(p.is_meta for p in part.mlp.parameters())
-    assert not any(p.is_meta for p in part.attention.parameters())
-    assert torch.equal(stream.attention_inputs(part), inputs)
-    assert torch.equal(stream.attention_outputs(part, inputs), target)
-    incomplete = {k: v for k, v in state.items() if k != "layers.1.attention.wk.weight"}
+def test_layer_over_stored_bf16_tensors_computes_as_a_float32_copy_without_one(demo_layer):
+    """What keeps a 7B-geometry conversion within memory: the calibration layer holds the stored (bf16) tensors
+    themselves, upcast where used, and computes exactly what a float32 copy of them would; a missing tensor is
+    still an error."""
+    config, state, stream, _, _ = demo_layer
+    stored = {k: v.bfloat16() for k, v in state.items()}
+    block, copy = build_block(config, 1, stored), build_block(config, 1, {k: v.float() for k, v in stored.items()})
+    held = block.attention.wq.parametrizations.weight.original
+    assert held.dtype == torch.bfloat16 and held.data_ptr() == stored["layers.1.attention.wq.weight"].data_ptr()
+    assert block.attention.wq.weight.dtype == torch.float32
+    x = stream.hidden[:2]
+    assert torch.equal(stream.attention_inputs(block), stream.attention_inputs(copy))
+    assert torch.equal(block(x, stream.rope, None, True, None, None), copy(x, stream.rope, None, True, None, None))
+    incomplete = {k: v for k, v in stored.items() if k != "layers.1.attention.wk.weight"}
     with pytest.raises(GQAError, match="layer 1: tensors missing"):
-        build_block(config, 1, incomplete, attention_only=True)
+        build_block(config, 1, incomplete)
 
 
 def test_whitener_factors_moments_that_round_off_made_indefinite():

@@ -17,6 +17,7 @@ Output goes to a temporary folder renamed when complete; config.json is written 
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import re
@@ -195,6 +196,8 @@ def write_model(job: Job, new_config: ModelConfig, out_family, writer, blocks, s
         state, record = convert_layer(job, layer, read_layer(job, names, counts), new_config, streams, state_dir)
         layers.append(record)
         write(writer, export_tensors(state, new_config, out_family), counts)
+        del state  # else held while the next layer is read: two layers in memory, not one
+        gc.collect()  # the layer's modules are reference cycles (torch parametrizations) holding its tensors
     write(writer, export_tensors(read_layer(job, outer, counts), new_config, out_family), counts)
     return counts, layers
 
@@ -208,16 +211,15 @@ def convert_layer(job: Job, layer: int, state: dict, new_config: ModelConfig, st
         saved = state_dir.get(layer) if state_dir else None
         merged, record = saved if saved is not None else merge_layer(job, layer, state, g, streams, state_dir, record)
         state = {**state, **merged.to_state(layer)}
-    if streams:  # whole float32 layers only here, one at a time; the converted one only if a stream runs through it
+    if streams:  # the converted layer only where a stream runs through it
         streams.advance(build_block(job.config, layer, source),
                         build_block(new_config, layer, state) if streams.converted else None)
     return state, record
 
 
 def merge_layer(job: Job, layer: int, state: dict, g: int, streams, state_dir, record: dict) -> tuple[AttentionWeights, dict]:
-    """The method's merge of one layer (then its transfer, saved for a resume). The fits read a float32 copy of
-    the layer's attention and norms only, which lives no longer than this call: at 7B the bound is memory."""
-    block = build_block(job.config, layer, state, attention_only=True) if streams else None
+    """The method's merge of one layer (then its transfer, saved for a resume)."""
+    block = build_block(job.config, layer, state) if streams else None
     inputs = streams.source.attention_inputs(block) if streams else None
     attn = AttentionWeights.from_state(state, layer, job.config)
     merged, info = merge_attention(job, layer, attn, g, inputs, streams.source.rope if streams else None, block)

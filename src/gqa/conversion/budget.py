@@ -12,6 +12,7 @@ staying within F of the source's.
 
 from __future__ import annotations
 
+import gc
 import math
 from collections.abc import Callable
 from dataclasses import replace
@@ -65,6 +66,21 @@ def lm_loss(hidden: torch.Tensor, targets: torch.Tensor, norm, output: torch.Ten
     return total / targets.numel()
 
 
+def measure_layer(config: ModelConfig, layer: int, state: dict, stream: Stream, branches: dict, merge: Callable):
+    """Advance the stream and every branch through one layer, and start this layer's branches (merged to
+    each smaller G)."""
+    block = build_block(config, layer, state)
+    inputs = stream.attention_inputs(block)
+    for key, hidden in branches.items():  # variants merged below this layer read it as the source has it
+        branches[key] = Stream(hidden, stream.rope, stream.targets).advanced(block)
+    for g in divisors(config.n_kv_heads[layer])[:-1]:
+        merged = merge(layer, state, inputs, g, block)
+        n_kv = [g if i == layer else n for i, n in enumerate(config.n_kv_heads)]
+        variant = build_block(replace(config, n_kv_heads=n_kv), layer, merged)
+        branches[(layer, g)] = Stream(stream.hidden.clone(), stream.rope, stream.targets).advanced(variant)
+    stream.advance(block)
+
+
 @torch.no_grad()
 def measure(config: ModelConfig, read_layer: Callable[[int], dict], stream: Stream, head: dict[str, torch.Tensor],
             merge: Callable, progress: Callable = iter) -> dict:
@@ -72,17 +88,8 @@ def measure(config: ModelConfig, read_layer: Callable[[int], dict], stream: Stre
     merge(l, state, inputs, g, block) -> the layer's state with its attention merged to g KV heads."""
     branches: dict[tuple[int, int], torch.Tensor] = {}
     for layer in progress(range(config.n_layers)):
-        state = read_layer(layer)
-        block = build_block(config, layer, state)
-        inputs = stream.attention_inputs(block)
-        for key, hidden in branches.items():  # variants merged below this layer read it as the source has it
-            branches[key] = Stream(hidden, stream.rope, stream.targets).advanced(block)
-        for g in divisors(config.n_kv_heads[layer])[:-1]:
-            merged = merge(layer, state, inputs, g, block)
-            n_kv = [g if i == layer else n for i, n in enumerate(config.n_kv_heads)]
-            variant = build_block(replace(config, n_kv_heads=n_kv), layer, merged)
-            branches[(layer, g)] = Stream(stream.hidden.clone(), stream.rope, stream.targets).advanced(variant)
-        stream.advance(block)
+        measure_layer(config, layer, read_layer(layer), stream, branches, merge)
+        gc.collect()  # the layer's modules are reference cycles (torch parametrizations) holding its tensors
     with torch.device("meta"):
         norm = make_norm(config)
     norm.load_state_dict({k.removeprefix("norm."): v.float() for k, v in head.items() if k.startswith("norm.")},
