@@ -48,25 +48,19 @@ def whitener(covariance: torch.Tensor) -> torch.Tensor:
     A moment estimated from fewer tokens than it has dimensions is only semi-definite, and the key metric (a
     difference of moments) can come out slightly indefinite in float64 round-off (seen on a 7B-geometry
     layer with 1,024 calibration tokens); the damping grows tenfold until the factorization holds."""
-    covariance = (covariance + covariance.T) / 2
-    scale = covariance.diagonal().abs().mean().clamp(min=1e-12)
+    symmetric = covariance.T.clone()  # (Σ + Σᵀ) / 2 in one d x d copy (at 7B geometry each is 134 MB)
+    symmetric += covariance
+    symmetric *= 0.5
+    scale = symmetric.diagonal().abs().mean().clamp(min=1e-12)
+    damped = 0.0
     for exponent in range(-6, 1):
-        damped = covariance.clone()
-        damped.diagonal().add_(10.0**exponent * scale)
-        L, info = torch.linalg.cholesky_ex(damped)
+        symmetric.diagonal().add_(10.0**exponent * scale - damped)
+        damped = 10.0**exponent * scale
+        L, info = torch.linalg.cholesky_ex(symmetric)
         if info == 0:
             return L
     raise GQAError("the calibration activations of a layer are degenerate (their second moment is not "
                    "positive semi-definite); use more or other calibration text (--calib, --calib-tokens)")
-
-
-def augmented(weight: torch.Tensor, bias: torch.Tensor | None, with_bias: bool) -> torch.Tensor:
-    """[rows, n] weights with the bias as a last column (x̃ = [x, 1]), in float64."""
-    w = weight.double()
-    if not with_bias:
-        return w
-    b = torch.zeros(len(w), dtype=torch.float64) if bias is None else bias.double()
-    return torch.cat([w, b[:, None]], dim=1)
 
 
 @dataclass
@@ -110,9 +104,9 @@ class LayerInputs:
             px = (p @ x[:, None]).flatten(0, 2).double()  # attended inputs [B·r·rows, n]
             received = p.sum((1, 2)).double()  # [B, T]: attention each token received
             x = x.flatten(0, 1).double()
-            spread = x.T @ (received.flatten()[:, None] * x)
-            value += px.T @ px
-            key += spread - px.T @ px
+            # accumulated in place: no d x d temporaries (134 MB each at 7B geometry)
+            value.addmm_(px.T, px)
+            key.addmm_(x.T, received.flatten()[:, None] * x).addmm_(px.T, px, alpha=-1)
         count = sum(p.shape[0] * p.shape[2] for p in probs)
         return value / count, key / count
 
@@ -136,69 +130,96 @@ def merge(attn: AttentionWeights, n_kv_heads: int, inputs: LayerInputs, rope: Ro
         raise GQAError(f"unknown grouping {grouping!r}; choose one of {', '.join(GROUPINGS)}")
     mha = attn.expanded()
     L = whitener(inputs.covariance())
-    heads = Heads.of(mha, L, rope, inputs.with_bias)
+    heads = Heads(mha, L, rope, inputs.with_bias)
     r = mha.n_heads // n_kv_heads
     order = list(range(mha.n_heads))
     if grouping == "similarity" and 1 < r < mha.n_heads:
-        order = similar_groups(heads.pair_costs(L), r)
+        order = similar_groups(heads.pair_costs(), r)
     groups = [order[j * r:(j + 1) * r] for j in range(n_kv_heads)]
     probs = inputs.sampled_attention()
-    fitted = []
-    for group in groups:
-        value_metric, key_metric = inputs.attention_moments(probs, group)
-        fitted.append((*fit_keys(heads, group, L, whitener(key_metric), rope),
-                       *fit_values(heads, group, whitener(value_metric))))
+    fitted = [fit_group(heads, group, inputs, probs, attn.wq.dtype) for group in groups]
     merged = assemble(attn, fitted, inputs.with_bias)
     return merged_norms(merged, mha, groups), {"groups": groups}
 
 
-@dataclass
-class Heads:
-    """The expanded layer's heads as the fits see them, in float64, x̃-augmented where the model has biases."""
-    wq: torch.Tensor  # [H, D, n]
-    wk: torch.Tensor  # [H, D, n]
-    wv: torch.Tensor  # [H, D, n]
-    wo_t: torch.Tensor  # [H, D, d_out]: W_o,hᵀ
-    query_energy: torch.Tensor  # [H, pairs]: E|q_h|² in each rotary pair
-    rope_layout: RopeLayout
+def fit_group(heads: Heads, group: list[int], inputs: LayerInputs, probs, dtype: torch.dtype) -> tuple:
+    """A group's shared key, its queries, shared value and outputs, in the weights' dtype. Each d x d float64
+    moment is dropped as soon as its fit is done: at 7B geometry each is 134 MB."""
+    value_metric, key_metric = inputs.attention_moments(probs, group)
+    L_key = whitener(key_metric)
+    del key_metric
+    key, queries = fit_keys(heads, group, L_key)
+    del L_key
+    value, outputs = fit_values(heads, group, whitener(value_metric))
+    return tuple(t.to(dtype) for t in (key, queries, value, outputs))
 
-    @classmethod
-    def of(cls, mha: AttentionWeights, L: torch.Tensor, rope: RopeLayout, with_bias: bool) -> Heads:
-        H, D = mha.n_heads, mha.head_dim
-        wq, wk, wv = (augmented(w, b, with_bias).reshape(H, D, -1)
-                      for w, b in ((mha.wq, mha.bq), (mha.wk, mha.bk), (mha.wv, mha.bv)))
+
+class Heads:
+    """The expanded layer's heads as the fits see them: float64 and x̃-augmented (with the bias as a last
+    column) where the model has biases, made for the heads a fit asks for. Only the stored weights are held:
+    float64 copies of every head at once are 0.5 GB per layer at 7B geometry."""
+
+    def __init__(self, mha: AttentionWeights, L: torch.Tensor, rope: RopeLayout, with_bias: bool):
+        self.mha, self.with_bias, self.rope_layout, self.L = mha, with_bias, rope, L
+        self.n_heads, self.head_dim = mha.n_heads, mha.head_dim
         a, b = rope.pairs
-        energy = (wq[:, a] @ L).pow(2).sum(-1) + (wq[:, b] @ L).pow(2).sum(-1)  # E|q|² = ||Lᵀ w_q||²
-        energy = energy.clamp(min=1e-12 * float(energy.max()) if energy.numel() else 0.0)
-        return cls(wq, wk, wv, mha.heads("wo").double().transpose(1, 2), energy, rope)
+        energy = torch.stack([(w[:, a] @ L).pow(2).sum(-1) + (w[:, b] @ L).pow(2).sum(-1)  # E|q|² = ||Lᵀ w_q||²
+                              for w in map(self.wq, range(self.n_heads))]).reshape(self.n_heads, len(a))
+        self.query_energy = energy.clamp(min=1e-12 * float(energy.max()) if energy.numel() else 0.0)  # [H, pairs]
+
+    def rows(self, part: str, index) -> torch.Tensor:
+        """Projection `part` (wq, wk, wv) of the heads in `index`: [r, D, n]."""
+        index = torch.as_tensor(index).reshape(-1)
+        weight = self.mha.heads(part)[index].double()
+        if not self.with_bias:
+            return weight
+        bias = self.mha.heads("b" + part[1])
+        bias = torch.zeros(weight.shape[:2], dtype=torch.float64) if bias is None else bias[index].double()
+        return torch.cat([weight, bias[..., None]], dim=-1)
+
+    def wq(self, index) -> torch.Tensor:
+        return self.rows("wq", index)
+
+    def wk(self, index) -> torch.Tensor:
+        return self.rows("wk", index)
+
+    def wv(self, index) -> torch.Tensor:
+        return self.rows("wv", index)
+
+    def wo_t(self, index) -> torch.Tensor:
+        """W_o,hᵀ of the heads in `index`: [r, D, d_out]."""
+        return self.mha.heads("wo")[torch.as_tensor(index).reshape(-1)].double().transpose(1, 2)
 
     def key_columns(self, index, L_key: torch.Tensor) -> torch.Tensor:
         """[pairs, n, r] complex: √(E|q_h|²) · L_keyᵀ w_h for the heads in `index`, per rotary pair."""
         a, b = self.rope_layout.pairs
-        keys = as_complex(self.wk[index], a, b) @ L_key.to(torch.complex128)  # [r, pairs, n]
+        keys = as_complex(self.wk(index), a, b) @ L_key.to(torch.complex128)  # [r, pairs, n]
         return (self.query_energy[index].sqrt()[..., None] * keys).permute(1, 2, 0)
 
-    def pair_costs(self, L: torch.Tensor) -> torch.Tensor:
+    def pair_costs(self) -> torch.Tensor:
         """[H, H]: what is lost when heads a and b share a KV head: the residual of the best shared rank-1 key
-        per rotary pair plus that of the best shared rank-D value subspace, each relative to its total."""
-        H = self.wq.shape[0]
-        columns = self.key_columns(torch.arange(H), L)
+        per rotary pair plus that of the best shared rank-D value subspace, each relative to its total.
+        Made head by head: only the stacked results are whole-layer size."""
+        H, D, L = self.n_heads, self.head_dim, self.L
+        columns = torch.cat([self.key_columns([h], L) for h in range(H)], dim=-1)
         gram = torch.einsum("pnh,pnk->phk", columns.conj(), columns)  # [pairs, H, H]
+        del columns
         diag = gram.diagonal(dim1=1, dim2=2).real
         tr = diag[:, :, None] + diag[:, None, :]  # smaller eigenvalue of each 2x2 Gram: (tr - √(tr² - 4 det)) / 2
         det = diag[:, :, None] * diag[:, None, :] - gram.abs().pow(2)
         key = ((tr - (tr.pow(2) - 4 * det).clamp(min=0).sqrt()) / 2).sum(0) / diag.sum().clamp(min=1e-30)
-        factors = whitened_factors(torch.einsum("hdn,nm->hmd", self.wv, L), self.wo_t)[0]  # [H, n, D]
-        D = factors.shape[-1]
-        flat = factors.permute(1, 0, 2).reshape(factors.shape[1], H * D)
+        flat = torch.cat([whitened_factors(torch.einsum("hdn,nm->hmd", self.wv([h]), L), self.wo_t([h]))[0][0]
+                          for h in range(H)], dim=1)  # [n, H·D]: head h's whitened value-to-output factor
         gram_v = (flat.T @ flat).reshape(H, D, H, D)
+        del flat
         value = torch.zeros(H, H, dtype=torch.float64)
         for i in range(H):
             for j in range(i + 1, H):
                 block = torch.cat([torch.cat([gram_v[i, :, i], gram_v[i, :, j]], 1),
                                    torch.cat([gram_v[j, :, i], gram_v[j, :, j]], 1)], 0)
                 value[i, j] = value[j, i] = torch.linalg.eigvalsh(block)[:D].clamp(min=0).sum()
-        return key + value / flat.pow(2).sum().clamp(min=1e-30)
+        total = gram_v.reshape(H * D, H * D).diagonal().sum()  # Σ of the factors' squares
+        return key + value / total.clamp(min=1e-30)
 
 
 def similar_groups(cost: torch.Tensor, r: int) -> list[int]:
@@ -248,36 +269,34 @@ def reduced_rank(left: torch.Tensor, right: torch.Tensor, rank: int):
     return u[:, :rank], torch.einsum("hak,hnk->han", mix, q)
 
 
-def fit_keys(heads: Heads, group: list[int], L_query: torch.Tensor, L_key: torch.Tensor, rope: RopeLayout):
+def fit_keys(heads: Heads, group: list[int], L_key: torch.Tensor):
     """The shared key rows of a group [D, n] and its heads' query rows adjusted to it [r, D, n]."""
-    index = torch.as_tensor(group)
-    wq, wk = heads.wq[index].clone(), heads.wk[index]
+    wq, wk = heads.wq(group), heads.wk(group)
     key = torch.zeros(wk.shape[1:], dtype=torch.float64)
-    a, b = rope.pairs
+    a, b = heads.rope_layout.pairs
     if len(a):
-        u, s, vh = torch.linalg.svd(heads.key_columns(index, L_key), full_matrices=False)
+        u, s, vh = torch.linalg.svd(heads.key_columns(group, L_key), full_matrices=False)
         # column h ≈ s₀ u₀ vh[0, h]: head h's whitened key ≈ c_h · κ u₀, with c_h κ = s₀ vh[0, h] / √e_h
-        coef = s[:, :1] * vh[:, 0, :] / heads.query_energy[index].T.sqrt()  # [pairs, r]
+        coef = s[:, :1] * vh[:, 0, :] / heads.query_energy[group].T.sqrt()  # [pairs, r]
         kappa = coef.abs().pow(2).mean(1, keepdim=True).sqrt().clamp(min=1e-30)
         shared = torch.linalg.solve_triangular(L_key.T.to(torch.complex128), u[:, :, 0].T, upper=True).T * kappa
         key[a], key[b] = shared.real, shared.imag
         q = torch.complex(wq[:, a], wq[:, b]) * (coef / kappa).T.conj()[..., None]  # q -> q · conj(c_h)
         wq[:, a], wq[:, b] = q.real, q.imag
-    free = rope.free
+    free = heads.rope_layout.free
     if len(free):  # dims without rotation: a shared subspace for the score maps W_kᵀ W_q
         left = torch.einsum("hkn,nm->hmk", wk[:, free], L_key)  # L_keyᵀ W_k,hᵀ
-        right = torch.einsum("hkn,nm->hkm", wq[:, free], L_query)  # W_q,h L_query
+        right = torch.einsum("hkn,nm->hkm", wq[:, free], heads.L)  # W_q,h L_query
         basis, coefs = reduced_rank(left, right, len(free))
         key[free] = torch.linalg.solve_triangular(L_key.T, basis, upper=True).T
-        wq[:, free] = torch.linalg.solve_triangular(L_query, coefs, upper=False, left=False)  # C_h L_query⁻¹
+        wq[:, free] = torch.linalg.solve_triangular(heads.L, coefs, upper=False, left=False)  # C_h L_query⁻¹
     return key, wq
 
 
 def fit_values(heads: Heads, group: list[int], L_value: torch.Tensor):
     """The shared value rows of a group [D, n] and its heads' W_o refitted to them [r, d_out, D]."""
-    index = torch.as_tensor(group)
-    left = torch.einsum("hdn,nm->hmd", heads.wv[index], L_value)  # L_valueᵀ W_v,hᵀ
-    basis, coefs = reduced_rank(left, heads.wo_t[index], heads.wv.shape[1])
+    left = torch.einsum("hdn,nm->hmd", heads.wv(group), L_value)  # L_valueᵀ W_v,hᵀ
+    basis, coefs = reduced_rank(left, heads.wo_t(group), heads.head_dim)
     value = torch.linalg.solve_triangular(L_value.T, basis, upper=True).T  # (L⁻ᵀ B)ᵀ
     return value, coefs.transpose(1, 2)
 
