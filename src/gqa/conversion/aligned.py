@@ -40,6 +40,7 @@ GROUPINGS = ("similarity", "contiguous")
 QUERY_ROWS = 128  # query positions per block the attention-weighted moments are estimated from
 MOMENT_BLOCKS = 64  # calibration blocks they are estimated from (enough for d x d moments; the rest is time)
 CHUNK_BLOCKS = 4
+HEAD_CHUNK = 8  # heads whose float64 copies are made at once where a step reads every head
 
 
 def whitener(covariance: torch.Tensor) -> torch.Tensor:
@@ -163,9 +164,12 @@ class Heads:
         self.mha, self.with_bias, self.rope_layout, self.L = mha, with_bias, rope, L
         self.n_heads, self.head_dim = mha.n_heads, mha.head_dim
         a, b = rope.pairs
-        energy = torch.stack([(w[:, a] @ L).pow(2).sum(-1) + (w[:, b] @ L).pow(2).sum(-1)  # E|q|² = ||Lᵀ w_q||²
-                              for w in map(self.wq, range(self.n_heads))]).reshape(self.n_heads, len(a))
+        energy = torch.cat([(w[:, a] @ L).pow(2).sum(-1) + (w[:, b] @ L).pow(2).sum(-1)  # E|q|² = ||Lᵀ w_q||²
+                            for w in map(self.wq, self.chunks())])
         self.query_energy = energy.clamp(min=1e-12 * float(energy.max()) if energy.numel() else 0.0)  # [H, pairs]
+
+    def chunks(self) -> list[list[int]]:
+        return [list(range(h, min(h + HEAD_CHUNK, self.n_heads))) for h in range(0, self.n_heads, HEAD_CHUNK)]
 
     def rows(self, part: str, index) -> torch.Tensor:
         """Projection `part` (wq, wk, wv) of the heads in `index`: [r, D, n]."""
@@ -199,17 +203,17 @@ class Heads:
     def pair_costs(self) -> torch.Tensor:
         """[H, H]: what is lost when heads a and b share a KV head: the residual of the best shared rank-1 key
         per rotary pair plus that of the best shared rank-D value subspace, each relative to its total.
-        Made head by head: only the stacked results are whole-layer size."""
+        Made HEAD_CHUNK heads at a time: only the stacked results are whole-layer size."""
         H, D, L = self.n_heads, self.head_dim, self.L
-        columns = torch.cat([self.key_columns([h], L) for h in range(H)], dim=-1)
+        columns = torch.cat([self.key_columns(heads, L) for heads in self.chunks()], dim=-1)
         gram = torch.einsum("pnh,pnk->phk", columns.conj(), columns)  # [pairs, H, H]
         del columns
         diag = gram.diagonal(dim1=1, dim2=2).real
         tr = diag[:, :, None] + diag[:, None, :]  # smaller eigenvalue of each 2x2 Gram: (tr - √(tr² - 4 det)) / 2
         det = diag[:, :, None] * diag[:, None, :] - gram.abs().pow(2)
         key = ((tr - (tr.pow(2) - 4 * det).clamp(min=0).sqrt()) / 2).sum(0) / diag.sum().clamp(min=1e-30)
-        flat = torch.cat([whitened_factors(torch.einsum("hdn,nm->hmd", self.wv([h]), L), self.wo_t([h]))[0][0]
-                          for h in range(H)], dim=1)  # [n, H·D]: head h's whitened value-to-output factor
+        flat = torch.cat([whitened_factors(torch.einsum("hdn,nm->hmd", self.wv(heads), L), self.wo_t(heads))[0]
+                          .permute(1, 0, 2).flatten(1) for heads in self.chunks()], dim=1)  # [n, H·D]: by head
         gram_v = (flat.T @ flat).reshape(H, D, H, D)
         del flat
         value = torch.zeros(H, H, dtype=torch.float64)
