@@ -17,7 +17,6 @@ Output goes to a temporary folder renamed when complete; config.json is written 
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 import re
@@ -197,7 +196,6 @@ def write_model(job: Job, new_config: ModelConfig, out_family, writer, blocks, s
         layers.append(record)
         write(writer, export_tensors(state, new_config, out_family), counts)
         del state  # else held while the next layer is read: two layers in memory, not one
-        gc.collect()  # the layer's modules are reference cycles (torch parametrizations) holding its tensors
     write(writer, export_tensors(read_layer(job, outer, counts), new_config, out_family), counts)
     return counts, layers
 

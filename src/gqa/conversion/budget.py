@@ -12,7 +12,6 @@ staying within F of the source's.
 
 from __future__ import annotations
 
-import gc
 import math
 from collections.abc import Callable
 from dataclasses import replace
@@ -68,7 +67,7 @@ def lm_loss(hidden: torch.Tensor, targets: torch.Tensor, norm, output: torch.Ten
 
 def measure_layer(config: ModelConfig, layer: int, state: dict, stream: Stream, branches: dict, merge: Callable):
     """Advance the stream and every branch through one layer, and start this layer's branches (merged to
-    each smaller G)."""
+    each smaller G). A function of its own so that the layer's tensors are released before the next is read."""
     block = build_block(config, layer, state)
     inputs = stream.attention_inputs(block)
     for key, hidden in branches.items():  # variants merged below this layer read it as the source has it
@@ -89,7 +88,6 @@ def measure(config: ModelConfig, read_layer: Callable[[int], dict], stream: Stre
     branches: dict[tuple[int, int], torch.Tensor] = {}
     for layer in progress(range(config.n_layers)):
         measure_layer(config, layer, read_layer(layer), stream, branches, merge)
-        gc.collect()  # the layer's modules are reference cycles (torch parametrizations) holding its tensors
     with torch.device("meta"):
         norm = make_norm(config)
     norm.load_state_dict({k.removeprefix("norm."): v.float() for k, v in head.items() if k.startswith("norm.")},

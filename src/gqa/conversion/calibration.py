@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch.nn.utils import parametrize
+import torch.nn.functional as F
+from torch import nn
 
 from ..data import prepare
 from ..errors import GQAError
@@ -39,31 +40,35 @@ def calibration_blocks(source, tokenizer, n_tokens: int, seq_len: int, seed: int
     return data.train[order[:needed]]
 
 
-class AsFloat32(torch.nn.Module):
-    """Parametrization: a tensor stored in bf16 / fp16 read as float32 where it is used. A layer then computes
-    in float32 while holding its weights as stored, one matrix upcast at a time (at 7B geometry a whole layer
-    in float32 is 0.8 GB, twice the stored layer)."""
+class Float32Linear(nn.Module):
+    """nn.Linear over a weight stored in bf16 / fp16, computed in float32: the weight is upcast for each call,
+    so a layer computes in float32 while holding its weights as stored (at 7B geometry a whole layer in
+    float32 is 0.8 GB, twice the stored layer)."""
 
-    def forward(self, stored: torch.Tensor) -> torch.Tensor:
-        return stored.float()
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight, self.bias = weight, bias  # plain attributes: the stored tensors, not copies
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.float(), None if self.bias is None else self.bias.float())
 
 
 def build_block(config: ModelConfig, layer: int, state: dict[str, torch.Tensor]) -> Block:
-    """Layer `layer` as a module over the given gqa tensors, not copied: built on the meta device, the tensors
-    assigned, and those not in float32 read through `AsFloat32`."""
+    """Layer `layer` as a float32 module over the given gqa tensors: built on the meta device, the tensors
+    assigned; linear layers stored in another dtype read through `Float32Linear`, the small rest (norms)
+    copied to float32."""
     with torch.device("meta"):
         block = Block(config, layer)
     prefix = f"layers.{layer}."
-    tensors = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    tensors = {k[len(prefix):]: v.detach() for k, v in state.items() if k.startswith(prefix)}
     missing, unexpected = block.load_state_dict(tensors, assign=True, strict=False)
     if missing or unexpected:
         raise GQAError(f"layer {layer}: tensors missing {missing} or unexpected {unexpected} for its config")
-    for module in list(block.modules()):  # the list first: a parametrization adds modules
-        for name, tensor in list(module.named_parameters(recurse=False)):
-            tensor.requires_grad_(False)
-            if tensor.dtype != torch.float32:
-                parametrize.register_parametrization(module, name, AsFloat32(), unsafe=True)
-    return block.eval()
+    for parent in list(block.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and child.weight.dtype != torch.float32:
+                setattr(parent, name, Float32Linear(child.weight.data, None if child.bias is None else child.bias.data))
+    return block.float().requires_grad_(False).eval()
 
 
 @dataclass
