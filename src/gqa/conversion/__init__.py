@@ -204,20 +204,20 @@ def convert_layer(job: Job, layer: int, state: dict, new_config: ModelConfig, st
     """One layer's tensors with its attention merged to the layer's new KV-head count, and what was done."""
     g_now, g = job.config.n_kv_heads[layer], new_config.n_kv_heads[layer]
     record: dict = {"layer": layer, "kv_heads": g}
-    source = state
+    block = build_block(job.config, layer, state) if streams else None  # over the stored tensors: no copy
     if g != g_now:
         saved = state_dir.get(layer) if state_dir else None
-        merged, record = saved if saved is not None else merge_layer(job, layer, state, g, streams, state_dir, record)
+        merged, record = saved if saved is not None else merge_layer(job, layer, state, g, block, streams, state_dir,
+                                                                     record)
         state = {**state, **merged.to_state(layer)}
     if streams:  # the converted layer only where a stream runs through it
-        streams.advance(build_block(job.config, layer, source),
-                        build_block(new_config, layer, state) if streams.converted else None)
+        streams.advance(block, build_block(new_config, layer, state) if streams.converted else None)
     return state, record
 
 
-def merge_layer(job: Job, layer: int, state: dict, g: int, streams, state_dir, record: dict) -> tuple[AttentionWeights, dict]:
-    """The method's merge of one layer (then its transfer, saved for a resume)."""
-    block = build_block(job.config, layer, state) if streams else None
+def merge_layer(job: Job, layer: int, state: dict, g: int, block, streams, state_dir,
+                record: dict) -> tuple[AttentionWeights, dict]:
+    """The method's merge of one layer (then its transfer, saved for a resume); block: the source layer."""
     inputs = streams.source.attention_inputs(block) if streams else None
     attn = AttentionWeights.from_state(state, layer, job.config)
     merged, info = merge_attention(job, layer, attn, g, inputs, streams.source.rope if streams else None, block)
