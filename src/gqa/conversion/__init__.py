@@ -40,7 +40,7 @@ from .heads import AttentionWeights, RopeLayout
 from .transfer import TransferSettings, transfer_layer
 
 LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
-TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+TORCH_DTYPES = {name: dtype for dtype, name in files.SAFETENSORS_DTYPES.items() if dtype.is_floating_point}
 METHODS = (*pooling.METHODS, "aligned")
 CALIBRATED = ("aligned",)  # methods that need calibration text
 
