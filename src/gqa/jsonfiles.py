@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,21 @@ def dumps(obj: Any, indent: int | None = None) -> str:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Indented, strict JSON; written to a temporary name and renamed, so a reader never sees half a file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)  # unique: writers may race
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(dumps(obj, indent=2) + "\n")
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import GQAError, warn
-from ..jsonfiles import write_json
+from ..jsonfiles import current_umask, write_json
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -52,9 +52,13 @@ def read_config(path: str | os.PathLike) -> dict:
     if not file.is_file():
         raise GQAError(f"{path} has no config.json: not a Hugging Face model folder")
     try:
-        return json.loads(file.read_text())
+        config = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise GQAError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise GQAError(f"{file} holds a JSON {type(config).__name__ if config is not None else 'null'}, "
+                       f"not an object of config fields")
+    return config
 
 
 def weight_files(path: str | os.PathLike) -> list[Path]:
@@ -146,12 +150,13 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
-PARTIAL_OWNER = ".gqa-owner"  # in a partial folder: "pid hostname" of the process writing it
+PARTIAL_OWNER = ".gqa-owner"  # in a partial or state folder: "pid hostname" of the process writing it
 
 
-def check_destination(dest: str | os.PathLike, overwrite: bool = False, sources=()) -> Path:
+def check_destination(dest: str | os.PathLike, overwrite: bool = False, sources=(), kind: str = "folder") -> Path:
     """Refuse a destination before any work is done: an existing one (unless `overwrite`), one equal to or
-    inside a source folder (writing would overwrite or nest into the input), one that cannot be created."""
+    inside a source folder (writing would overwrite or nest into the input), one that cannot be created,
+    and, for a file (`kind="file"`), an existing folder (which --overwrite does not turn into a file)."""
     dest = Path(dest)
     resolved = dest.resolve()
     for source in sources:
@@ -159,6 +164,8 @@ def check_destination(dest: str | os.PathLike, overwrite: bool = False, sources=
         if resolved == source or source in resolved.parents:
             where = "is the source folder" if resolved == source else f"is inside the source folder {source}"
             raise GQAError(f"{dest} {where}; write the output somewhere else")
+    if kind == "file" and dest.is_dir():
+        raise GQAError(f"{dest} is a folder; give the name of the file to write")
     if dest.exists() and not overwrite:
         raise GQAError(f"{dest} already exists; pass --overwrite (overwrite=True) to replace it")
     ancestor = resolved.parent
@@ -173,18 +180,36 @@ def check_destination(dest: str | os.PathLike, overwrite: bool = False, sources=
     return dest
 
 
+def claim(folder: Path) -> None:
+    """Mark `folder` as being written by this process (see `owner_alive`)."""
+    (folder / PARTIAL_OWNER).write_text(f"{os.getpid()} {socket.gethostname()}\n")
+
+
+def owner_alive(folder: Path) -> bool:
+    """Whether the process that claimed `folder` still runs (False when it never said who it was)."""
+    try:
+        pid, host = (folder / PARTIAL_OWNER).read_text().split()
+        return host == socket.gethostname() and process_alive(int(pid))
+    except (OSError, ValueError):
+        return False
+
+
+def remove_stale(dest: Path, pattern: str, what: str) -> None:
+    """Delete the folders matching `pattern` beside `dest` whose process is gone, saying so."""
+    for stale in dest.parent.glob(pattern):
+        if stale.is_dir() and not owner_alive(stale):
+            size = folder_bytes(stale)
+            shutil.rmtree(stale, ignore_errors=True)
+            warn(f"removed {stale} ({size / 1e6:,.1f} MB), {what} {dest.name}")
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
 def remove_stale_partials(dest: Path) -> None:
     """Delete the partial folders an interrupted write of `dest` left behind (its process is gone), saying so."""
-    for partial in dest.parent.glob(f".{dest.name}.partial-*"):
-        try:
-            pid, host = (partial / PARTIAL_OWNER).read_text().split()
-            if host == socket.gethostname() and process_alive(int(pid)):
-                continue  # another run is writing this destination right now
-        except (OSError, ValueError):
-            pass  # no readable owner: written by a run that died before it could say who it was
-        size = sum(f.stat().st_size for f in partial.rglob("*") if f.is_file())
-        shutil.rmtree(partial, ignore_errors=True)
-        warn(f"removed {partial} ({size / 1e6:,.1f} MB), left by an interrupted write of {dest.name}")
+    remove_stale(dest, f".{dest.name}.partial-*", "left by an interrupted write of")
 
 
 def process_alive(pid: int) -> bool:
@@ -197,6 +222,49 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def make_parents(folder: Path) -> list[Path]:
+    """mkdir -p `folder`; returns the folders it created, deepest first (for `remove_empty`)."""
+    created = []
+    for parent in [folder, *folder.parents]:
+        if parent.exists():
+            break
+        created.append(parent)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GQAError(f"cannot create {folder}: {e.strerror}") from None
+    return created
+
+
+def remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if empty: another writer may have put something there meanwhile
+
+
+@contextlib.contextmanager
+def partial_folder(dest: Path, overwrite: bool, kind: str) -> Iterator[tuple[Path, list[Path]]]:
+    """The one atomic-output helper's core: (a fresh uniquely named folder beside `dest` that names its owner,
+    the parent folders created for it). On an error the folder and the parents it created are removed; the
+    partial folders of killed writes of `dest` are removed first, with a warning."""
+    dest = check_destination(dest, overwrite, kind=kind)
+    created = make_parents(dest.parent)
+    try:
+        remove_stale_partials(dest)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    except OSError as e:
+        remove_empty(created)
+        raise GQAError(f"cannot create {dest}: {e.strerror}") from None
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the finished output gets the usual permissions
+    claim(tmp)
+    try:
+        yield tmp, created
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty(created)  # only those left empty: state kept for a resume keeps its parent
+        raise
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `dest`; rename it to `dest` only if the block completes.
@@ -204,26 +272,24 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     The temporary folder names its owner, so a later write of the same destination can tell a folder left
     by a killed run (removed, with a warning) from one another live run is writing.
     """
-    dest = check_destination(dest, overwrite)
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_partials(dest)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
-    except OSError as e:
-        raise GQAError(f"cannot create {dest}: {e.strerror}") from None
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the finished folder gets the usual permissions
-    (tmp / PARTIAL_OWNER).write_text(f"{os.getpid()} {socket.gethostname()}\n")
-    try:
+    dest = Path(dest)
+    with partial_folder(dest, overwrite, "folder") as (tmp, _):
         yield tmp
         (tmp / PARTIAL_OWNER).unlink()
         if dest.exists():
             shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
         os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a path to write the file `dest` at; it becomes `dest` only if the block completes. The file is
+    written inside a partial folder (`partial_folder`), so killed writes are found and cleaned the same way."""
+    dest = Path(dest)
+    with partial_folder(dest, overwrite, "file") as (tmp, _):
+        yield tmp / dest.name
+        os.replace(tmp / dest.name, dest)
+        shutil.rmtree(tmp)
 
 
 def copy_tokenizer(src: str | os.PathLike | None, dest: Path) -> None:
