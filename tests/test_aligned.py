@@ -3,6 +3,7 @@ is deterministic and resumable, the KV budget's choice is optimal, and bad input
 
 import itertools
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 import torch
 from conftest import padded_batch, user_error
 from families import TEXT, build, save
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import gqa
 from gqa.cli import main
@@ -194,7 +195,7 @@ def test_transfer_lowers_the_error_and_is_deterministic(tiny, tmp_path, capsys):
         assert layer["relative_error_after"] < 0.8 * layer["relative_error_before"]
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not (tmp_path / ".a.transfer").exists()  # the resume state goes once the conversion is complete
+    assert not list(tmp_path.glob(".a.transfer*"))  # the resume state goes once the conversion is complete
 
 
 def test_transfer_resumes_after_kill(tiny, tmp_path):
@@ -216,12 +217,97 @@ from gqa.cli import main
 main({[str(a) for a in convert_args(path, part, data)]!r})
 """
     assert subprocess.run([sys.executable, "-c", script]).returncode == -signal.SIGKILL
-    assert not part.exists() and (tmp_path / ".part.transfer" / "layer-00000.safetensors").is_file()
+    [state] = tmp_path.glob(".part.transfer-*")
+    assert not part.exists() and (state / "layer-00000.safetensors").is_file()
     result = subprocess.run([sys.executable, "-m", "gqa", *map(str, convert_args(path, part, data))],
                             capture_output=True, text=True)
     assert result.returncode == 0 and "resuming the transfer saved in" in result.stderr
     a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+KILL_AFTER_FIRST_LAYER = """
+import os, signal, sys
+import gqa.conversion as conversion
+real = conversion.TransferState.put
+def put(self, layer, merged, record):
+    real(self, layer, merged, record)
+    os.kill(os.getpid(), signal.SIGKILL)
+conversion.TransferState.put = put
+from gqa.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("changed", ["model.embed_tokens.weight", "model.layers.0.self_attn.k_proj.weight",
+                                     "model.layers.1.mlp.up_proj.weight"])
+def test_transfer_resume_after_the_source_changed_is_a_run_on_the_new_source(tiny, tmp_path, changed):
+    """Killed after layer 0, then the source's weights are replaced in place (same path, same shapes): the
+    resumed conversion equals an uninterrupted one on the new weights. A saved layer computed from weights
+    that changed (the embeddings or layer 0 itself) is transferred again, with a warning; one whose inputs
+    did not change (layer 0 when only layer 1 changed) is kept."""
+    _, path = tiny("llama")
+    source = tmp_path / "source"
+    shutil.copytree(path, source)
+    data = tmp_path / "calib.txt"
+    data.write_text(TEXT)
+    part = tmp_path / "part"
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_LAYER, *map(str, convert_args(source, part, data))])
+    assert killed.returncode == -signal.SIGKILL
+    weights = load_file(str(source / "model.safetensors"))
+    weights[changed] = weights[changed] + 0.01 * torch.randn_like(weights[changed])
+    save_file(weights, str(source / "model.safetensors"), metadata={"format": "pt"})
+    fresh = tmp_path / "fresh"
+    assert main([str(a) for a in convert_args(source, fresh, data)]) == 0
+    result = subprocess.run([sys.executable, "-m", "gqa", *map(str, convert_args(source, part, data))],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "resuming the transfer saved in" in result.stderr, result.stderr
+    redone = "the source's weights differ from those the interrupted transfer" in result.stderr
+    assert redone == (changed != "model.layers.1.mlp.up_proj.weight")
+    a, b = load_file(str(fresh / "model.safetensors")), load_file(str(part / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(tmp_path.glob(".part.transfer*"))
+
+
+def test_a_transfer_with_other_settings_is_not_resumed(tiny, tmp_path):
+    _, path = tiny("llama")
+    data = tmp_path / "calib.txt"
+    data.write_text(TEXT)
+    part = tmp_path / "part"
+    subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_LAYER, *map(str, convert_args(path, part, data))])
+    [state] = tmp_path.glob(".part.transfer-*")
+    result = subprocess.run([sys.executable, "-m", "gqa", *map(str, convert_args(path, part, data, steps=7))],
+                            capture_output=True, text=True)
+    assert result.returncode == 0
+    assert f"removed {state}: a transfer into part interrupted with other settings" in result.stderr
+    assert "resuming" not in result.stderr and not list(tmp_path.glob(".part.transfer*"))
+
+
+def test_a_plain_conversion_removes_a_stale_transfer_and_says_so(tiny, tmp_path, capsys):
+    _, path = tiny("llama")
+    data = tmp_path / "calib.txt"
+    data.write_text(TEXT)
+    part = tmp_path / "part"
+    subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_LAYER, *map(str, convert_args(path, part, data))])
+    [state] = tmp_path.glob(".part.transfer-*")
+    assert main(["convert", str(path), str(part), "--kv-heads", "2"]) == 0
+    err = capsys.readouterr().err
+    assert f"gqa: warning: removed {state} (" in err and "MB), left by an interrupted transfer into part" in err
+    assert not state.exists() and (part / "config.json").is_file()
+
+
+def test_a_transfer_that_fails_on_bad_weights_leaves_nothing(tiny, tmp_path, capsys):
+    _, path = tiny("llama")
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    weights = load_file(str(bad / "model.safetensors"))
+    weights["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(weights, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    data = tmp_path / "calib.txt"
+    data.write_text(TEXT)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    user_error(capsys, convert_args(bad, tmp_path / "new" / "nested" / "out", data), "holds NaN or Inf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no state, no partial, no empty parents
 
 
 # ------------------------------------------------------------------------------------------------ budget
@@ -256,9 +342,10 @@ def test_kv_budget_writes_a_per_layer_model_with_its_reasons(tmp_path):
 # ------------------------------------------------------------------------------------------------ bad input
 
 @pytest.mark.parametrize("argv,message", [
-    (["--kv-heads", "1", "--method", "aligned"], "--method aligned need calibration text: pass --calib"),
-    (["--kv-heads", "1", "--transfer-steps", "5"], "--transfer-steps need calibration text"),
-    (["--kv-budget", "0.5"], "--kv-budget need calibration text"),
+    (["--kv-heads", "1", "--method", "aligned"], "--method aligned needs calibration text: pass --calib"),
+    (["--kv-heads", "1", "--transfer-steps", "5"], "--transfer-steps needs calibration text"),
+    (["--kv-budget", "0.5"], "--kv-budget needs calibration text"),
+    (["--kv-budget", "0.5", "--transfer-steps", "5"], "--transfer-steps and --kv-budget need calibration text"),
     (["--kv-heads", "1", "--method", "aligned", "--calib", "{w}/missing.txt"], "no data at"),
     (["--kv-heads", "1", "--method", "aligned", "--calib", "{w}/empty.txt"], "holds no text"),
     (["--kv-heads", "1", "--method", "aligned", "--calib", "{w}/calib.txt", "--calib-tokens", "1000000"],

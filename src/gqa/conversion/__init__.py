@@ -21,6 +21,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 from ..checkpoints import check_finite, check_layout, config_json, export_tensors, files, read_model_config, target_family
 from ..checkpoints.families import stack_heads
 from ..errors import GQAError, warn
+from ..fingerprint import digest, tensors_digest
 from ..jsonfiles import read_json, write_json
 from ..model import ModelConfig
 from ..version import __version__
@@ -43,6 +45,7 @@ LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 TORCH_DTYPES = {name: dtype for dtype, name in files.SAFETENSORS_DTYPES.items() if dtype.is_floating_point}
 METHODS = (*pooling.METHODS, "aligned")
 CALIBRATED = ("aligned",)  # methods that need calibration text
+CALIB_TOKENS = 65536
 
 __all__ = ["convert", "target_kv_heads", "METHODS"]
 
@@ -107,7 +110,8 @@ def plan(src, dst, n_kv_heads, per_layer, method, seed, overwrite, calib, calib_
              transfer.steps > 0), ("--kv-budget", kv_budget is not None)) if wanted]
     calibration = None
     if needs and not calib:
-        raise GQAError(f"{' and '.join(needs)} need calibration text: pass --calib DATA (a file, folder or bundled corpus)")
+        raise GQAError(f"{' and '.join(needs)} {'need' if len(needs) > 1 else 'needs'} calibration text: "
+                       f"pass --calib DATA (a file, folder or bundled corpus)")
     if calib:
         from ..data import check_source
 
@@ -126,6 +130,24 @@ def plan(src, dst, n_kv_heads, per_layer, method, seed, overwrite, calib, calib_
                init_std(source_hf or {}))
 
 
+def check_options(method: str, calib, calib_tokens, calib_seq_len, grouping, transfer_steps: int, transfer_lr,
+                  transfer_inputs, kv_budget) -> None:
+    """Refuse an option that would do nothing in the combination given (it would be recorded as applied)."""
+    calibrated = method in CALIBRATED or transfer_steps > 0 or kv_budget is not None
+    if calib and not calibrated:
+        raise GQAError(f"--calib is read only by {' / '.join(f'--method {m}' for m in CALIBRATED)}, --transfer-steps "
+                       f"or --kv-budget; --method {method} merges from the weights alone: drop --calib or add one of them")
+    for name, value in (("--calib-tokens", calib_tokens), ("--calib-seq-len", calib_seq_len)):
+        if value is not None and not calib:
+            raise GQAError(f"{name} sets the calibration, but no --calib is given")
+    if grouping is not None and method not in CALIBRATED:
+        raise GQAError(f"--grouping chooses the groups of {' / '.join(f'--method {m}' for m in CALIBRATED)}; "
+                       f"--method {method} groups query heads contiguously")
+    for name, value in (("--transfer-lr", transfer_lr), ("--transfer-inputs", transfer_inputs)):
+        if value is not None and not transfer_steps:
+            raise GQAError(f"{name} sets the layer-wise transfer, which runs only with --transfer-steps N (N > 0)")
+
+
 def convert(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -138,24 +160,29 @@ def convert(
     progress: bool = True,
     *,
     calib: str | os.PathLike | None = None,
-    calib_tokens: int = 65536,
+    calib_tokens: int | None = None,
     calib_seq_len: int | None = None,
-    grouping: str = "similarity",
+    grouping: str | None = None,
     transfer_steps: int = 0,
-    transfer_lr: float = TransferSettings.lr,
-    transfer_inputs: str = "original",
+    transfer_lr: float | None = None,
+    transfer_inputs: str | None = None,
     kv_budget: float | None = None,
 ) -> dict:
     """Convert the model folder `src` to `dst` with fewer KV heads; returns the report written to conversion.json.
 
     Exactly one of n_kv_heads (every layer), n_kv_heads_per_layer, kv_budget (a fraction of the source's KV
     bytes, split over layers by measured sensitivity) sets the target. `calib` (a file, folder or bundled
-    corpus name) is the text `aligned`, transfer and the budget need; `calib_tokens` of it are used.
+    corpus name) is the text `aligned`, transfer and the budget need; `calib_tokens` of it are used (65,536
+    unless given). Options left None take their defaults; one given where it would do nothing is refused.
     """
     start = time.time()
-    transfer = TransferSettings(steps=transfer_steps, lr=transfer_lr, inputs=transfer_inputs, seed=seed)
-    job = plan(src, dst, n_kv_heads, n_kv_heads_per_layer, method, seed, overwrite, calib, calib_tokens,
-               calib_seq_len, grouping, transfer, kv_budget)
+    check_options(method, calib, calib_tokens, calib_seq_len, grouping, transfer_steps, transfer_lr, transfer_inputs,
+                  kv_budget)
+    transfer = TransferSettings(steps=transfer_steps, lr=TransferSettings.lr if transfer_lr is None else transfer_lr,
+                                inputs=transfer_inputs or "original", seed=seed)
+    job = plan(src, dst, n_kv_heads, n_kv_heads_per_layer, method, seed, overwrite, calib,
+               CALIB_TOKENS if calib_tokens is None else calib_tokens, calib_seq_len, grouping or "similarity",
+               transfer, kv_budget)
     warn_without_tokenizer(src)
     blocks = calibration_for(job) if job.calib else None
     budget_record = None
@@ -164,17 +191,24 @@ def convert(
         job.new_heads = budget_record["kv_heads"]
     new_config = replace(job.config, n_kv_heads=job.new_heads)
     out_family = target_family(new_config, job.source_hf, format)
-    state_dir = TransferState(job, new_config) if job.transfer.steps else None
     with files.atomic_dir(dst, overwrite=overwrite) as tmp:
-        writer = files.ShardWriter(tmp, shard_bytes(job))
-        counts, layers = write_model(job, new_config, out_family, writer, blocks, state_dir, progress)
-        writer.close()
+        state_dir = TransferState.open(job, new_config, blocks) if job.transfer.steps else None
+        try:
+            writer = files.ShardWriter(tmp, shard_bytes(job))
+            counts, layers = write_model(job, new_config, out_family, writer, blocks, state_dir, progress)
+            writer.close()
+        except GQAError:  # a mistake in the input (weights holding NaN, say): nothing of this run is worth resuming
+            if state_dir:
+                state_dir.remove()
+            raise
         report = conversion_report(job, new_config, out_family, counts, layers, budget_record, start)
         files.copy_tokenizer(src, tmp)
         files.write_json(tmp / "conversion.json", report)
         files.write_json(tmp / "config.json", config_json(new_config, job.source_hf, out_family, job.dtype))
     if state_dir:
         state_dir.remove()
+    # the destination is replaced: a transfer into it that a killed run left is of no use any more
+    files.remove_stale(job.dst, TransferState.pattern(job.dst), "left by an interrupted transfer into")
     return report
 
 
@@ -187,12 +221,19 @@ def write_model(job: Job, new_config: ModelConfig, out_family, writer, blocks, s
     outer = groups.pop() if groups and layer_of(groups[-1][0]) is None else []
     # embeddings, final norm, head: the stream starts from them; read again for writing at the end, not held
     # through the layers (with a large vocabulary they are as big as several layers)
-    streams = Streams.start(job, read_layer(job, outer, [0, 0]), blocks) if blocks is not None else None
+    outside = read_layer(job, outer, [0, 0]) if blocks is not None else None
+    streams = Streams.start(job, outside, blocks) if blocks is not None else None
+    if state_dir:
+        state_dir.follow(outside)
+    del outside
     layers = []
     bar = tqdm(groups, desc=f"converting ({job.method})", unit="layer", disable=not progress)
     for names in bar:
         layer = layer_of(names[0])
-        state, record = convert_layer(job, layer, read_layer(job, names, counts), new_config, streams, state_dir)
+        state = read_layer(job, names, counts)
+        if state_dir:
+            state_dir.follow(state)  # what this layer's saved transfer must have been computed from
+        state, record = convert_layer(job, layer, state, new_config, streams, state_dir)
         layers.append(record)
         write(writer, export_tensors(state, new_config, out_family), counts)
         del state  # else held while the next layer is read: two layers in memory, not one
@@ -269,9 +310,12 @@ class Streams:
 
 def calibration_for(job: Job) -> torch.Tensor:
     from ..checkpoints.tokenizer import load_tokenizer
+    from ..data import check_token_ids
 
     c = job.calib
-    return calibration_blocks(c["data"], load_tokenizer(job.src), c["tokens"], c["seq_len"], job.seed)
+    blocks = calibration_blocks(c["data"], load_tokenizer(job.src), c["tokens"], c["seq_len"], job.seed)
+    check_token_ids(blocks, job.config.vocab_size, c["data"])
+    return blocks
 
 
 BUDGET_TOKENS = 4096  # calibration tokens the sensitivities are measured on
@@ -302,38 +346,79 @@ def choose_heads(job: Job, blocks: torch.Tensor, progress: bool) -> dict:
 
 
 class TransferState:
-    """Layers already transferred, kept beside the destination until the conversion completes: a run that
-    was interrupted resumes at the first layer it had not finished (its settings must be the same)."""
+    """Layers already transferred, kept beside the destination (`.DEST.transfer-*`, claimed by the run that
+    writes it) until the conversion completes, so that a killed run can be resumed.
 
-    def __init__(self, job: Job, new_config: ModelConfig):
-        self.dir = job.dst.parent / f".{job.dst.name}.transfer"
-        self.record = {"source": str(job.src.resolve()), "method": job.method, "seed": job.seed,
-                       "grouping": job.grouping, "calibration": job.calib, "transfer": asdict(job.transfer),
-                       "kv_heads": new_config.n_kv_heads, "gqa_version": __version__}
-        settings = self.dir / "settings.json"
-        if self.dir.exists() and (not settings.is_file() or read_json(settings) != self.record):
-            warn(f"{self.dir} holds an interrupted transfer with other settings; starting afresh")
-            shutil.rmtree(self.dir)
-        elif self.dir.exists():
-            warn(f"resuming the transfer saved in {self.dir}")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        write_json(settings, self.record)
-        self.config = new_config
+    A run adopts the state a killed run left when its settings and calibration tokens are the same (other
+    states of that destination are removed, with a warning), and takes a saved layer only when the
+    fingerprint of everything that layer was computed from (those settings, the embeddings, the source
+    layers up to it, byte for byte) is the one it computes now: a source whose weights were replaced in
+    place is transferred again from the first layer that differs, never mixed with the old one."""
+
+    def __init__(self, folder: Path, record: dict, config: ModelConfig):
+        self.dir, self.record, self.config = folder, record, config
+        self.chain = digest(record)
+        self.checked_from: int | None = None
+
+    @staticmethod
+    def pattern(dst: Path) -> str:
+        return f".{dst.name}.transfer*"
+
+    @classmethod
+    def open(cls, job: Job, new_config: ModelConfig, blocks: torch.Tensor) -> TransferState:
+        record = {"method": job.method, "seed": job.seed, "grouping": job.grouping, "calibration": job.calib,
+                  "calibration_tokens": tensors_digest({"blocks": blocks}), "transfer": asdict(job.transfer),
+                  "kv_heads": new_config.n_kv_heads, "gqa_version": __version__}
+        fresh = Path(tempfile.mkdtemp(prefix=f".{job.dst.name}.transfer-", dir=job.dst.parent))
+        for old in sorted(job.dst.parent.glob(cls.pattern(job.dst))):
+            if old == fresh or not old.is_dir() or files.owner_alive(old):
+                continue  # a live run's state is its own
+            settings = old / "settings.json"
+            if settings.is_file() and read_json(settings) == record and not any(fresh.iterdir()):
+                try:
+                    os.replace(old, fresh)  # the rename claims it: of two runs starting together, one gets it
+                except OSError:
+                    continue
+                warn(f"resuming the transfer saved in {old} (now {fresh.name})")
+                continue
+            shutil.rmtree(old, ignore_errors=True)
+            warn(f"removed {old}: a transfer into {job.dst.name} interrupted with other settings or calibration text")
+        files.claim(fresh)
+        write_json(fresh / "settings.json", record)
+        return cls(fresh, record, new_config)
+
+    def follow(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Fold the next source tensors read (the embeddings, then each layer's) into the fingerprint."""
+        self.chain = digest(self.chain, tensors_digest(tensors))
+
+    def path(self, layer: int) -> Path:
+        return self.dir / f"layer-{layer:05d}.safetensors"
 
     def get(self, layer: int):
-        path = self.dir / f"layer-{layer:05d}.safetensors"
+        path = self.path(layer)
         if not path.is_file():
+            return None
+        record = read_json(path.with_suffix(".json"))
+        if record.pop("fingerprint", None) != self.chain:
+            self.discard_from(layer)
             return None
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
-        return AttentionWeights.from_state(state, layer, self.config), read_json(path.with_suffix(".json"))
+        return AttentionWeights.from_state(load_file(str(path)), layer, self.config), record
+
+    def discard_from(self, layer: int) -> None:
+        """The source differs from what the saved layers from `layer` on were computed from: drop them."""
+        saved = [p for p in self.dir.glob("layer-*") if int(p.name[6:11]) >= layer]
+        for p in saved:
+            p.unlink()
+        warn(f"the source's weights differ from those the interrupted transfer in {self.dir} was computed from, "
+             f"from layer {layer} on: transferring those layers again")
 
     def put(self, layer: int, merged: AttentionWeights, record: dict) -> None:
         from safetensors.torch import save_file
 
-        path = self.dir / f"layer-{layer:05d}.safetensors"
-        write_json(path.with_suffix(".json"), record)
+        path = self.path(layer)
+        write_json(path.with_suffix(".json"), {**record, "fingerprint": self.chain})
         save_file(merged.to_state(layer), str(path.with_suffix(".partial")))
         os.replace(path.with_suffix(".partial"), path)  # the weights last: their presence marks the layer done
 
