@@ -439,7 +439,7 @@ def run_smollm2(out: str | Path, quick: bool = False, device: str | None = None,
     pipe = Pipeline(tokenizer, prepare("bundled", tokenizer, s.seq_len), s.eval_blocks, device=resolve(device),
                     train_settings=dict(data="bundled", seq_len=s.seq_len, batch_size=s.batch_size, steps=s.steps,
                                         lr=s.lr, eval_every=s.eval_every, eval_blocks=s.eval_blocks, save_every=None,
-                                        compile=s.compile, device=device, distill_weight=s.distill_weight))
+                                        compile=s.compile, device=device))
     curves, converted = [], {}
     for method in s.methods:
         conv = runs / f"converted-{method}"
@@ -449,7 +449,7 @@ def run_smollm2(out: str | Path, quick: bool = False, device: str | None = None,
             continue
         for distill in s.distill:
             dest = runs / f"uptrained-{method}{'-distill' if distill else ''}"
-            pipe.uptrain(conv, dest, teacher=str(original) if distill else None)
+            pipe.uptrain(conv, dest, **(dict(teacher=str(original), distill_weight=s.distill_weight) if distill else {}))
             log = [json.loads(line) for line in (dest / "train" / "log.jsonl").read_text().splitlines()]
             points = [(r["tokens"], r["val_perplexity"]) for r in log if "val_perplexity" in r]
             curves.append({"method": method, "distill": distill, "kv_heads": 1, "points": points,

@@ -33,9 +33,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoints import load, save
+from .checkpoints import check_reference, load, save
 from .data import BlockOrder, TokenData, check_token_ids, prepare
 from .errors import GQAError, warn
+from .fingerprint import digest, tensors_digest
 from .jsonfiles import append_jsonl, write_json
 from .model import Transformer
 
@@ -66,7 +67,7 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.05
     teacher: str | None = None
-    distill_weight: float = 0.5
+    distill_weight: float | None = None  # default 0.5 with a teacher; without one it has nothing to weigh
     strategy: str = "ddp"  # with more than one rank: ddp | fsdp
     compile: bool = False
     device: str | None = None
@@ -84,8 +85,10 @@ def plan_steps(cfg: TrainConfig) -> dict:
             raise GQAError(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("lr", "weight_decay", "grad_clip", "distill_weight", "min_lr_ratio"):
         value = getattr(cfg, name)
-        if not math.isfinite(value) or value < 0:
+        if value is not None and (not math.isfinite(value) or value < 0):
             raise GQAError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if cfg.distill_weight is not None and not cfg.teacher:
+        raise GQAError("--distill-weight weighs the distillation loss, which needs a --teacher to distil from")
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     alpha_tokens = None
     if cfg.alpha is not None:
@@ -221,7 +224,8 @@ def full_state(model, optimizer):
     return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, schedule, cfg: TrainConfig, d: Dist, tied: bool) -> None:
+def save_checkpoint(out: Path, step: int, model, optimizer, schedule, cfg: TrainConfig, d: Dist, tied: bool,
+                    fingerprint: dict | None = None) -> None:
     """Model, optimizer, schedule and RNG at `step`, written atomically; the newest `keep_checkpoints` are kept."""
     from safetensors.torch import save_file
 
@@ -239,7 +243,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, schedule, cfg: Train
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         torch.save({"optimizer": optim_state, "schedule": schedule.state_dict(), "rng": rng}, tmp / "state.pt")
-        write_json(tmp / "trainer.json", {"step": step, "config": asdict(cfg)})  # its presence marks completion
+        write_json(tmp / "trainer.json", {"step": step, "config": asdict(cfg), "fingerprint": fingerprint})  # marks completion
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         kept = sorted(p for p in root.glob("step-*") if (p / "trainer.json").is_file())
@@ -274,6 +278,39 @@ def write_final_model(model: Transformer, out: Path) -> None:
     for name in [n for n in names if n != "config.json"] + ["config.json"]:
         os.replace(tmp / name, out / name)
     tmp.rmdir()
+
+
+# ------------------------------------------------------------------------------------------- what a run is made of
+
+RUN_DEFINING = ("seq_len", "batch_size", "grad_accum", "seed", "val_fraction", "distill_weight")
+
+
+def run_fingerprint(cfg: TrainConfig, model: Transformer, data: TokenData, teacher: Transformer | None) -> dict:
+    """What a checkpoint was trained from, part by part: the starting model's and the teacher's weights, the
+    data's tokens, and the settings that fix which tokens each step reads and what it minimises. The learning
+    rate, schedule and the rest may change on a resume (a lower --lr after a divergence); these may not."""
+    return {
+        "settings": digest({name: getattr(cfg, name) for name in RUN_DEFINING}),
+        "data": tensors_digest({"train": data.train, "val": data.val}),
+        "model": tensors_digest(model.state_dict()),
+        "teacher": tensors_digest(teacher.state_dict()) if teacher is not None else None,
+    }
+
+
+PARTS = {"settings": f"settings ({', '.join('--' + n.replace('_', '-') for n in RUN_DEFINING)})",
+         "data": "data (its tokens)", "model": "starting model (its weights)", "teacher": "teacher (its weights)"}
+
+
+def check_resume(path: Path, fingerprint: dict) -> None:
+    """Refuse to continue a checkpoint trained from other inputs than this run's (see `run_fingerprint`)."""
+    saved = json.loads((path / "trainer.json").read_text()).get("fingerprint")
+    if saved is None:
+        return warn(f"{path} was written by a gqa that recorded no fingerprint: cannot check it was trained from "
+                    f"this run's model and data")
+    changed = [PARTS[k] for k in PARTS if saved.get(k) != fingerprint[k]]
+    if changed:
+        raise GQAError(f"--resume: {path} was trained from another {' and another '.join(changed)} than this run "
+                       f"is given; resume with the same ones, or start again with --overwrite")
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -339,8 +376,9 @@ class Trainer:
     """One run's model, optimizer and schedule, and the step that advances them."""
 
     def __init__(self, model: Transformer, cfg: TrainConfig, plan: dict, d: Dist, device: torch.device,
-                 teacher: Transformer | None):
+                 teacher: Transformer | None, fingerprint: dict | None = None):
         self.model, self.cfg, self.plan, self.d, self.device, self.teacher = model, cfg, plan, d, device, teacher
+        self.fingerprint = fingerprint  # what the run is trained from (`run_fingerprint`), saved with checkpoints
         self.tied = model.config.tie_embeddings
         self.save_dtype = model.dtype  # the final model is written in the dtype it came in; training keeps fp32
         model.to(device=device, dtype=torch.float32).train()
@@ -420,10 +458,23 @@ class Trainer:
                        f"applied and training stopped; {kept}; try a lower --lr")
 
     def checkpoint(self, step: int) -> None:
-        save_checkpoint(Path(self.cfg.out), step, self.net, self.optimizer, self.schedule, self.cfg, self.d, self.tied)
+        save_checkpoint(Path(self.cfg.out), step, self.net, self.optimizer, self.schedule, self.cfg, self.d, self.tied,
+                        self.fingerprint)
 
     def restore(self, path: Path | None) -> int:
-        return 0 if path is None else load_checkpoint(path, self.net, self.optimizer, self.schedule, self.tied)
+        """Continue from the checkpoint at `path` (checked to come from the same inputs), with this run's
+        optimizer settings: the checkpoint's state, this command's --lr, --weight-decay and schedule."""
+        if path is None:
+            return 0
+        check_resume(path, self.fingerprint)
+        step = load_checkpoint(path, self.net, self.optimizer, self.schedule, self.tied)
+        self.schedule.base_lrs = [self.cfg.lr] * len(self.optimizer.param_groups)
+        at = self.schedule.last_epoch
+        lrs = [base * lambda_(at) for base, lambda_ in zip(self.schedule.base_lrs, self.schedule.lr_lambdas)]
+        for group, lr, decay in zip(self.optimizer.param_groups, lrs, (self.cfg.weight_decay, 0.0)):
+            group.update(lr=lr, initial_lr=self.cfg.lr, weight_decay=decay, betas=self.cfg.betas)
+        self.schedule._last_lr = lrs
+        return step
 
     def final_model(self) -> Transformer | None:
         """The trained model, gathered on rank 0 in the dtype it came in (None on other ranks)."""
@@ -448,6 +499,11 @@ def settle(cfg: TrainConfig, model: Transformer, d: Dist) -> TrainConfig:
         raise GQAError(f"--batch-size {cfg.batch_size} does not split over {d.world} ranks")
     if cfg.seq_len > model.config.max_positions:
         raise GQAError(f"--seq-len {cfg.seq_len} exceeds the model's {model.config.max_positions} positions")
+    if cfg.teacher:
+        if model.source_dir is None:
+            raise GQAError("distilling needs to know the student's tokenizer: set model.source_dir to its folder")
+        check_reference(model.source_dir, model.config, cfg.teacher, "teacher", cfg.seq_len)
+        cfg = replace(cfg, distill_weight=0.5 if cfg.distill_weight is None else cfg.distill_weight)
     return cfg
 
 
@@ -464,9 +520,7 @@ def load_teacher(cfg: TrainConfig, model: Transformer, device: torch.device) -> 
     if not cfg.teacher:
         return None
     teacher = load(cfg.teacher, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
-    if teacher.config.vocab_size != model.config.vocab_size:
-        raise GQAError("the teacher's vocabulary differs from the student's")
-    return teacher.requires_grad_(False)
+    return teacher.requires_grad_(False)  # checked against the student by `settle`
 
 
 def train(model: Transformer, tokenizer, cfg: TrainConfig, init_path: str | None = None,
@@ -486,7 +540,9 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, init_path: str | None
         shutil.rmtree(out)
     d.barrier()
     data = training_data(cfg, tokenizer, model, data)
-    trainer = Trainer(model, cfg, plan, d, device, load_teacher(cfg, model, device))
+    teacher = load_teacher(cfg, model, device)
+    fingerprint = run_fingerprint(cfg, model, data, teacher) if resume_from or cfg.save_every else None
+    trainer = Trainer(model, cfg, plan, d, device, teacher, fingerprint)
     start = trainer.restore(resume_from)
     log = RunLog(out, d.main, start if resume_from else None)
     val_blocks = data.val[: cfg.eval_blocks]

@@ -54,6 +54,23 @@ def read_model_config(path: str | os.PathLike) -> tuple[ModelConfig, Family | No
         raise GQAError(f"{Path(path) / 'config.json'} has an invalid field: {e}") from None
 
 
+def check_reference(model: str | os.PathLike, config: ModelConfig, reference: str | os.PathLike, role: str,
+                    seq_len: int | None = None) -> None:
+    """A reference (`gqa eval --reference`) or teacher (`--teacher`) of the model folder `model` must predict
+    over the same tokens (vocabulary and tokenizer) and read windows of `seq_len` tokens. Reads no weights."""
+    from .tokenizer import check_same_tokenizer
+
+    ref, family, _ = read_model_config(reference)
+    check_layout(reference, ref, family)
+    if ref.vocab_size != config.vocab_size:
+        raise GQAError(f"the {role} {reference} has a vocabulary of {ref.vocab_size:,} entries, {model} one of "
+                       f"{config.vocab_size:,}: they do not share a tokenizer")
+    if seq_len is not None and seq_len > ref.max_positions:
+        raise GQAError(f"windows of {seq_len} tokens (--seq-len) exceed the {role}'s {ref.max_positions} positions; "
+                       f"pass --seq-len {ref.max_positions} or less")
+    check_same_tokenizer(model, reference, role)
+
+
 def export_tensors(state: dict[str, torch.Tensor], config: ModelConfig, family: Family | None) -> dict[str, torch.Tensor]:
     """gqa tensors -> the tensors of `family`'s files (gqa's own names when None); tied heads are not stored."""
     if family is not None:

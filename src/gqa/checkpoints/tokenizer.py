@@ -27,3 +27,38 @@ def load_tokenizer(path: str | os.PathLike):
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
     tokenizer.model_max_length = 1 << 60  # we window long texts ourselves; silence the length warning
     return tokenizer
+
+
+# text that exercises what tokenizers differ in: case, digits, accents, other scripts, emoji, code, spacing
+PROBE = "The Quick brown fox, 1234 naïve Ünïcödé; 東京 😀 def f(x):\n\treturn x**2  # done.\n\n"
+SPECIAL = ("bos", "eos", "pad", "unk")
+
+
+def tokenizer_difference(a, b) -> str | None:
+    """How tokenizer `b` reads text differently from `a` (None when they agree): the vocabulary itself, the
+    special ids, and the ids a probe text encodes to (which also covers merges and normalisation)."""
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va != vb:
+        tokens = va.keys() | vb.keys()
+        differing = sum(1 for tok in tokens if va.get(tok) != vb.get(tok))
+        return f"its vocabulary differs in {differing:,} of {len(tokens):,} entries"
+    for name in SPECIAL:
+        ia, ib = getattr(a, f"{name}_token_id"), getattr(b, f"{name}_token_id")
+        if ia != ib:
+            return f"its {name} token id is {ib}, not {ia}"
+    if a(PROBE)["input_ids"] != b(PROBE)["input_ids"]:
+        return "it encodes the same text into other ids (other merges or normalisation)"
+    return None
+
+
+def check_same_tokenizer(model: str | os.PathLike, other: str | os.PathLike, role: str) -> None:
+    """Refuse a reference or teacher whose tokenizer is not the model's: their predictions are over different
+    tokens, so agreement, KL and distillation between them measure nothing (a matching vocabulary size does
+    not make two tokenizers the same). An `other` without tokenizer files cannot be checked, so it is refused."""
+    if not any((Path(other) / name).is_file() for name in TOKENIZER_MARKERS):
+        raise GQAError(f"the {role} {other} has no tokenizer files, so gqa cannot check that it reads text as {model} "
+                       f"does; copy its tokenizer files next to its weights")
+    why = tokenizer_difference(load_tokenizer(model), load_tokenizer(other))
+    if why:
+        raise GQAError(f"the {role} {other} does not share the tokenizer of {model}: {why}; comparing or distilling "
+                       f"predictions needs the same tokenizer")
