@@ -102,10 +102,10 @@ def model_config(path: str):
     return config
 
 
-def check_out(out: str, overwrite: bool, *sources: str | None) -> None:
+def check_out(out: str, overwrite: bool, *sources: str | None, kind: str = "folder") -> None:
     from .checkpoints.files import check_destination
 
-    check_destination(out, overwrite, sources=[s for s in sources if s])
+    check_destination(out, overwrite, sources=[s for s in sources if s], kind=kind)
 
 
 # ------------------------------------------------------------------------------------------------ verbs
@@ -131,7 +131,7 @@ def cmd_eval(args) -> None:
     import torch
 
     from . import corpus
-    from .checkpoints import load
+    from .checkpoints import check_reference, load
     from .checkpoints.tokenizer import load_tokenizer
     from .data import check_token_ids, is_validation, tokenize
     from .evaluate import perplexity
@@ -141,6 +141,8 @@ def cmd_eval(args) -> None:
     config = model_config(args.model)
     if args.seq_len and args.seq_len > config.max_positions:
         raise GQAError(f"--seq-len {args.seq_len} exceeds the model's {config.max_positions} positions")
+    if args.reference:
+        check_reference(args.model, config, args.reference, "reference", args.seq_len or min(config.max_positions, 1024))
     tokenizer = load_tokenizer(args.model)
     if text is None:  # a bundled corpus: its held-out documents, the split training never sees
         tokens = tokenize([d for d in corpus.documents(args.data) if is_validation(d, 0.05)], tokenizer)
@@ -149,8 +151,6 @@ def cmd_eval(args) -> None:
     if args.max_tokens:
         tokens = tokens[: args.max_tokens + 1]  # + 1: the first token of a window is context, not scored
     check_token_ids(tokens, config.vocab_size, args.data)
-    if args.reference and model_config(args.reference).vocab_size != config.vocab_size:
-        raise GQAError(f"--reference {args.reference} has another vocabulary than {args.model}")
     model = load(args.model, dtype=args.dtype, device=device)
     reference = load(args.reference, dtype=args.dtype, device=device) if args.reference else None
     result = perplexity(model, tokens, seq_len=args.seq_len, batch_size=args.batch_size, reference=reference)
@@ -164,8 +164,12 @@ def cmd_eval(args) -> None:
 def cmd_generate(args) -> None:
     from .checkpoints import load
     from .checkpoints.tokenizer import load_tokenizer
-    from .generate import generate
+    from .errors import warn
+    from .generate import check_sampling, generate
 
+    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+    if args.seed is not None and args.temperature == 0:
+        warn("--seed has no effect at temperature 0 (greedy decoding draws nothing)")
     prompts = list(args.prompt or [])
     if args.prompt_file:
         prompts += [line for line in read_text(args.prompt_file).splitlines() if line.strip()]
@@ -204,13 +208,13 @@ def cmd_export(args) -> None:
     from .checkpoints import load, parse_dtype, save, target_family
 
     config = model_config(args.model)
-    check_out(args.out, args.overwrite, args.model)
+    check_out(args.out, args.overwrite, args.model, kind="file" if args.format == "gguf" else "folder")
     if args.format == "gguf":
-        from .checkpoints.gguf import GGUF_DTYPES, gguf_architecture, gguf_support, gguf_tokenizer_file, write_gguf
+        from .checkpoints.gguf import GGUF_DTYPES, gguf_architecture, gguf_support, gguf_tokenizer_spec, write_gguf
 
         if gguf_support(config):
             raise GQAError(f"cannot write {args.out} as GGUF: {gguf_support(config)}")
-        gguf_tokenizer_file(args.model)
+        gguf_tokenizer_spec(args.model, config.vocab_size)
         dtype = parse_dtype(args.dtype) or torch.float32
         if dtype not in GGUF_DTYPES:
             raise GQAError(f"GGUF export writes float32 or float16, not {args.dtype}")
@@ -262,7 +266,7 @@ def train_config(args):
         min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, eval_every=args.eval_every, eval_blocks=args.eval_blocks,
         save_every=args.save_every, seed=args.seed, val_fraction=args.val_fraction,
-        teacher=getattr(args, "teacher", None), distill_weight=getattr(args, "distill_weight", 0.5),
+        teacher=getattr(args, "teacher", None), distill_weight=getattr(args, "distill_weight", None),
         strategy=args.strategy, compile=args.compile, device=args.device, overwrite=args.overwrite,
         resume=args.resume,
     )
@@ -280,8 +284,6 @@ def check_training(args, sources: list[str]):
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # under torchrun, each rank picks its own device
         pick_device(cfg.device)
     check_source(cfg.data)
-    if cfg.teacher:
-        model_config(cfg.teacher)
     if cfg.alpha is not None and cfg.alpha > 1:
         warn(f"--alpha {cfg.alpha:g} trains on more tokens than the model was pre-trained on (α > 1)")
     plan_steps(replace(cfg, seq_len=cfg.seq_len or 2))  # the model's length is not known yet; the rest is
@@ -302,7 +304,7 @@ def print_train_report(report: dict, out: str) -> None:
 
 
 def cmd_uptrain(args) -> None:
-    from .checkpoints import load
+    from .checkpoints import check_reference, load
     from .checkpoints.tokenizer import load_tokenizer
     from .train import train
 
@@ -310,6 +312,8 @@ def cmd_uptrain(args) -> None:
     config = model_config(args.model)
     if cfg.seq_len and cfg.seq_len > config.max_positions:
         raise GQAError(f"--seq-len {cfg.seq_len} exceeds the model's {config.max_positions} positions")
+    if cfg.teacher:  # before the model loads (`train` checks again, for library callers)
+        check_reference(args.model, config, cfg.teacher, "teacher", cfg.seq_len or min(1024, config.max_positions))
     tokenizer = load_tokenizer(args.model)
     model = load(args.model)
     print_train_report(train(model, tokenizer, cfg, init_path=args.model), args.out)
@@ -521,16 +525,17 @@ def add_convert_verb(sub) -> None:
                    help="mean (default) | first | random (from the weights) | aligned (fitted to --calib text)")
     p.add_argument("--calib", default=None, help="calibration text: a file, folder or bundled corpus name (its "
                                                  "training split)")
-    p.add_argument("--calib-tokens", type=COUNT, default=65536, help="calibration tokens (default 65536)")
+    p.add_argument("--calib-tokens", type=COUNT, default=None, help="calibration tokens (default 65536)")
     p.add_argument("--calib-seq-len", type=SEQ_LEN, default=None, help="calibration block length (default 512)")
-    p.add_argument("--grouping", default="similarity", choices=["similarity", "contiguous"],
-                   help="aligned: which query heads share a KV head")
+    p.add_argument("--grouping", default=None, choices=["similarity", "contiguous"],
+                   help="aligned: which query heads share a KV head (default similarity)")
     p.add_argument("--transfer-steps", type=integer(0), default=0,
                    help="train each layer's converted attention to reproduce the source's for N steps (needs --calib)")
-    p.add_argument("--transfer-lr", type=POSITIVE, default=0.04,
+    p.add_argument("--transfer-lr", type=POSITIVE, default=None,
                    help="Adam step size relative to each projection's weight RMS (default 0.04)")
-    p.add_argument("--transfer-inputs", default="original", choices=["original", "converted"],
-                   help="what each layer trains on: the source model's activations or the converted layers'")
+    p.add_argument("--transfer-inputs", default=None, choices=["original", "converted"],
+                   help="what each layer trains on: the source model's activations (original, the default) or the "
+                        "converted layers'")
     p.add_argument("--seed", type=int, default=0, help="seed for --method random, calibration sampling and transfer")
     p.add_argument("--format", default="auto", choices=["auto", "hf", "native"])
     p.add_argument("--overwrite", action="store_true")
@@ -568,7 +573,8 @@ def add_train_verbs(sub) -> None:
     p.add_argument("out")
     add_train_args(p)
     p.add_argument("--teacher", default=None, help="a model folder to distil from (e.g. the original MHA model)")
-    p.add_argument("--distill-weight", type=NON_NEGATIVE, default=0.5, help="loss = LM + w * KL(teacher || student)")
+    p.add_argument("--distill-weight", type=NON_NEGATIVE, default=None,
+                   help="loss = LM + w * KL(teacher || student) (default 0.5; needs --teacher)")
     p.set_defaults(func=cmd_uptrain)
 
     p = sub.add_parser("pretrain", help="train a model from scratch (same loop)")

@@ -146,8 +146,9 @@ class TokenData:
         return self.train.shape[1] - 1
 
 
-def prepare(source, tokenizer, seq_len: int, val_fraction: float = 0.05) -> TokenData:
-    """Read, split, tokenize and pack a source (see the module docstring)."""
+def prepare(source, tokenizer, seq_len: int, val_fraction: float = 0.05, length_option: str = "--seq-len") -> TokenData:
+    """Read, split, tokenize and pack a source (see the module docstring); `length_option` is the name of the
+    option that set seq_len, for the message when the text is too short."""
     if not 0 < val_fraction < 1:
         raise GQAError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     docs = read_documents(source)
@@ -163,7 +164,7 @@ def prepare(source, tokenizer, seq_len: int, val_fraction: float = 0.05) -> Toke
     if len(train) == 0 or len(val) == 0:
         raise GQAError(
             f"{source} has {train_stream.numel() + val_stream.numel()} tokens: too little for training and "
-            f"validation blocks of {seq_len + 1} tokens; give more text or a smaller --seq-len"
+            f"validation blocks of {seq_len + 1} tokens; give more text or a smaller {length_option}"
         )
     return TokenData(train, val, len(docs), train_stream.numel(), val_stream.numel())
 

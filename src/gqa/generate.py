@@ -78,6 +78,12 @@ STOP_CHECK_EVERY = 8  # steps between host reads of "all sequences stopped" (eac
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
+    """Refuse settings out of range, and top-k / top-p at temperature 0, where decoding is greedy and they would
+    be silently ignored."""
+    if temperature == 0 and (top_k is not None or top_p is not None):
+        which = [n for n, v in (("top-k", top_k), ("top-p", top_p)) if v is not None]
+        raise GQAError(f"{' and '.join(which)} {'shape' if len(which) > 1 else 'shapes'} sampling, but temperature 0 "
+                       f"decodes greedily: set a temperature > 0 or drop {' and '.join(which)}")
     if temperature < 0:
         raise GQAError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 0:

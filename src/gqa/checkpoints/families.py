@@ -16,6 +16,7 @@ ModelConfig the description produces. Adding a family is adding a description.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -730,6 +731,9 @@ MQA_FORM = {"gpt2": BIGCODE}  # where a model of G = 1 goes when its source fami
 
 def family_for(hf: dict, where: str) -> Family:
     archs = hf.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise GQAError(f"{where}: config.json's \"architectures\" must be a list of class names, "
+                       f"like [\"LlamaForCausalLM\"]; got {json.dumps(archs)}")
     for arch in archs:
         if arch in BY_ARCHITECTURE:
             return BY_ARCHITECTURE[arch]

@@ -31,7 +31,7 @@ def calibration_blocks(source, tokenizer, n_tokens: int, seq_len: int, seed: int
     split of `source` (a file, folder or bundled corpus name, as `--data` takes it)."""
     if n_tokens < 1:
         raise GQAError(f"--calib-tokens must be >= 1, got {n_tokens}")
-    data = prepare(source, tokenizer, seq_len)
+    data = prepare(source, tokenizer, seq_len, length_option="--calib-seq-len")
     needed = math.ceil(n_tokens / seq_len)
     if len(data.train) < needed:
         raise GQAError(f"{source} holds {len(data.train) * seq_len:,} calibration tokens (its training split, in "
