@@ -8,9 +8,10 @@ On the GPU machine (see DEVELOPERS.md), from the repository root:
     python scripts/gpu_acceptance.py --out docs/results/gpu --dry-run                        # CPU, tiny: CI
 
 Each part is a list of real commands (gqa verbs, pytest, the benchmarks) run in order; its outputs go to
-OUT/<part>/ with `part.json` (commands, exit codes, seconds, device, versions) written last, so a part whose
-`part.json` records success is skipped when the script runs again (a 10-minute call that ran out resumes
-with the next part). `--force` reruns the named parts. OUT/README.md indexes what has run.
+OUT/<part>/ with `part.json` (commands, exit codes, seconds, device, versions, a digest of the code) written
+last, so a part whose `part.json` records success with the same code (and not as a dry run) is skipped when
+the script runs again (a 10-minute call that ran out resumes with the next part). `--force` reruns the
+named parts. OUT/README.md indexes what has run.
 `--dry-run` runs every part at toy sizes on the CPU: it checks that the commands still work, not speed.
 """
 
@@ -50,6 +51,17 @@ def parts(out: Path, dry: bool) -> dict[str, list[list[str]]]:
     }
 
 
+def code_digest() -> str:
+    """A digest of the code the parts run (src, benchmarks, scripts, tests): a part done by other code is redone."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for folder in ("src", "benchmarks", "scripts", "tests"):
+        for file in sorted((ROOT / folder).rglob("*.py")):
+            h.update(str(file.relative_to(ROOT)).encode() + b"\0" + file.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def environment() -> dict:
     import torch
 
@@ -62,7 +74,7 @@ def run_part(name: str, commands: list[list[str]], out: Path, dry: bool) -> dict
 
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
-    record = {"part": name, "dry_run": dry, **environment(), "commands": []}
+    record = {"part": name, "dry_run": dry, "code": code_digest(), **environment(), "commands": []}
     for command in commands:
         line = " ".join(shlex.quote(c) for c in command).replace(sys.executable, "python")
         print(f"[{name}] $ {line}", flush=True)
@@ -119,9 +131,15 @@ def main() -> int:
         if done.is_file() and not args.force:
             from gqa.jsonfiles import read_json
 
-            if read_json(done)["ok"]:
+            before = read_json(done)
+            if before["ok"] and before["dry_run"] == args.dry_run and before.get("code") == code_digest():
                 print(f"[{name}] done before; skipped (--force reruns it)")
                 continue
+            if before["ok"]:  # done by other code, or as a dry run: its results would not be this run's
+                why = "by other code" if before.get("code") != code_digest() else \
+                    "as a dry run" if before["dry_run"] else "for real (this is a dry run)"
+                print(f"[{name}] done before {why}; running it again")
+                (done.parent / "log.txt").unlink(missing_ok=True)
         if not run_part(name, plan[name], out, args.dry_run)["ok"]:
             failed.append(name)
         index(out)

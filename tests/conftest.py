@@ -1,4 +1,5 @@
 import os
+import re
 import sys
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -58,7 +59,9 @@ def user_error(capsys, argv, message):
     out, err = capsys.readouterr()
     assert code == 2, (out, err)
     # a progress bar (tqdm, on stderr) may precede the error when the mistake shows only while working
-    lines = [line for line in err.splitlines() if line.strip() and "%|" not in line.split("\r")[-1]]
+    # (a nested bar that clears itself leaves only cursor-movement escapes on its line)
+    lines = [line for line in err.splitlines()
+             if re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", line).strip() and "%|" not in line.split("\r")[-1]]
     assert len(lines) == 1 and lines[0].startswith("gqa: error:") and "Traceback" not in err, err
     assert message in lines[0], err
     return lines[0]

@@ -84,8 +84,9 @@ TEXT = (
 ) * 20
 
 
-def train_tokenizer():
-    """A byte-level BPE with VOCAB - 8 entries, wrapped as a transformers fast tokenizer."""
+def train_tokenizer(text: str = TEXT):
+    """A byte-level BPE with at most VOCAB - 8 entries, learned from `text`, wrapped as a transformers fast
+    tokenizer (another text gives another tokenizer of the same kind)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -94,7 +95,7 @@ def train_tokenizer():
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB - 8, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train_from_iterator([TEXT], trainer)
+    tok.train_from_iterator([text], trainer)
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
 
 

@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import user_error
-from families import TEXT, build, save
+from families import TEXT, build, save, train_tokenizer
 from safetensors.torch import load_file, save_file
 
 import gqa
 import gqa.checkpoints
+import gqa.checkpoints.gguf
 import gqa.checkpoints.tokenizer
 import gqa.demo  # noqa: F401  imported before the cases patch `load`, so that they keep the real one
 import gqa.experiments  # noqa: F401
@@ -46,6 +47,20 @@ def world(tmp_path_factory, tokenizer):
     from gqa.checkpoints.gguf import packaged_smollm2
 
     (root / "trunc.gguf").write_bytes(packaged_smollm2().read_bytes()[:100])
+    other = train_tokenizer("Zebras and quokkas play the xylophone in Zanzibar. " * 40 + TEXT[:200])
+    save(build("llama", seed=3), root / "other-tokenizer", other)  # same vocabulary size, another tokenizer
+    save(build("llama", max_position_embeddings=512), root / "long", tokenizer)  # the model: 512 positions
+    (root / "short.txt").write_text("A few words only.")
+    (root / "a-folder").mkdir()
+    for name, config in (("config-list", [1, 2, 3]), ("config-null", None)):
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(json.dumps(config))
+    shutil.copytree(root / "model", root / "arch-string")
+    config = json.loads((root / "arch-string" / "config.json").read_text())
+    (root / "arch-string" / "config.json").write_text(json.dumps({**config, "architectures": "LlamaForCausalLM"}))
+    per_layer = gqa.convert(root / "model", root.parent / "per-layer", n_kv_heads_per_layer=[4, 2], progress=False)
+    assert per_layer["architecture"] == "GQAForCausalLM"
+    gqa.checkpoints.gguf.write_gguf(gqa.load(root.parent / "per-layer"), root / "deci.gguf")
     return root
 
 
@@ -145,6 +160,65 @@ CASES = {
                                               "--out", "{w}/b"], "is more than cpu memory has available now", True),
     "bench-capacity-weights-fill-budget": (["bench", "capacity", "--device", "cpu", "--memory-gb", "0.5",
                                             "--out", "{w}/b"], "weights alone take", True),
+    # references and teachers must read text as the model does (not just have as many tokens)
+    "eval-reference-other-tokenizer": (["eval", "{w}/model", "--data", "{w}/text.txt", "--reference",
+                                        "{w}/other-tokenizer"], "does not share the tokenizer of", False),
+    "uptrain-teacher-other-tokenizer": (["uptrain", "{w}/model", "{w}/o", "--data", "{w}/text.txt", "--steps", "1",
+                                         "--teacher", "{w}/other-tokenizer"], "its vocabulary differs in", False),
+    "eval-reference-without-tokenizer": (["eval", "{w}/model", "--data", "{w}/text.txt", "--reference",
+                                          "{w}/no-tokenizer"], "has no tokenizer files, so gqa cannot check", False),
+    "uptrain-teacher-fewer-positions": (["uptrain", "{w}/long", "{w}/o", "--data", "{w}/text.txt", "--steps", "1",
+                                         "--seq-len", "256", "--teacher", "{w}/model"],
+                                        "windows of 256 tokens (--seq-len) exceed the teacher's 128 positions", True),
+    "eval-reference-fewer-positions": (["eval", "{w}/long", "--data", "{w}/text.txt", "--reference", "{w}/model"],
+                                       "windows of 512 tokens (--seq-len) exceed the reference's 128 positions", True),
+    # calibration: the checks of eval and uptrain apply to it too
+    "convert-aligned-tokenizer-beyond-vocab": (["convert", "{w}/small-vocab", "{w}/o", "--kv-heads", "2", "--method",
+                                                "aligned", "--calib", "{w}/text.txt", "--calib-tokens", "256",
+                                                "--calib-seq-len", "32"], "but the model's vocabulary has 100", False),
+    "convert-budget-tokenizer-beyond-vocab": (["convert", "{w}/small-vocab", "{w}/o", "--kv-budget", "0.5",
+                                               "--calib", "{w}/text.txt", "--calib-tokens", "256", "--calib-seq-len",
+                                               "32"], "but the model's vocabulary has 100", False),
+    "convert-transfer-tokenizer-beyond-vocab": (["convert", "{w}/small-vocab", "{w}/o", "--kv-heads", "2",
+                                                 "--transfer-steps", "5", "--calib", "{w}/text.txt", "--calib-tokens",
+                                                 "256", "--calib-seq-len", "32"], "vocabulary has 100 entries", False),
+    "convert-calib-text-too-short": (["convert", "{w}/model", "{w}/o", "--kv-heads", "2", "--method", "aligned",
+                                      "--calib", "{w}/short.txt", "--calib-seq-len", "32"],
+                                     "give more text or a smaller --calib-seq-len", False),
+    "convert-transfer-nan-weights-new-parent": (["convert", "{w}/nan-model", "{w}/new/nested/o", "--kv-heads", "2",
+                                                 "--transfer-steps", "2", "--calib", "{w}/text.txt", "--calib-tokens",
+                                                 "256", "--calib-seq-len", "32"], "holds NaN or Inf", False),
+    # options that would do nothing in the combination given
+    "convert-calib-with-mean": (["convert", "{w}/model", "{w}/o", "--kv-heads", "2", "--calib", "{w}/text.txt"],
+                                "--method mean merges from the weights alone: drop --calib", True),
+    "convert-calib-tokens-without-calib": (["convert", "{w}/model", "{w}/o", "--kv-heads", "2", "--calib-tokens",
+                                            "512"], "--calib-tokens sets the calibration, but no --calib", True),
+    "convert-transfer-inputs-without-steps": (["convert", "{w}/model", "{w}/o", "--kv-heads", "2", "--method",
+                                               "aligned", "--calib", "{w}/text.txt", "--transfer-inputs", "converted"],
+                                              "--transfer-inputs sets the layer-wise transfer, which runs only", True),
+    "convert-transfer-lr-without-steps": (["convert", "{w}/model", "{w}/o", "--kv-heads", "2", "--transfer-lr", "0.1"],
+                                          "--transfer-lr sets the layer-wise transfer", True),
+    "convert-grouping-with-mean": (["convert", "{w}/model", "{w}/o", "--kv-heads", "2", "--grouping", "contiguous"],
+                                   "--grouping chooses the groups of --method aligned", True),
+    "uptrain-distill-weight-without-teacher": (["uptrain", "{w}/model", "{w}/o", "--data", "{w}/text.txt", "--steps",
+                                                "1", "--distill-weight", "1"], "which needs a --teacher", True),
+    "generate-top-p-greedy": (["generate", "{w}/model", "--prompt", "hi", "--top-p", "0.9"],
+                              "top-p shapes sampling, but temperature 0 decodes greedily", True),
+    "generate-top-k-top-p-greedy": (["generate", "{w}/model", "--prompt", "hi", "--top-k", "5", "--top-p", "0.9"],
+                                    "top-k and top-p shape sampling", True),
+    # GGUF: one atomic writer, and a tokenizer that fits the model
+    "export-gguf-tokenizer-beyond-vocab": (["export", "{w}/small-vocab", "{w}/o.gguf", "--format", "gguf"],
+                                           "has token ids up to 311, but the model's vocabulary has 100", True),
+    "export-gguf-onto-a-folder": (["export", "{w}/model", "{w}/a-folder", "--format", "gguf", "--overwrite"],
+                                  "a-folder is a folder; give the name of the file to write", True),
+    "import-gguf-deci": (["import-gguf", "{w}/deci.gguf", "{w}/gguf-out"], "holds llama.cpp's `deci` architecture",
+                         True),
+    # configs that are JSON but not configs
+    "info-config-list": (["info", "{w}/config-list"], "config.json holds a JSON list, not an object", True),
+    "info-config-null": (["info", "{w}/config-null"], "config.json holds a JSON null, not an object", True),
+    "info-architectures-string": (["info", "{w}/arch-string"],
+                                  '"architectures" must be a list of class names, like ["LlamaForCausalLM"]; got '
+                                  '"LlamaForCausalLM"', True),
     # argparse itself: the verb named once
     "convert-argparse": (["convert", "{w}/model"], "gqa: error: convert: the following arguments are required", True),
 }
@@ -226,6 +300,28 @@ gqa.convert({str(world / 'model')!r}, {str(dest)!r}, n_kv_heads=1, progress=Fals
     assert [p.name.startswith(".dest.partial-") for p in tmp_path.iterdir()] == [True]
     gqa.convert(world / "model", dest, n_kv_heads=1, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dest"]
+
+
+def test_killed_gguf_export_is_cleaned_up_by_the_next(world, tmp_path, capsys):
+    """GGUF goes through the same atomic writer as folders: a uniquely named partial beside the file, which
+    the next export of that file removes (saying so); a new parent folder is created."""
+    dest = tmp_path / "new" / "parent" / "m.gguf"
+    script = f"""
+import os, signal
+import gguf
+def killed(self, *args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+gguf.GGUFWriter.write_tensors_to_file = killed
+from gqa.cli import main
+main(["export", {str(world / 'model')!r}, {str(dest)!r}, "--format", "gguf"])
+"""
+    assert subprocess.run([sys.executable, "-c", script]).returncode == -signal.SIGKILL
+    [partial] = dest.parent.iterdir()
+    assert partial.name.startswith(".m.gguf.partial-") and partial.is_dir()
+    assert main(["export", str(world / "model"), str(dest), "--format", "gguf"]) == 0
+    assert f"removed {partial} (" in capsys.readouterr().err
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["m.gguf"]
+    assert dest.read_bytes()[:4] == b"GGUF"
 
 
 def test_uptrain_killed_before_its_first_checkpoint_starts_again(world, tmp_path, capsys):

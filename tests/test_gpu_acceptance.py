@@ -34,6 +34,12 @@ def test_dry_run_writes_each_part_and_resumes(tmp_path):
     assert "| [decode](decode/) | ok (dry run) |" in readme and "| paper | not yet |" in readme
     again = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0 and again.stdout.count("done before; skipped") == 4
+    # a part done by other code (or as a dry run, when the real one is asked for) is not taken as done
+    record = json.loads((tmp_path / "versions" / "part.json").read_text())
+    (tmp_path / "versions" / "part.json").write_text(json.dumps({**record, "code": "other"}))
+    redo = subprocess.run([*argv[:-1], "versions"], cwd=ROOT, capture_output=True, text=True)
+    assert redo.returncode == 0 and "[versions] done before by other code; running it again" in redo.stdout
+    assert json.loads((tmp_path / "versions" / "part.json").read_text())["code"] == record["code"]
 
 
 def test_unknown_part_is_refused(tmp_path):

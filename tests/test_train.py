@@ -204,3 +204,43 @@ def test_training_errors(pretrained, corpus, tmp_path, capsys):
     user_error(capsys, ["uptrain", pretrained, tmp_path / "o2", "--data", short, "--steps", "1"], "too little")
     with pytest.raises(GQAError, match="--steps must be >= 1"):
         plan_steps(TrainConfig(data=str(corpus), out=str(tmp_path / "x"), seq_len=32, steps=0))
+
+
+# --------------------------------------------------------------------------------------------- resume checks
+
+def test_resume_refuses_a_checkpoint_trained_from_other_inputs(pretrained, corpus, tmp_path, capsys):
+    """A checkpoint records what it was trained from; --resume with other data, another starting model (its
+    weights replaced in place) or other data-defining settings is refused, and OUT is left as it was."""
+    out = tmp_path / "run"
+    run_cli("uptrain", pretrained, out, "--data", corpus, "--steps", "4", "--save-every", "2", *TRAIN)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    other = tmp_path / "other.txt"
+    other.write_text(corpus.read_text().replace("fox", "cat"))
+    base = ["uptrain", pretrained, out, "--steps", "4", "--save-every", "2", *TRAIN, "--resume"]
+    user_error(capsys, [*base, "--data", other], "was trained from another data (its tokens) than this run is given")
+    user_error(capsys, [*base, "--data", corpus, "--seed", "1"], "was trained from another settings (--seq-len")
+    moved = tmp_path / "new-weights"
+    moved.mkdir()
+    for f in Path(pretrained).iterdir():
+        if f.is_file():
+            (moved / f.name).write_bytes(f.read_bytes())
+    weights = load_file(str(moved / "model.safetensors"))
+    weights["tok_embeddings.weight"][0, 0] += 1.0
+    from safetensors.torch import save_file
+
+    save_file(weights, str(moved / "model.safetensors"), metadata={"format": "pt"})
+    user_error(capsys, ["uptrain", moved, *base[2:], "--data", corpus], "another starting model (its weights)")
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_resume_takes_this_commands_learning_rate(pretrained, corpus, tmp_path):
+    """`--resume --lr X` (what the divergence message suggests) trains on at X; the rest resumes exactly."""
+    out = tmp_path / "run"
+    args = ["uptrain", pretrained, out, "--data", corpus, "--steps", "6", "--save-every", "3", *TRAIN]
+    run_cli(*args)
+    first = [json.loads(line) for line in (out / "train" / "log.jsonl").read_text().splitlines()]
+    (out / "config.json").unlink()  # as if killed after step 3's checkpoint... the log is cut back to it
+    run_cli(*args, "--resume", "--lr", "1e-4")
+    log = [json.loads(line) for line in (out / "train" / "log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in log[1:4]] == [r["lr"] for r in first[1:4]]  # steps 1-3: the first run's
+    assert [r["lr"] for r in log[4:]] == pytest.approx([r["lr"] * 1e-4 / 2e-3 for r in first[4:]], rel=1e-9)
