@@ -206,6 +206,11 @@ CASES = {
                               "top-p shapes sampling, but temperature 0 decodes greedily", True),
     "generate-top-k-top-p-greedy": (["generate", "{w}/model", "--prompt", "hi", "--top-k", "5", "--top-p", "0.9"],
                                     "top-k and top-p shape sampling", True),
+    "bench-decode-memory-gb": (["bench", "decode", "--quick", "--device", "cpu", "--memory-gb", "8"],
+                               "--memory-gb is an option of `gqa bench capacity`; `gqa bench decode` does not use it",
+                               True),
+    "bench-capacity-peers": (["bench", "capacity", "--quick", "--device", "cpu", "--peers", "plain"],
+                             "--peers is an option of `gqa bench generate`", True),
     # GGUF: one atomic writer, and a tokenizer that fits the model
     "export-gguf-tokenizer-beyond-vocab": (["export", "{w}/small-vocab", "{w}/o.gguf", "--format", "gguf"],
                                            "has token ids up to 311, but the model's vocabulary has 100", True),

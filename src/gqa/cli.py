@@ -377,6 +377,12 @@ def cmd_bench(args) -> None:
     from . import bench
     from .checkpoints import parse_dtype
 
+    for option, value, used_by in (("--memory-gb", args.memory_gb, "capacity"), ("--context", args.context, "capacity"),
+                                   ("--peers", args.peers, "generate")):
+        if value is not None and args.what != used_by:
+            raise GQAError(f"{option} is an option of `gqa bench {used_by}`; `gqa bench {args.what}` does not use it")
+    args.memory_gb = 60.0 if args.memory_gb is None else args.memory_gb
+    args.context = 4096 if args.context is None else args.context
     device = pick_device(args.device)
     dtype = parse_dtype(args.dtype) or torch.bfloat16
     out = args.out or f"gqa-bench-{args.what}"
@@ -593,8 +599,9 @@ def add_run_verbs(sub) -> None:
     p.add_argument("--quick", action="store_true", help="a tiny grid (checks the harness, not the speed)")
     p.add_argument("--dtype", default=None, help="bfloat16 (default) or float16")
     p.add_argument("--device", default=None)
-    p.add_argument("--memory-gb", type=POSITIVE, default=60.0, help="capacity: memory budget for weights + cache")
-    p.add_argument("--context", type=COUNT, default=4096, help="capacity: tokens per sequence")
+    p.add_argument("--memory-gb", type=POSITIVE, default=None,
+                   help="capacity: memory budget for weights + cache (default 60)")
+    p.add_argument("--context", type=COUNT, default=None, help="capacity: tokens per sequence (default 4096)")
     p.add_argument("--peers", default=None,
                    help="generate: comma-separated peers beside ours (default all: transformers,plain,plain-gqa)")
     p.set_defaults(func=cmd_bench)
