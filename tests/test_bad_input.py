@@ -58,9 +58,9 @@ def world(tmp_path_factory, tokenizer):
     shutil.copytree(root / "model", root / "arch-string")
     config = json.loads((root / "arch-string" / "config.json").read_text())
     (root / "arch-string" / "config.json").write_text(json.dumps({**config, "architectures": "LlamaForCausalLM"}))
-    per_layer = gqa.convert(root / "model", root.parent / "per-layer", n_kv_heads_per_layer=[4, 2], progress=False)
+    per_layer = gqa.convert(root / "model", root / "per-layer-native", n_kv_heads_per_layer=[4, 2], progress=False)
     assert per_layer["architecture"] == "GQAForCausalLM"
-    gqa.checkpoints.gguf.write_gguf(gqa.load(root.parent / "per-layer"), root / "deci.gguf")
+    gqa.checkpoints.gguf.write_gguf(gqa.load(root / "per-layer-native"), root / "deci.gguf")
     return root
 
 
@@ -211,6 +211,11 @@ CASES = {
                                True),
     "bench-capacity-peers": (["bench", "capacity", "--quick", "--device", "cpu", "--peers", "plain"],
                              "--peers is an option of `gqa bench generate`", True),
+    "bench-serve-gqa-format": (["bench", "serve", "{w}/per-layer-native"],
+                               "per-layer-native: gqa's own format (no HF architecture holds", True),
+    "bench-serve-no-models": (["bench", "serve"], "bench serve: give the model folders to compare", True),
+    "bench-serve-bad-points": (["bench", "serve", "{w}/model", "--points", "8by2048"],
+                               "--points takes CONCURRENCYxCONTEXT pairs like 8x2048, got '8by2048'", True),
     # GGUF: one atomic writer, and a tokenizer that fits the model
     "export-gguf-tokenizer-beyond-vocab": (["export", "{w}/small-vocab", "{w}/o.gguf", "--format", "gguf"],
                                            "has token ids up to 311, but the model's vocabulary has 100", True),
@@ -305,6 +310,19 @@ gqa.convert({str(world / 'model')!r}, {str(dest)!r}, n_kv_heads=1, progress=Fals
     assert [p.name.startswith(".dest.partial-") for p in tmp_path.iterdir()] == [True]
     gqa.convert(world / "model", dest, n_kv_heads=1, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dest"]
+
+
+def test_serving_without_vllm_says_what_to_install(world, tmp_path, capsys, monkeypatch):
+    from gqa.runtimes import vllm_runtime
+
+    monkeypatch.delenv("GQA_VLLM_PYTHON", raising=False)
+    monkeypatch.setattr(vllm_runtime, "DEFAULT_ENV", tmp_path / "no-vllm-here")
+    monkeypatch.setattr(vllm_runtime.importlib.util, "find_spec", lambda name: None)
+    argv = ["bench", "serve", world / "model", "--out", tmp_path / "out"]
+    user_error(capsys, argv, "vLLM is not installed: bash scripts/setup.sh installs vLLM's CPU build into")
+    monkeypatch.setenv("GQA_VLLM_PYTHON", str(tmp_path / "python-nowhere"))
+    user_error(capsys, argv, "python-nowhere is not a file")
+    assert not (tmp_path / "out").exists()
 
 
 def test_killed_gguf_export_is_cleaned_up_by_the_next(world, tmp_path, capsys):

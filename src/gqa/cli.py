@@ -378,9 +378,14 @@ def cmd_bench(args) -> None:
     from .checkpoints import parse_dtype
 
     for option, value, used_by in (("--memory-gb", args.memory_gb, "capacity"), ("--context", args.context, "capacity"),
-                                   ("--peers", args.peers, "generate")):
+                                   ("--peers", args.peers, "generate"), ("--kv-cache-gb", args.kv_cache_gb, "serve"),
+                                   ("--points", args.points, "serve"), ("--rounds", args.rounds, "serve"),
+                                   ("--new-tokens", args.new_tokens, "serve"), ("MODEL", args.models or None, "serve"),
+                                   ("--enforce-eager", args.enforce_eager or None, "serve")):
         if value is not None and args.what != used_by:
             raise GQAError(f"{option} is an option of `gqa bench {used_by}`; `gqa bench {args.what}` does not use it")
+    if args.what == "serve":
+        return bench_serve_cmd(args, args.out or "gqa-bench-serve")
     args.memory_gb = 60.0 if args.memory_gb is None else args.memory_gb
     args.context = 4096 if args.context is None else args.context
     device = pick_device(args.device)
@@ -437,6 +442,34 @@ def bench_capacity_cmd(args, out, device, dtype, grid) -> None:
         speed = f"{r['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in r else "-"
         print(f"G={r['kv_heads']:<3} {r['max_sequences']:>6} sequences of {args.context} tokens  {speed}")
     print(f"wrote {out / 'bench_capacity.json'}")
+
+
+def bench_serve_cmd(args, out: str) -> None:
+    from .runtimes.vllm_runtime import check_servable, vllm_python
+    from .serving import bench_serve, parse_points, table
+
+    if not args.models:
+        raise GQAError("bench serve: give the model folders to compare, the source first (e.g. a model and its "
+                       "conversions)")
+    if args.device or args.quick:
+        raise GQAError("bench serve runs where vLLM runs (its CPU build here, CUDA where vLLM has it); "
+                       "--device and --quick do not apply")
+    points = parse_points(args.points or "1x2048,8x2048,4x8192")
+    for model in args.models:
+        model_config(model)
+        check_servable(model)
+    vllm_python()  # installed? (one line saying what to install, before anything is written)
+    check_out(out, True)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    result = bench_serve(args.models, points=points, kv_cache_gb=args.kv_cache_gb or 2.0,
+                         new_tokens=args.new_tokens or 32, rounds=args.rounds or 5, dtype=args.dtype or "float32",
+                         enforce_eager=args.enforce_eager, log=Path(out) / "vllm.log")
+    result["command"] = invoked_as("gqa bench serve " + " ".join(args.models))
+    out = write_result(result, out, "bench_serve.json")
+    if args.json:
+        return print_json(result["summary"])
+    print(table(result["summary"]))
+    print(f"wrote {out / 'bench_serve.json'} (vLLM {result['versions']['vllm']}; its log: {out / 'vllm.log'})")
 
 
 def cmd_experiment(args) -> None:
@@ -592,8 +625,11 @@ def add_train_verbs(sub) -> None:
 
 
 def add_run_verbs(sub) -> None:
-    p = sub.add_parser("bench", help="speed benchmarks with the baselines in the same run: decode, generate, capacity")
-    p.add_argument("what", choices=["decode", "generate", "capacity"])
+    p = sub.add_parser("bench", help="speed benchmarks with the baselines in the same run: decode, generate, "
+                                     "capacity, and serve (in vLLM's engine)")
+    p.add_argument("what", choices=["decode", "generate", "capacity", "serve"])
+    p.add_argument("models", nargs="*", metavar="MODEL",
+                   help="serve: model folders, the source first (its conversions after it)")
     p.add_argument("--out", default=None, help="output folder (default: ./gqa-bench-WHAT)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quick", action="store_true", help="a tiny grid (checks the harness, not the speed)")
@@ -604,6 +640,12 @@ def add_run_verbs(sub) -> None:
     p.add_argument("--context", type=COUNT, default=None, help="capacity: tokens per sequence (default 4096)")
     p.add_argument("--peers", default=None,
                    help="generate: comma-separated peers beside ours (default all: transformers,plain,plain-gqa)")
+    p.add_argument("--kv-cache-gb", type=POSITIVE, default=None, help="serve: vLLM's KV-cache memory (default 2)")
+    p.add_argument("--points", default=None,
+                   help="serve: CONCURRENCYxCONTEXT points (default 1x2048,8x2048,4x8192)")
+    p.add_argument("--new-tokens", type=integer(2), default=None, help="serve: tokens generated per request (default 32)")
+    p.add_argument("--rounds", type=COUNT, default=None, help="serve: timed rounds per point (default 5)")
+    p.add_argument("--enforce-eager", action="store_true", help="serve: vLLM without torch.compile (starts faster)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("experiment", help="the GQA paper's experiments at small scale (sized for one H100 run)")

@@ -19,6 +19,7 @@ import torch
 
 from ..errors import GQAError
 from ..model import ModelConfig, Transformer
+from ..runtimes import write_remote_code
 from ..version import __version__
 from . import files
 from .families import BY_ARCHITECTURE, MQA_FORM, PER_LAYER, Family, family_for, stack_heads
@@ -239,6 +240,7 @@ def save(
         writer.close()
         files.write_json(tmp / "config.json", config)
         files.copy_tokenizer(model.source_dir, tmp)
+        write_remote_code(family, tmp)
         for name, obj in (extra_files or {}).items():
             files.write_json(tmp / name, obj)
     return Path(dest)
@@ -248,7 +250,10 @@ SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
-    """What `gqa info` prints: architecture, heads per layer, parameters, KV bytes per token. Reads no weights."""
+    """What `gqa info` prints: architecture, heads per layer, parameters, KV bytes per token, whether vLLM
+    serves it. Reads no weights."""
+    from ..runtimes.vllm_runtime import vllm_support
+
     config, family, hf = read_model_config(path)
     check_layout(path, config, family)
     shapes = files.tensor_shapes(path)
@@ -279,6 +284,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         "kv_bytes_per_token": kv,
         "kv_bytes_per_token_if_mha": mha,
         "kv_reduction": mha / kv,
+        "vllm": vllm_support(path, hf, family),
     }
 
 

@@ -118,6 +118,8 @@ class Family:
     ignore: tuple[str, ...] = ()  # regexes of HF buffers that carry no weights
     refuse: tuple[tuple[Callable[[dict], bool], str], ...] = ()  # (config.json -> unsupported?, why)
     write_extra: Callable[[ModelConfig, dict, dict], None] | None = None  # config.json fields beyond `config`
+    remote_code: tuple[str, ...] = ()  # gqa's modules (gqa/runtimes/NAME/) a runtime loads with trust_remote_code
+    vllm_refuse: tuple[tuple[Callable[[dict], bool], str], ...] = ()  # (config.json -> vLLM cannot load it?, why)
 
     def __post_init__(self) -> None:
         self.rules = [(template_regex(r[0]), r[0], r[1], template_regex(r[1]), r[2] if len(r) > 2 else None)
@@ -452,6 +454,8 @@ STABLELM = Family(
                                   write=lambda v, base: v == "parallel_shared"),
                         qk_norm=Key("qk_layernorm", None, read=lambda on: "layer_per_head" if on else None,
                                     write=lambda v, base: v is not None)),
+    vllm_refuse=((lambda hf: hf.get("qk_layernorm", False), "vLLM's StableLM has no per-head q/k LayerNorm"),
+                 (lambda hf: hf.get("use_parallel_residual", False), "vLLM's StableLM has no parallel residual")),
 )
 GPTJ = Family(
     name="gptj", architectures=("GPTJForCausalLM",), model_type="gptj", rope=Rope(style="gptj", layout="interleaved"),
@@ -691,7 +695,7 @@ class DeciLMFamily(Family):
         out = LLAMA.to_hf_config(replace(config, n_kv_heads=[config.n_heads] * config.n_layers), base)
         for key in ("num_key_value_heads", "intermediate_size", "auto_map"):  # auto_map names remote code not ours
             out.pop(key, None)
-        out.update(architectures=["DeciLMForCausalLM"], model_type="nemotron-nas", block_configs=[
+        out.update(architectures=["DeciLMForCausalLM"], model_type="nemotron-nas", auto_map=DECILM_AUTO_MAP, block_configs=[
             {"attention": {"n_heads_in_group": config.n_heads // g, "no_op": False, "replace_with_linear": False},
              "ffn": {"ffn_mult": ffn_mult, "no_op": False, "replace_with_linear": False}}
             for g in config.n_kv_heads])
@@ -717,8 +721,12 @@ class DeciLMFamily(Family):
         return next((reason for ok, reason in checks if not ok), None)
 
 
+# neither transformers nor vLLM ships a config class for nemotron-nas (nor transformers a model): gqa's own
+DECILM_AUTO_MAP = {"AutoConfig": "configuration_decilm.DeciLMConfig",
+                   "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM"}
 DECILM = DeciLMFamily(name="decilm", architectures=("DeciLMForCausalLM",), model_type="nemotron-nas",
-                      tensors=LLAMA_RULES, config={}, ignore=LLAMA_BUFFERS, kv_heads="block_configs")
+                      tensors=LLAMA_RULES, config={}, ignore=LLAMA_BUFFERS, kv_heads="block_configs",
+                      remote_code=("configuration_decilm.py", "modeling_decilm.py"))
 
 # ------------------------------------------------------------------------------------------------ index
 

@@ -35,6 +35,7 @@ from ..errors import GQAError, warn
 from ..fingerprint import digest, tensors_digest
 from ..jsonfiles import read_json, write_json
 from ..model import ModelConfig
+from ..runtimes import write_remote_code
 from ..version import __version__
 from . import aligned, budget, pooling
 from .calibration import Stream, build_block, calibration_blocks
@@ -203,6 +204,7 @@ def convert(
             raise
         report = conversion_report(job, new_config, out_family, counts, layers, budget_record, start)
         files.copy_tokenizer(src, tmp)
+        write_remote_code(out_family, tmp)
         files.write_json(tmp / "conversion.json", report)
         files.write_json(tmp / "config.json", config_json(new_config, job.source_hf, out_family, job.dtype))
     if state_dir:
