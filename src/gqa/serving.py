@@ -68,32 +68,43 @@ def spread(values: list[float]) -> dict:
 
 
 def summarize(result: dict, dtype: str) -> dict:
-    """Per model: capacity, largest concurrency at 2k / 8k, and per point the decode speed with its spread,
-    each next to the first model's (the source): realised speed-up and KV-bytes ratio."""
+    """Per model: capacity, largest concurrency at 2k / 8k; per point, the decode speed (time per output token,
+    of the request that started decoding last) and the end-to-end rate of the whole batch (output tokens
+    over the round's wall time, prefill included), each with its spread and next to the first model's (the
+    source): realised speed-ups beside the KV-bytes ratio. Decode rates are given only where every request
+    of the point fits in the cache at once: beyond that vLLM queues the rest, and the last request decodes
+    beside fewer others."""
     models = result["models"]
     source = models[0]["model"]
     kv = {m["model"]: kv_bytes_per_token(m["model"], dtype) for m in models}
+    blocks = {m["model"]: m["kv_blocks"] for m in models}
+    block_size = {m["model"]: m["block_size"] for m in models}
     rows = []
     for m in models:
-        blocks_per_sequence = {ctx: math.ceil(ctx / m["block_size"]) for ctx in CONTEXTS}
         rows.append({"model": m["model"], "kv_bytes_per_token": kv[m["model"]], "kv_tokens": m["kv_tokens"],
                      "capacity_vs_source": m["kv_tokens"] / models[0]["kv_tokens"],
                      "kv_bytes_ratio_vs_source": kv[source] / kv[m["model"]],
-                     "max_concurrency": {str(ctx): m["kv_blocks"] // n for ctx, n in blocks_per_sequence.items()},
+                     "max_concurrency": {str(ctx): m["kv_blocks"] // math.ceil(ctx / m["block_size"]) for ctx in CONTEXTS},
                      "start_seconds": m["start_seconds"]})
     points = []
     for p in result["points"]:
-        tpot = {path: [r["tpot_s"] for r in rounds] for path, rounds in p["rounds"].items()}
+        rounds = p["rounds"]
+        tpot = {path: statistics.median(r["tpot_s"] for r in rs) for path, rs in rounds.items()}
+        wall = {path: statistics.median(r["wall_s"] for r in rs) for path, rs in rounds.items()}
         entry = {"concurrency": p["concurrency"], "context": p["context"], "new_tokens": p["new_tokens"], "models": {}}
-        for path, values in tpot.items():
-            median = statistics.median(values)
+        for path, rs in rounds.items():
+            fits = p["concurrency"] <= blocks[path] // math.ceil(p["context"] / block_size[path])
+            both_fit = fits and p["concurrency"] <= blocks[source] // math.ceil(p["context"] / block_size[source])
             entry["models"][path] = {
-                "tpot_ms": spread([v * 1e3 for v in values]),
-                "output_tokens_per_s": p["concurrency"] / median,
-                "speedup_vs_source": statistics.median(tpot[source]) / median,
+                "fits": fits,
+                "tpot_ms": spread([r["tpot_s"] * 1e3 for r in rs]),
+                "decode_tokens_per_s": p["concurrency"] / tpot[path] if fits else None,
+                "decode_speedup_vs_source": tpot[source] / tpot[path] if both_fit else None,
+                "wall_s": spread([r["wall_s"] for r in rs]),
+                "end_to_end_tokens_per_s": p["concurrency"] * p["new_tokens"] / wall[path],
+                "end_to_end_speedup_vs_source": wall[source] / wall[path],
                 "kv_bytes_ratio_vs_source": kv[source] / kv[path],
-                "wall_s": spread([r["wall_s"] for r in p["rounds"][path]]),
-                "preemptions": sum(r["preemptions"] for r in p["rounds"][path]),
+                "preemptions": sum(r["preemptions"] for r in rs),
             }
         points.append(entry)
     return {"models": rows, "points": points}
@@ -124,12 +135,16 @@ def table(summary: dict, names: dict[str, str] | None = None) -> str:
         lines.append(f"| {name(m['model'])} | {m['kv_bytes_per_token']:,} | {m['kv_tokens']:,} | "
                      f"{m['capacity_vs_source']:.2f} | {m['kv_bytes_ratio_vs_source']:.2f} | "
                      f"{m['max_concurrency']['2048']} | {m['max_concurrency']['8192']} |")
-    lines += ["", "| concurrency × context | model | time per output token, ms (median, range) | output tok/s | "
-              "speed-up vs source | KV-bytes ratio |", "|---|---|---|---|---|---|"]
+    lines += ["", "| concurrency × context | model | all at once | time per output token, ms: median (range) | "
+              "decode tok/s | decode speed-up | batch wall s: median (range) | end-to-end tok/s | end-to-end "
+              "speed-up | KV-bytes ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
     for p in summary["points"]:
         for path, r in p["models"].items():
-            t = r["tpot_ms"]
-            lines.append(f"| {p['concurrency']} × {p['context']} | {name(path)} | {t['median']:.1f} "
-                         f"({t['min']:.1f}–{t['max']:.1f}) | {r['output_tokens_per_s']:.1f} | "
-                         f"{r['speedup_vs_source']:.2f} | {r['kv_bytes_ratio_vs_source']:.2f} |")
+            t, w = r["tpot_ms"], r["wall_s"]
+            decode = f"{r['decode_tokens_per_s']:.1f}" if r["decode_tokens_per_s"] else "—"
+            speedup = f"{r['decode_speedup_vs_source']:.2f}" if r["decode_speedup_vs_source"] else "—"
+            lines.append(f"| {p['concurrency']} × {p['context']} | {name(path)} | {'yes' if r['fits'] else 'no'} | "
+                         f"{t['median']:.1f} ({t['min']:.1f}–{t['max']:.1f}) | {decode} | {speedup} | "
+                         f"{w['median']:.1f} ({w['min']:.1f}–{w['max']:.1f}) | {r['end_to_end_tokens_per_s']:.1f} | "
+                         f"{r['end_to_end_speedup_vs_source']:.2f} | {r['kv_bytes_ratio_vs_source']:.2f} |")
     return "\n".join(lines)

@@ -82,12 +82,14 @@ def serve(job):
         start = time.perf_counter()
         engines[path] = engine(path, job["engine"])
         engines[path].start_seconds = time.perf_counter() - start
-    vocab = job["vocab_size"]
+    vocab, n = job["vocab_size"], job["new_tokens"]
+    pools = {}  # context -> prompts: a point takes the first `concurrency`, so points of one context share them
     points = []
     for concurrency, context in job["points"]:
-        n = job["new_tokens"]
-        prompts = [{"prompt_token_ids": [rng.randrange(16, vocab) for _ in range(context - n)]}
-                   for _ in range(concurrency)]
+        pool = pools.setdefault(context, [])
+        while len(pool) < concurrency:
+            pool.append({"prompt_token_ids": [rng.randrange(16, vocab) for _ in range(context - n)]})
+        prompts = pool[:concurrency]
         params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
         rounds = {path: [] for path in engines}
         for llm in engines.values():  # warm-up: fills the prefix cache, compiles what is compiled lazily
