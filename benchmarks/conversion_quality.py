@@ -70,8 +70,9 @@ def run(command: list[str], log: list[dict], name: str) -> dict:
 
 
 def plans(model: str, calib: str, calib_tokens: int, transfer_steps: int, uptrain_steps: int,
-          narrow_calib: str | None = None) -> list[tuple]:
-    """(name, kv description, conversion options or None for the original, uptrain source or None)."""
+          narrow_calib: str | None = None, joint: tuple[int, int] | None = None) -> list[tuple]:
+    """(name, kv description, conversion options or None for the original, uptrain source or None).
+    joint: (transfer steps, joint steps) of the recommended recipe's row, within the same CPU budget."""
     cal = ["--calib", calib, "--calib-tokens", str(calib_tokens)]
     targets = [("MQA", ["--kv-heads", "1"]), ("half KV bytes", ["--kv-budget", "0.5"])]
     if model == "demo":
@@ -84,8 +85,13 @@ def plans(model: str, calib: str, calib_tokens: int, transfer_steps: int, uptrai
         out.append((f"{tag}-aligned", label, [*target, "--method", "aligned", *cal], None))
         out.append((f"{tag}-aligned-transfer", label,
                     [*target, "--method", "aligned", *cal, "--transfer-steps", str(transfer_steps)], None))
+        if joint:
+            out.append((f"{tag}-aligned-transfer-joint", label,
+                        [*target, "--method", "aligned", *cal, "--transfer-steps", str(joint[0]),
+                         "--joint-steps", str(joint[1])], None))
     if uptrain_steps:
-        out.append((f"{out[3][0]}-uptrained", out[3][1], None, out[3][0]))
+        best = out[4] if joint else out[3]
+        out.append((f"{best[0]}-uptrained", best[1], None, best[0]))
     if narrow_calib:  # the same conversion calibrated on one source only: how far its fit carries to other text
         options = [*out[3][2]]
         options[options.index("--calib") + 1] = narrow_calib
@@ -138,6 +144,7 @@ def main() -> None:
     parser.add_argument("--narrow-calib", default=None,
                         help="also convert MQA with aligned + transfer calibrated on this one source (e.g. wiki)")
     parser.add_argument("--uptrain-steps", type=int, default=25, help="distillation steps of 8 x 512 tokens")
+    parser.add_argument("--joint", default=None, help="TRANSFER,JOINT steps of a row with the joint stage, e.g. 100,40")
     parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens scored per set")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in OUT/rows.jsonl")
     parser.add_argument("--report", action="store_true", help="rewrite OUT/README.md from OUT/results.json")
@@ -168,7 +175,8 @@ def main() -> None:
     rows = []
     for name, label, options, uptrain_from in plans(args.model, calib, args.calib_tokens, args.transfer_steps,
                                                     args.uptrain_steps if args.model == "smollm2" else 0,
-                                                    args.narrow_calib):
+                                                    args.narrow_calib,
+                                                    tuple(map(int, args.joint.split(","))) if args.joint else None):
         path = original if options is None and uptrain_from is None else work / name
         if name in done:
             rows.append(done[name])
@@ -181,9 +189,9 @@ def main() -> None:
             run(["convert", str(original), str(path), *options], log, name)
             record["conversion"] = json.loads((path / "conversion.json").read_text())
         elif uptrain_from is not None:
+            # gqa uptrain's defaults for a conversion: distil from its source, continued-training step size
             run(["uptrain", str(work / uptrain_from), str(path), "--data", calib, "--steps", str(args.uptrain_steps),
-                 "--batch-size", "8", "--seq-len", str(seq_len), "--lr", "1e-4", "--teacher", str(original),
-                 "--distill-weight", "1.0", "--eval-every", "1000"], log, name)
+                 "--batch-size", "8", "--seq-len", str(seq_len), "--eval-every", "1000"], log, name)
             record["uptrain"] = json.loads((path / "train" / "report.json").read_text())
         if options is not None or uptrain_from is not None:
             record["seconds"], record["cpu_seconds"] = log[-1]["seconds"], log[-1]["cpu_seconds"]

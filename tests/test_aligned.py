@@ -195,7 +195,7 @@ def test_transfer_lowers_the_error_and_is_deterministic(tiny, tmp_path, capsys):
         assert layer["relative_error_after"] < 0.8 * layer["relative_error_before"]
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not list(tmp_path.glob(".a.transfer*"))  # the resume state goes once the conversion is complete
+    assert not list(tmp_path.glob(".a.resume*"))  # the resume state goes once the conversion is complete
 
 
 def test_transfer_resumes_after_kill(tiny, tmp_path):
@@ -217,11 +217,11 @@ from gqa.cli import main
 main({[str(a) for a in convert_args(path, part, data)]!r})
 """
     assert subprocess.run([sys.executable, "-c", script]).returncode == -signal.SIGKILL
-    [state] = tmp_path.glob(".part.transfer-*")
+    [state] = tmp_path.glob(".part.resume-*")
     assert not part.exists() and (state / "layer-00000.safetensors").is_file()
     result = subprocess.run([sys.executable, "-m", "gqa", *map(str, convert_args(path, part, data))],
                             capture_output=True, text=True)
-    assert result.returncode == 0 and "resuming the transfer saved in" in result.stderr
+    assert result.returncode == 0 and "resuming the work saved in" in result.stderr
     a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -261,12 +261,12 @@ def test_transfer_resume_after_the_source_changed_is_a_run_on_the_new_source(tin
     assert main([str(a) for a in convert_args(source, fresh, data)]) == 0
     result = subprocess.run([sys.executable, "-m", "gqa", *map(str, convert_args(source, part, data))],
                             capture_output=True, text=True)
-    assert result.returncode == 0 and "resuming the transfer saved in" in result.stderr, result.stderr
-    redone = "the source's weights differ from those the interrupted transfer" in result.stderr
+    assert result.returncode == 0 and "resuming the work saved in" in result.stderr, result.stderr
+    redone = "the source's weights differ from those the interrupted work" in result.stderr
     assert redone == (changed != "model.layers.1.mlp.up_proj.weight")
     a, b = load_file(str(fresh / "model.safetensors")), load_file(str(part / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not list(tmp_path.glob(".part.transfer*"))
+    assert not list(tmp_path.glob(".part.resume*"))
 
 
 def test_a_transfer_with_other_settings_is_not_resumed(tiny, tmp_path):
@@ -275,12 +275,12 @@ def test_a_transfer_with_other_settings_is_not_resumed(tiny, tmp_path):
     data.write_text(TEXT)
     part = tmp_path / "part"
     subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_LAYER, *map(str, convert_args(path, part, data))])
-    [state] = tmp_path.glob(".part.transfer-*")
+    [state] = tmp_path.glob(".part.resume-*")
     result = subprocess.run([sys.executable, "-m", "gqa", *map(str, convert_args(path, part, data, steps=7))],
                             capture_output=True, text=True)
     assert result.returncode == 0
-    assert f"removed {state}: a transfer into part interrupted with other settings" in result.stderr
-    assert "resuming" not in result.stderr and not list(tmp_path.glob(".part.transfer*"))
+    assert f"removed {state}: work on part interrupted with other settings" in result.stderr
+    assert "resuming" not in result.stderr and not list(tmp_path.glob(".part.resume*"))
 
 
 def test_a_plain_conversion_removes_a_stale_transfer_and_says_so(tiny, tmp_path, capsys):
@@ -289,10 +289,10 @@ def test_a_plain_conversion_removes_a_stale_transfer_and_says_so(tiny, tmp_path,
     data.write_text(TEXT)
     part = tmp_path / "part"
     subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_LAYER, *map(str, convert_args(path, part, data))])
-    [state] = tmp_path.glob(".part.transfer-*")
+    [state] = tmp_path.glob(".part.resume-*")
     assert main(["convert", str(path), str(part), "--kv-heads", "2"]) == 0
     err = capsys.readouterr().err
-    assert f"gqa: warning: removed {state} (" in err and "MB), left by an interrupted transfer into part" in err
+    assert f"gqa: warning: removed {state} (" in err and "MB), left by interrupted work on part" in err
     assert not state.exists() and (part / "config.json").is_file()
 
 

@@ -199,7 +199,7 @@ CASES = {
     "convert-transfer-lr-without-steps": (["convert", "{w}/model", "{w}/o", "--kv-heads", "2", "--transfer-lr", "0.1"],
                                           "--transfer-lr sets the layer-wise transfer", True),
     "convert-grouping-with-mean": (["convert", "{w}/model", "{w}/o", "--kv-heads", "2", "--grouping", "contiguous"],
-                                   "--grouping chooses the groups of --method aligned", True),
+                                   "--grouping is an option of --method aligned; --method mean does not use it", True),
     "uptrain-distill-weight-without-teacher": (["uptrain", "{w}/model", "{w}/o", "--data", "{w}/text.txt", "--steps",
                                                 "1", "--distill-weight", "1"], "which needs a --teacher", True),
     "generate-top-p-greedy": (["generate", "{w}/model", "--prompt", "hi", "--top-p", "0.9"],

@@ -244,3 +244,25 @@ def test_resume_takes_this_commands_learning_rate(pretrained, corpus, tmp_path):
     log = [json.loads(line) for line in (out / "train" / "log.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in log[1:4]] == [r["lr"] for r in first[1:4]]  # steps 1-3: the first run's
     assert [r["lr"] for r in log[4:]] == pytest.approx([r["lr"] * 1e-4 / 2e-3 for r in first[4:]], rel=1e-9)
+
+
+def test_uptraining_a_converted_model_distils_from_its_source(tmp_path, capsys):
+    """`gqa uptrain` of a conversion distils from the source its conversion.json names, at the continued-
+    training step size, and lowers the KL to it (the demo model, MQA by mean pooling)."""
+    from gqa.demo import ASSET
+    from gqa.evaluate import compare_blocks
+    from gqa.train import CONTINUED_LR
+
+    gqa.convert(ASSET, tmp_path / "mqa", n_kv_heads=1, progress=False)
+    run_cli("uptrain", tmp_path / "mqa", tmp_path / "up", "--data", "bundled", "--steps", "40", "--seq-len", "64",
+            "--batch-size", "4", "--eval-every", "40")
+    assert f"distilling from {ASSET}" in capsys.readouterr().out
+    log = [json.loads(line) for line in (tmp_path / "up" / "train" / "log.jsonl").read_text().splitlines()]
+    assert all("kl" in r for r in log[1:]) and log[1]["lr"] <= CONTINUED_LR
+    teacher = gqa.load(ASSET, dtype="float32")
+    blocks = prepare("bundled", load_tokenizer(ASSET), 64).val[:16]
+    before = compare_blocks(gqa.load(tmp_path / "mqa", dtype="float32"), blocks, teacher=teacher)["kl"]
+    after = compare_blocks(gqa.load(tmp_path / "up", dtype="float32"), blocks, teacher=teacher)["kl"]
+    assert after < 0.9 * before
+    report = json.loads((tmp_path / "up" / "train" / "report.json").read_text())
+    assert report["config"]["teacher"] == str(ASSET) and report["config"]["distill_weight"] == 1.0

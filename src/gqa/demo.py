@@ -21,7 +21,7 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,11 +30,13 @@ from .bench import interleaved_decode_rates
 from .checkpoints import load
 from .checkpoints.files import check_destination
 from .checkpoints.tokenizer import load_tokenizer
+from .conversion import methods
 from .data import prepare
 from .errors import GQAError
 from .jsonfiles import read_json, write_json
 from .pipeline import Pipeline, settings_for
 from .plots import log_y, pyplot
+from .train import CONTINUED_DISTILL_WEIGHT
 from .version import __version__
 
 ASSET = Path(__file__).parent / "assets" / "demo-mha"
@@ -44,7 +46,7 @@ MARKER = ".gqa-demo"  # in a folder the demo wrote, which a later demo may repla
 @dataclass
 class DemoSettings:
     kv_heads: tuple[int, ...] = (2, 1)
-    methods: tuple[str, ...] = ("mean", "first", "random", "aligned")
+    methods: tuple[str, ...] = field(default_factory=lambda: tuple(methods.REGISTRY))  # every registered method
     calib_tokens: int = 32768  # aligned: calibration text from the corpus's training split
     transfer_steps: int = 100  # aligned: layer-wise attention transfer steps per layer
     alpha: float = 0.05
@@ -96,8 +98,9 @@ def demo_pipeline(s: DemoSettings, pretrain_tokens: int) -> Pipeline:
 
 
 def calibration(s: DemoSettings, method: str) -> dict:
-    """What `aligned` is given: the corpus's training split as calibration text, then layer-wise transfer."""
-    if method != "aligned":
+    """What a calibrated method is given: the corpus's training split as calibration text, then layer-wise
+    transfer."""
+    if not methods.get(method).calibrated:
         return {}
     return dict(calib="bundled", calib_tokens=s.calib_tokens, calib_seq_len=s.seq_len, transfer_steps=s.transfer_steps)
 
@@ -131,8 +134,9 @@ def run_demo(out: str | os.PathLike, quick: bool = False, overwrite: bool = Fals
     reference = pipe.evaluate(ASSET)
     say(f"MHA validation perplexity {reference['perplexity']:.2f}")
     rows = [row("MHA", "none", mha.config.n_heads, mha, reference, reference, None)]
-    say("control: the MHA model uptrained for the same tokens")
-    report, control = pipe.uptrain(ASSET, out / "mha-uptrained")
+    say("control: the MHA model uptrained for the same tokens, with the same recipe (distilling from itself)")
+    report, control = pipe.uptrain(ASSET, out / "mha-uptrained", teacher=str(ASSET),
+                                   distill_weight=CONTINUED_DISTILL_WEIGHT)
     rows.append(row("MHA + uptraining (control)", "none", mha.config.n_heads, mha, reference, control, report))
     for g in s.kv_heads:
         for method in s.methods:

@@ -20,9 +20,10 @@ from .checkpoints import load
 from .conversion import convert
 from .data import TokenData
 from .errors import GQAError
-from .evaluate import compare_blocks
+from .evaluate import compare_blocks, compare_examples
 from .model import Transformer
-from .train import TrainConfig, train
+from .seq2seq_data import Examples
+from .train import CONTINUED_DISTILL_WEIGHT, TrainConfig, conversion_source, train
 
 
 def read_settings(defaults, path: str | Path | None):
@@ -63,6 +64,8 @@ class Pipeline:
 
     def evaluate(self, path: str | Path) -> dict:
         model = load(path, dtype=torch.float32, device=self.device)
+        if isinstance(self.val, Examples):  # an encoder–decoder: loss per target token of the held-out examples
+            return compare_examples(model, self.val.to(model.device), teacher=self.reference)
         return compare_blocks(model, self.val.to(model.device), teacher=self.reference)
 
     def convert(self, source: str | Path, dest: str | Path, n_kv_heads: int, method: str, seed: int = 0,
@@ -80,4 +83,8 @@ class Pipeline:
         return report, self.evaluate(dest)
 
     def uptrain(self, source: str | Path, dest: str | Path, **changes) -> tuple[dict, dict]:
+        """Uptrain as `gqa uptrain` does: a converted model distils from the model it was converted from
+        (`teacher=None` in `changes` turns that off)."""
+        if "teacher" not in changes and (teacher := conversion_source(source)):
+            changes = {"teacher": teacher, "distill_weight": CONTINUED_DISTILL_WEIGHT, **changes}
         return self.train(load(source, dtype=torch.float32), dest, init_path=source, **changes)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from ..errors import GQAError
 from ..model import apply_rope
 from .heads import AttentionWeights, RopeLayout, as_complex
+from .interface import Layer, Method, setting
 
 GROUPINGS = ("similarity", "contiguous")
 QUERY_ROWS = 128  # query positions per block the attention-weighted moments are estimated from
@@ -337,3 +338,19 @@ def assemble(attn: AttentionWeights, fitted: list[tuple], with_bias: bool) -> At
     wo = wo.permute(1, 0, 2).reshape(wo.shape[1], -1).to(attn.wq.dtype)
     return AttentionWeights(wq=wq, wk=wk, wv=wv, wo=wo, bq=bq, bk=bk, bv=bv, bo=attn.bo, head_dim=attn.head_dim,
                             norms_per_head=attn.norms_per_head)
+
+
+@dataclass(frozen=True)
+class AlignedSettings:
+    grouping: str = setting("similarity", "which query heads share a KV head: similarity (of their keys and "
+                                          "values) or contiguous (h // r)", GROUPINGS)
+
+
+def merge_layer(attn: AttentionWeights, n_kv_heads: int, layer: Layer, settings: AlignedSettings):
+    c = layer.calibration
+    with_bias = any(t is not None for t in (attn.bq, attn.bk, attn.bv))
+    return merge(attn, n_kv_heads, LayerInputs(c.x, c.rope, with_bias, c.attention), layer.rope, settings.grouping)
+
+
+ALIGNED = Method("aligned", "exact symmetries, then shared K/V fitted to calibration activations (needs --calib)",
+                 merge_layer, AlignedSettings, calibrated=True)

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import GQAError
 from .heads import NAMES, AttentionWeights
+from .interface import Layer, Method, NoSettings
 
 METHODS = ("mean", "first", "random")
 
@@ -76,3 +77,14 @@ def pool_heads(
             generator = torch.Generator().manual_seed(tensor_seed(seed, name))
             out = (torch.randn(shape, generator=generator) * init_std).to(tensor.dtype)
     return out.reshape(new_heads * head_dim, *rest).contiguous()
+
+
+def merge_with(method: str):
+    def merge_layer(attn: AttentionWeights, n_kv_heads: int, layer: Layer, settings: NoSettings):
+        return merge(attn, n_kv_heads, method, layer.index, layer.seed, layer.init_std), {}
+    return merge_layer
+
+
+MEAN = Method("mean", "each group's K/V projection is the mean of its heads (the GQA paper's)", merge_with("mean"))
+FIRST = Method("first", "each group keeps its first head's K/V projection (the paper's baseline)", merge_with("first"))
+RANDOM = Method("random", "fresh K/V projections drawn at the model's init scale (--seed)", merge_with("random"))
