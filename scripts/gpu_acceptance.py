@@ -13,6 +13,8 @@ last, so a part whose `part.json` records success with the same code (and not as
 the script runs again (a 10-minute call that ran out resumes with the next part). `--force` reruns the
 named parts. OUT/README.md indexes what has run.
 `--dry-run` runs every part at toy sizes on the CPU: it checks that the commands still work, not speed.
+The `vllm` part runs the serving benchmark where vLLM imports (its CPU build here; on the device, a carried
+wheel) and records "not installed" where it does not.
 """
 
 from __future__ import annotations
@@ -48,6 +50,13 @@ def parts(out: Path, dry: bool) -> dict[str, list[list[str]]]:
                       *(["--memory-gb", "0.05", "--context", "64", *quick] if dry else ["--memory-gb", "60"])]],
         "paper": [[*GQA, "experiment", "paper", "--out", str(out / "paper"), *quick]],
         "smollm2": [[*GQA, "experiment", "smollm2", "--out", str(out / "smollm2"), *quick]],
+        # the GQA paper's own setting, at its full default size (a 6+6-layer T5 of width 512)
+        "paper-t5": [[*GQA, "experiment", "paper-t5", "--out", str(out / "paper-t5"), *quick]],
+        # vLLM's engine, where a carried wheel installed it; else the part records "not installed"
+        "vllm": [[sys.executable, "benchmarks/vllm_serving.py", "--if-installed", "--workdir", str(out / "vllm-work"),
+                  "--out", str(out / "vllm" / "serve.json"),
+                  *(["--model", "demo", "--rounds", "1", "--enforce-eager"] if dry else
+                    ["--model", "llama-1b", "--points", "1x2048,32x2048,128x2048,16x8192", "--kv-cache-gb", "40"])]],
     }
 
 

@@ -66,7 +66,8 @@ def build_mask(
 def grouped_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
-    """Attention with the query group folded into the rows: q [B, H, S, D], k/v [B, G, T, D] -> [B, H, S, D].
+    """Attention with the query group folded into the rows: q [B, H, S, D], k/v [B, G, T, D] -> [B, H, S, D]
+    (mask as `attention` takes it).
 
     q is viewed as [B, G, (H/G)·S, D], so one matmul per KV head serves its whole group and K/V are
     never copied. Softmax runs in fp32.
@@ -77,8 +78,11 @@ def grouped_attention(
     q = q.reshape(batch, n_kv_heads, group * q_len, head_dim)
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
     scores = scores.view(batch, n_kv_heads, group, q_len, kv_len)
-    if mask is not None:  # [B, 1, S, T] -> broadcast over (G, H/G)
+    if mask is not None and mask.dtype == torch.bool:  # [B, 1, S, T] -> broadcast over (G, H/G)
         scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+    elif mask is not None:  # additive, [B or 1, H or 1, S, T]: a per-head bias splits into (G, H/G)
+        heads = (n_kv_heads, group) if mask.shape[1] == n_heads else (1, 1)
+        scores = scores + mask.float().view(mask.shape[0], *heads, mask.shape[2], kv_len)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     out = torch.matmul(probs.view(batch, n_kv_heads, group * q_len, kv_len), v)
     return out.view(batch, n_heads, q_len, v.shape[-1])
@@ -92,7 +96,8 @@ def attention(
     scale: float | None = None,
     is_causal: bool = False,
 ) -> torch.Tensor:
-    """Grouped attention: q [B, H, S, D], k/v [B, G, T, D], mask [B, 1, S, T] bool (True = attend).
+    """Grouped attention: q [B, H, S, D], k/v [B, G, T, D], mask [B, 1, S, T] bool (True = attend), or a
+    float mask [B or 1, H or 1, S, T] added to the scores (T5's position bias with its padding).
 
     `is_causal` (only without a mask, S == T) lets SDPA pick its fastest causal kernel.
     """

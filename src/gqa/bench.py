@@ -22,16 +22,29 @@ def synchronize(device: torch.device) -> None:
 @torch.inference_mode()
 def decode_rate(model: Transformer, batch_size: int, context: int, new_tokens: int, seed: int = 0) -> float:
     """One sample of greedy decode throughput (tokens/s over the batch) after an untimed prefill of `context`
-    random tokens. Only the decode steps are timed: each reads every weight and the whole KV cache once,
-    which is where G KV heads instead of H pay off."""
+    random tokens (an encoder–decoder: an untimed encoding of that many source tokens). Only the decode
+    steps are timed: each reads every weight and the whole KV cache once, which is where G KV heads instead
+    of H pay off."""
+    from .seq2seq import Seq2SeqTransformer
+
     generator = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, model.config.vocab_size, (batch_size, context), generator=generator).to(model.device)
-    cache = model.new_cache(batch_size, context + new_tokens)
-    token = model(prompt, cache=cache)[:, -1:].argmax(-1)
+    if isinstance(model, Seq2SeqTransformer):  # an encoder–decoder: `context` source tokens, encoded untimed
+        encoded, cache = model.encode(prompt), model.new_cache(batch_size, new_tokens)
+        token = torch.full((batch_size, 1), model.config.decoder_start_token_id, device=model.device)
+
+        def step(t):
+            return model.decode(t, encoded, cache=cache)[:, -1:].argmax(-1)
+    else:
+        cache = model.new_cache(batch_size, context + new_tokens)
+        token = model(prompt, cache=cache)[:, -1:].argmax(-1)
+
+        def step(t):
+            return model(t, cache=cache)[:, -1:].argmax(-1)
     synchronize(model.device)
     start = time.perf_counter()
     for _ in range(new_tokens):
-        token = model(token, cache=cache)[:, -1:].argmax(-1)
+        token = step(token)
     synchronize(model.device)
     return batch_size * new_tokens / (time.perf_counter() - start)
 

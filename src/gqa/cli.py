@@ -8,6 +8,7 @@ print one line and exit 2; warnings print one `gqa: warning:` line and the work 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -95,11 +96,15 @@ def read_text(path: str) -> str:
 
 def model_config(path: str):
     """The model's config (reads config.json and the weight headers only): checks a model before loading it."""
-    from .checkpoints import check_layout, read_model_config
+    from .checkpoints import checked_config
 
-    config, family, _ = read_model_config(path)
-    check_layout(path, config, family)
-    return config
+    return checked_config(path)
+
+
+def is_seq2seq_model(path: str) -> bool:
+    from .conversion.seq2seq import is_seq2seq_folder
+
+    return is_seq2seq_folder(path)
 
 
 def check_out(out: str, overwrite: bool, *sources: str | None, kind: str = "folder") -> None:
@@ -118,17 +123,51 @@ def cmd_info(args) -> None:
         return print_json(info)
     width = max(len(k) for k in info)
     for key, value in info.items():
-        if key in ("parameters", "kv_bytes_per_token", "kv_bytes_per_token_if_mha"):
+        if key in ("parameters", "kv_bytes_per_token", "kv_bytes_per_token_if_mha", "kv_bytes_per_source_token"):
             value = f"{value:,}"
-        elif key == "kv_heads" and len(set(value)) == 1:
+        elif key.endswith("kv_heads") and len(set(value)) == 1:
             value = f"{value[0]} in all {len(value)} layers"
         elif key == "kv_reduction":
             value = f"{value:.2f}x vs MHA"
         print(f"{key:<{width}}  {value}")
 
 
+def eval_seq2seq(args) -> None:
+    """`gqa eval` of an encoder–decoder: loss per target token of pairs, or of span-corrupted text."""
+    from . import corpus
+    from .checkpoints import check_reference, load
+    from .checkpoints.tokenizer import load_tokenizer
+    from .evaluate import compare_examples
+    from .seq2seq_data import eval_examples
+
+    if args.data not in corpus.NAMES and not Path(args.data).is_file():
+        raise GQAError(f"no data at {args.data} (and it is not a bundled corpus: {', '.join(corpus.NAMES)})")
+    device = pick_device(args.device)
+    config = model_config(args.model)
+    seq_len = args.seq_len or min(512, config.max_positions)
+    if args.reference:
+        check_reference(args.model, config, args.reference, "reference")
+    examples = eval_examples(args.data, load_tokenizer(args.model), seq_len, args.max_tokens)
+    if examples.max_id() >= config.vocab_size:
+        raise GQAError(f"{args.data}: the tokenizer produced token id {examples.max_id()}, but the model's vocabulary "
+                       f"has {config.vocab_size} entries; use the tokenizer that belongs to the model")
+    model = load(args.model, dtype=args.dtype, device=device)
+    reference = load(args.reference, dtype=args.dtype, device=device) if args.reference else None
+    result = compare_examples(model, examples, teacher=reference, batch_size=args.batch_size)
+    result["examples"] = len(examples)
+    if args.json:
+        return print_json(result)
+    agreement = f"; top-1 agreement with the reference {result['top1_agreement']:.3f}, KL {result['kl']:.4f}" \
+        if reference is not None else ""
+    print(f"perplexity {result['perplexity']:.3f} over {result['tokens']:,} target tokens of {len(examples):,} "
+          f"examples{agreement}")
+
+
 def cmd_eval(args) -> None:
     import torch
+
+    if is_seq2seq_model(args.model):
+        return eval_seq2seq(args)
 
     from . import corpus
     from .checkpoints import check_reference, load
@@ -166,6 +205,7 @@ def cmd_generate(args) -> None:
     from .checkpoints.tokenizer import load_tokenizer
     from .errors import warn
     from .generate import check_sampling, generate
+    from .seq2seq import Seq2SeqTransformer, generate_seq2seq
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     if args.seed is not None and args.temperature == 0:
@@ -187,28 +227,37 @@ def cmd_generate(args) -> None:
     if tokenizer.eos_token_id is not None and not args.ignore_eos:
         stop.add(tokenizer.eos_token_id)
     model = load(args.model, dtype=args.dtype, device=device)
+    seq2seq = isinstance(model, Seq2SeqTransformer)
+    if seq2seq and args.cuda_graph:
+        raise GQAError("--cuda-graph is for decoder-only models")
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]
-        outs = generate(
-            model, [tokenizer(p)["input_ids"] for p in batch], max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_tokens=sorted(stop), seed=args.seed,
-            cuda_graph=args.cuda_graph,
-        )
+        ids = [tokenizer(p)["input_ids"] for p in batch]
+        options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, stop_tokens=sorted(stop), seed=args.seed)
+        outs = generate_seq2seq(model, ids, **options) if seq2seq else \
+            generate(model, ids, cuda_graph=args.cuda_graph, **options)
         for prompt, out in zip(batch, outs):
             completion = tokenizer.decode(out, skip_special_tokens=True)
             if args.json:
                 print(json.dumps({"prompt": prompt, "completion": completion, "tokens": out}))
             else:
-                print(prompt + completion)
+                print(f"{prompt} -> {completion}" if seq2seq else prompt + completion)
 
 
 def cmd_export(args) -> None:
     import torch
 
     from .checkpoints import load, parse_dtype, save, target_family
+    from .checkpoints.seq2seq import target_seq2seq_family
+    from .seq2seq import Seq2SeqConfig
 
     config = model_config(args.model)
     check_out(args.out, args.overwrite, args.model, kind="file" if args.format == "gguf" else "folder")
+    seq2seq = isinstance(config, Seq2SeqConfig)
+    if args.format == "gguf" and seq2seq:
+        raise GQAError("GGUF export writes decoder-only Llama-style models; an encoder–decoder is written as an HF "
+                       "folder (at G = H) or in gqa's own format")
     if args.format == "gguf":
         from .checkpoints.gguf import GGUF_DTYPES, gguf_architecture, gguf_support, gguf_tokenizer_spec, write_gguf
 
@@ -221,9 +270,10 @@ def cmd_export(args) -> None:
         out = write_gguf(load(args.model, dtype="float32"), args.out, args.overwrite, dtype)
         return print(f"wrote {out} (GGUF, architecture {gguf_architecture(config)})")
     model = load(args.model, dtype=args.dtype)
-    family = target_family(config, model.hf_config, args.format)
+    family = (target_seq2seq_family if seq2seq else target_family)(config, model.hf_config, args.format)
     save(model, args.out, format=args.format, overwrite=args.overwrite)
-    print(f"wrote {args.out} as {family.architectures[0] if family else 'GQAForCausalLM (gqa format)'}")
+    native = "GQASeq2SeqLM" if seq2seq else "GQAForCausalLM"
+    print(f"wrote {args.out} as {family.architectures[0] if family else native + ' (gqa format)'}")
 
 
 def parse_heads_list(text: str) -> list[int]:
@@ -235,15 +285,19 @@ def parse_heads_list(text: str) -> list[int]:
 
 def cmd_convert(args) -> None:
     from .conversion import convert, format_report
+    from .conversion.methods import option_fields
+    from .conversion.seq2seq import format_seq2seq_report, is_seq2seq_folder
 
     per_layer = parse_heads_list(args.kv_heads_per_layer) if args.kv_heads_per_layer else None
+    method_options = {name: getattr(args, name) for name in option_fields()}
     report = convert(
-        args.model, args.out, n_kv_heads=args.kv_heads, n_kv_heads_per_layer=per_layer, method=args.method,
-        seed=args.seed, overwrite=args.overwrite, format=args.format, calib=args.calib, calib_tokens=args.calib_tokens,
-        calib_seq_len=args.calib_seq_len, grouping=args.grouping, transfer_steps=args.transfer_steps,
-        transfer_lr=args.transfer_lr, transfer_inputs=args.transfer_inputs, kv_budget=args.kv_budget,
+        args.model, args.out, n_kv_heads=args.kv_heads, n_kv_heads_per_layer=per_layer, kv_budget=args.kv_budget,
+        method=args.method, seed=args.seed, calib=args.calib, calib_tokens=args.calib_tokens,
+        calib_seq_len=args.calib_seq_len, transfer_steps=args.transfer_steps, transfer_lr=args.transfer_lr,
+        transfer_inputs=args.transfer_inputs, joint_steps=args.joint_steps, joint_lr=args.joint_lr,
+        encoder=args.convert_encoder, format=args.format, overwrite=args.overwrite, **method_options,
     )
-    print(format_report(report))
+    print(format_seq2seq_report(report) if is_seq2seq_folder(args.out) else format_report(report))
 
 
 def cmd_import_gguf(args) -> None:
@@ -258,11 +312,12 @@ def cmd_import_gguf(args) -> None:
 # ------------------------------------------------------------------------------------------------ training
 
 def train_config(args):
-    from .train import TrainConfig
+    from .train import PRETRAIN_LR, TrainConfig
 
     return TrainConfig(
         data=args.data, out=args.out, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        steps=args.steps, alpha=args.alpha, pretrain_tokens=args.pretrain_tokens, lr=args.lr,
+        steps=args.steps, alpha=args.alpha, pretrain_tokens=args.pretrain_tokens,
+        lr=args.lr if args.lr is not None else PRETRAIN_LR,
         min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, eval_every=args.eval_every, eval_blocks=args.eval_blocks,
         save_every=args.save_every, seed=args.seed, val_fraction=args.val_fraction,
@@ -303,11 +358,30 @@ def print_train_report(report: dict, out: str) -> None:
     print(f"wrote {out} (log: {out}/train/log.jsonl)")
 
 
+def uptrain_teacher(args) -> None:
+    """The teacher and step size of an uptraining run: a converted model distils from the source its
+    conversion.json names (unless --teacher names another or --no-teacher), at a continued-training --lr."""
+    from .train import CONTINUED_DISTILL_WEIGHT, CONTINUED_LR, PRETRAIN_LR, conversion_source
+
+    if args.no_teacher and (args.teacher or args.distill_weight is not None):
+        raise GQAError("--no-teacher trains on the data alone: drop --teacher / --distill-weight, or --no-teacher")
+    if args.teacher is None and not args.no_teacher:
+        args.teacher = conversion_source(args.model)
+        if args.teacher:
+            print(f"distilling from {args.teacher}, the model {args.model} was converted from (--no-teacher: the "
+                  f"data alone)", flush=True)
+            if args.distill_weight is None:
+                args.distill_weight = CONTINUED_DISTILL_WEIGHT
+    if args.lr is None:
+        args.lr = CONTINUED_LR if args.teacher else PRETRAIN_LR
+
+
 def cmd_uptrain(args) -> None:
     from .checkpoints import check_reference, load
     from .checkpoints.tokenizer import load_tokenizer
     from .train import train
 
+    uptrain_teacher(args)
     cfg = check_training(args, [args.model, args.teacher])
     config = model_config(args.model)
     if cfg.seq_len and cfg.seq_len > config.max_positions:
@@ -322,6 +396,7 @@ def cmd_uptrain(args) -> None:
 def read_model_json(path: Path):
     """A model config for `gqa pretrain`: an HF config.json (the model is that architecture) or a gqa ModelConfig."""
     from .checkpoints.families import family_for
+    from .checkpoints.seq2seq import is_seq2seq, read_seq2seq_config
     from .model import ModelConfig
 
     if not path.is_file():
@@ -331,6 +406,8 @@ def read_model_json(path: Path):
     except json.JSONDecodeError as e:
         raise GQAError(f"{path} is not valid JSON: {e}") from None
     try:
+        if isinstance(raw, dict) and is_seq2seq(raw):
+            return read_seq2seq_config(path, raw)[0], raw
         if "architectures" in raw or "model_type" in raw:
             return family_for(raw, str(path)).to_config(raw), raw
         return ModelConfig.from_dict(raw), None
@@ -343,13 +420,14 @@ def cmd_pretrain(args) -> None:
 
     from .checkpoints.tokenizer import load_tokenizer
     from .model import Transformer
+    from .seq2seq import Seq2SeqConfig, Seq2SeqTransformer
     from .train import train
 
     cfg = check_training(args, [args.tokenizer])
     config, hf = read_model_json(Path(args.config))
     tokenizer = load_tokenizer(args.tokenizer)
     torch.manual_seed(args.seed)
-    model = Transformer(config)
+    model = Seq2SeqTransformer(config) if isinstance(config, Seq2SeqConfig) else Transformer(config)
     model.init_weights()
     model.hf_config, model.source_dir = hf, Path(args.tokenizer)
     print_train_report(train(model, tokenizer, cfg, init_path=None), args.out)
@@ -386,6 +464,8 @@ def cmd_bench(args) -> None:
             raise GQAError(f"{option} is an option of `gqa bench {used_by}`; `gqa bench {args.what}` does not use it")
     if args.what == "serve":
         return bench_serve_cmd(args, args.out or "gqa-bench-serve")
+    if args.what == "seq2seq":
+        return bench_seq2seq_cmd(args, args.out or "gqa-bench-seq2seq")
     args.memory_gb = 60.0 if args.memory_gb is None else args.memory_gb
     args.context = 4096 if args.context is None else args.context
     device = pick_device(args.device)
@@ -472,6 +552,24 @@ def bench_serve_cmd(args, out: str) -> None:
     print(f"wrote {out / 'bench_serve.json'} (vLLM {result['versions']['vllm']}; its log: {out / 'vllm.log'})")
 
 
+def bench_seq2seq_cmd(args, out: str) -> None:
+    from .seq2seq_bench import QUICK, bench_seq2seq
+
+    if args.device not in (None, "cpu") or args.dtype not in (None, "float32"):
+        raise GQAError("bench seq2seq runs in float32 on the CPU (its transformers peer too)")
+    check_out(out, True)
+    result = bench_seq2seq(**(QUICK if args.quick else {}))
+    result["command"] = invoked_as("gqa bench seq2seq")
+    out = write_result(result, out, "bench_seq2seq.json")
+    if args.json:
+        return print_json(result["rows"])
+    for r in result["rows"]:
+        cells = "  ".join(f"{name}: {v['per_token_ms']['median']:.1f} ms/token, {v['per_sample_ms']['median']:.0f} "
+                          f"ms/sample" for name, v in r["models"].items())
+        print(f"B={r['batch']:<3} source={r['source_length']:<5} {cells}")
+    print(f"wrote {out / 'bench_seq2seq.json'}")
+
+
 def cmd_experiment(args) -> None:
     from .experiments import rewrite_report, run_paper, run_smollm2
 
@@ -481,8 +579,10 @@ def cmd_experiment(args) -> None:
         return print(f"rewrote {out}/README.md and figures from {out}/results.json")
     pick_device(args.device)
     check_out(out, True)
-    run = run_paper if args.which == "paper" else run_smollm2
-    results = run(out, quick=args.quick, device=args.device, settings=args.settings)
+    if args.which.startswith("paper"):
+        results = run_paper(out, quick=args.quick, device=args.device, settings=args.settings, which=args.which)
+    else:
+        results = run_smollm2(out, quick=args.quick, device=args.device, settings=args.settings)
     print(f"wrote {out}/results.json, README.md and figures in {results['seconds']:.0f} s")
 
 
@@ -551,8 +651,21 @@ def add_model_verbs(sub) -> None:
     p.set_defaults(func=cmd_import_gguf)
 
 
+def add_method_options(p: argparse.ArgumentParser) -> None:
+    """--method from the registry, and every registered method's own settings as options (default: not given)."""
+    from .conversion.methods import REGISTRY, option_fields
+
+    p.add_argument("--method", default="mean", choices=list(REGISTRY), metavar="METHOD",
+                   help="; ".join(f"{m.name}: {m.summary}" for m in REGISTRY.values()) + " (default mean)")
+    for name, f in option_fields().items():
+        owners = [m.name for m in REGISTRY.values() if name in {g.name for g in dataclasses.fields(m.settings)}]
+        p.add_argument(f"--{name.replace('_', '-')}", default=None, choices=f.metadata.get("choices"),
+                       type=type(f.default) if f.default is not None and not f.metadata.get("choices") else None,
+                       help=f"{' / '.join(owners)}: {f.metadata.get('help', '')} (default {f.default})")
+
+
 def add_convert_verb(sub) -> None:
-    p = sub.add_parser("convert", help="MHA -> GQA/MQA: merge K/V heads (mean, first, random or aligned), streamed")
+    p = sub.add_parser("convert", help="MHA -> GQA/MQA: merge K/V heads (mean, first, random, aligned, ...), streamed")
     p.add_argument("model")
     p.add_argument("out")
     p.add_argument("--kv-heads", type=COUNT, default=None, help="KV heads in every layer (1 = MQA)")
@@ -560,14 +673,11 @@ def add_convert_verb(sub) -> None:
     p.add_argument("--kv-budget", type=number(0, 1, low_open=True), default=None,
                    help="a fraction of the source's KV bytes (e.g. 0.25): per-layer KV heads chosen from measured "
                         "sensitivities (needs --calib)")
-    p.add_argument("--method", default="mean",
-                   help="mean (default) | first | random (from the weights) | aligned (fitted to --calib text)")
+    add_method_options(p)
     p.add_argument("--calib", default=None, help="calibration text: a file, folder or bundled corpus name (its "
                                                  "training split)")
     p.add_argument("--calib-tokens", type=COUNT, default=None, help="calibration tokens (default 65536)")
     p.add_argument("--calib-seq-len", type=SEQ_LEN, default=None, help="calibration block length (default 512)")
-    p.add_argument("--grouping", default=None, choices=["similarity", "contiguous"],
-                   help="aligned: which query heads share a KV head (default similarity)")
     p.add_argument("--transfer-steps", type=integer(0), default=0,
                    help="train each layer's converted attention to reproduce the source's for N steps (needs --calib)")
     p.add_argument("--transfer-lr", type=POSITIVE, default=None,
@@ -575,7 +685,15 @@ def add_convert_verb(sub) -> None:
     p.add_argument("--transfer-inputs", default=None, choices=["original", "converted"],
                    help="what each layer trains on: the source model's activations (original, the default) or the "
                         "converted layers'")
-    p.add_argument("--seed", type=int, default=0, help="seed for --method random, calibration sampling and transfer")
+    p.add_argument("--joint-steps", type=integer(0), default=0,
+                   help="then train all layers' attention together on KL(source || converted) over the calibration "
+                        "text for N steps (needs --calib)")
+    p.add_argument("--joint-lr", type=POSITIVE, default=None,
+                   help="joint stage: Adam step size relative to each projection's weight RMS (default 0.005)")
+    p.add_argument("--convert-encoder", action="store_true",
+                   help="encoder–decoder models: group the encoder's self-attention too (the decoder's self- and "
+                        "cross-attention always are)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --method random, calibration sampling and training")
     p.add_argument("--format", default="auto", choices=["auto", "hf", "native"])
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_convert)
@@ -589,7 +707,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=SEQ_LEN, default=None, help="default: the model's positions, at most 1024")
     p.add_argument("--batch-size", type=COUNT, default=8, help="sequences per micro-batch, across all ranks")
     p.add_argument("--grad-accum", type=COUNT, default=1)
-    p.add_argument("--lr", type=POSITIVE, default=3e-4)
+    p.add_argument("--lr", type=POSITIVE, default=None,
+                   help="peak step size (default 3e-4; uptraining with a teacher: 1e-4, for continued training)")
     p.add_argument("--min-lr-ratio", type=number(0, 1), default=0.1)
     p.add_argument("--warmup-steps", type=integer(0), default=None, help="default: 5%% of the steps")
     p.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.1)
@@ -611,9 +730,11 @@ def add_train_verbs(sub) -> None:
     p.add_argument("model")
     p.add_argument("out")
     add_train_args(p)
-    p.add_argument("--teacher", default=None, help="a model folder to distil from (e.g. the original MHA model)")
+    p.add_argument("--teacher", default=None,
+                   help="a model folder to distil from (default: the source named in MODEL/conversion.json)")
+    p.add_argument("--no-teacher", action="store_true", help="train on the data alone, even a converted model")
     p.add_argument("--distill-weight", type=NON_NEGATIVE, default=None,
-                   help="loss = LM + w * KL(teacher || student) (default 0.5; needs --teacher)")
+                   help="loss = LM + w * KL(teacher || student) (default 1 for the conversion's source, else 0.5)")
     p.set_defaults(func=cmd_uptrain)
 
     p = sub.add_parser("pretrain", help="train a model from scratch (same loop)")
@@ -626,8 +747,8 @@ def add_train_verbs(sub) -> None:
 
 def add_run_verbs(sub) -> None:
     p = sub.add_parser("bench", help="speed benchmarks with the baselines in the same run: decode, generate, "
-                                     "capacity, and serve (in vLLM's engine)")
-    p.add_argument("what", choices=["decode", "generate", "capacity", "serve"])
+                                     "capacity, serve (in vLLM's engine), seq2seq (an encoder–decoder's decode)")
+    p.add_argument("what", choices=["decode", "generate", "capacity", "serve", "seq2seq"])
     p.add_argument("models", nargs="*", metavar="MODEL",
                    help="serve: model folders, the source first (its conversions after it)")
     p.add_argument("--out", default=None, help="output folder (default: ./gqa-bench-WHAT)")
@@ -649,7 +770,8 @@ def add_run_verbs(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("experiment", help="the GQA paper's experiments at small scale (sized for one H100 run)")
-    p.add_argument("which", choices=["paper", "smollm2"])
+    p.add_argument("which", choices=["paper", "paper-t5", "smollm2"],
+                   help="paper: a decoder; paper-t5: a T5, the paper's own setting; smollm2: the real checkpoint")
     p.add_argument("--out", default=None, help="default: ./gqa-experiment-WHICH")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a pipeline check on a CPU")
     p.add_argument("--settings", default=None,
@@ -703,6 +825,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gqa: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the output went to a pipe that closed (| head): not an error of the command
+        sys.stdout = open(os.devnull, "w")
+        return 0
     return 0
 
 

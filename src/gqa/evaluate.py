@@ -85,3 +85,35 @@ def compare_blocks(model: Transformer, blocks: torch.Tensor, teacher: Transforme
     if teacher is not None:
         out.update(top1_agreement=agree / count, kl=kl / count)
     return out
+
+
+def seq2seq_logits(model, batch) -> torch.Tensor:
+    """Teacher-forced decoder logits of an encoder–decoder on a batch of `seq2seq_data.Examples`."""
+    decoder_ids = model.shift_right(batch.labels)
+    return model(batch.input_ids, decoder_ids, attention_mask=batch.input_mask).float()
+
+
+@torch.inference_mode()
+def compare_examples(model, examples, teacher=None, batch_size: int = 16) -> dict:
+    """Loss / perplexity per target token of an encoder–decoder on input/target examples (the way
+    transformers' `labels=` scores them), and, given a teacher, top-1 agreement and KL(teacher ‖ model)
+    over the target positions."""
+    nll = kl = 0.0
+    agree = count = 0
+    for i in range(0, len(examples), batch_size):
+        batch = examples[i : i + batch_size].to(model.device)
+        logits = seq2seq_logits(model, batch)
+        scored = batch.labels != -100
+        nll += F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=-100, reduction="sum").item()
+        count += int(scored.sum())
+        if teacher is not None:
+            ref = seq2seq_logits(teacher, batch.to(teacher.device)).to(logits.device)
+            agree += int(((logits.argmax(-1) == ref.argmax(-1)) & scored).sum())
+            log_p, log_q = F.log_softmax(ref, -1), F.log_softmax(logits, -1)
+            kl += float(((log_p.exp() * (log_p - log_q)).sum(-1) * scored).sum())
+    if count == 0:
+        raise GQAError("no target tokens to score")
+    out = {"loss": nll / count, "perplexity": math.exp(nll / count), "tokens": count}
+    if teacher is not None:
+        out.update(top1_agreement=agree / count, kl=kl / count)
+    return out

@@ -21,7 +21,7 @@ import json
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ import torch
 from .bench import device_name, interleaved_decode_rates
 from .checkpoints import load
 from .checkpoints.tokenizer import load_tokenizer
+from .conversion import methods as conversion_methods
 from .data import prepare
 from .demo import ASSET
 from .errors import GQAError
@@ -36,15 +37,18 @@ from .jsonfiles import append_jsonl, read_json, write_json
 from .model import ModelConfig, Transformer
 from .pipeline import Pipeline, settings_for
 from .plots import log_y, pyplot
+from .seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+from .seq2seq_data import prepare_seq2seq
 
 
 @dataclass
 class PaperSettings:
+    architecture: str = "llama"  # "llama" (a decoder) or "t5" (an encoder–decoder, the paper's own setting)
     model: dict = field(default_factory=lambda: dict(
         vocab_size=4096, dim=512, n_layers=12, n_heads=8, n_kv_heads=8, head_dim=64, hidden_dim=2048,
         max_positions=512, tie_embeddings=True))
     kv_heads: tuple[int, ...] = (1, 2, 4)
-    methods: tuple[str, ...] = ("mean", "first", "random", "aligned")
+    methods: tuple[str, ...] = field(default_factory=lambda: tuple(conversion_methods.REGISTRY))  # all registered
     sweep_methods: tuple[str, ...] = ("mean", "aligned")  # uptrained over every α in `alphas`
     alpha: float = 0.05
     alphas: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2)
@@ -73,9 +77,31 @@ PAPER_QUICK = dict(
 )
 
 
+SENTINELS = 32  # T5's span corruption: the tokenizer gets <extra_id_0> ... and a <pad>
+PAPER_T5 = dict(  # the paper's setting: a T5 (v1.0 layout) pre-trained with span corruption; decoder attention grouped
+    architecture="t5", model=dict(vocab_size=4096 + SENTINELS + 1, dim=512, n_heads=8, head_dim=64, hidden_dim=2048,
+                                  n_encoder_layers=6, n_decoder_layers=6, encoder_kv_heads=8, self_kv_heads=8,
+                                  cross_kv_heads=8, max_positions=512, pad_token_id=4096 + SENTINELS,
+                                  decoder_start_token_id=4096 + SENTINELS, eos_token_id=0),
+    methods=("mean", "first", "random"), sweep_methods=("mean",), seq_len=256)
+PAPER_T5_QUICK = dict(model=dict(PAPER_T5["model"], dim=32, n_heads=8, head_dim=4, hidden_dim=64, n_encoder_layers=2,
+                                 n_decoder_layers=2, max_positions=64), alphas=(0.05, 0.2), pretrain_steps=20,
+                      seq_len=32, batch_size=4, eval_blocks=4, compile=False, decode_batch=2, decode_context=16,
+                      decode_tokens=4, decode_repeats=2)
+
+
+def t5_tokenizer(folder: Path):
+    """The demo model's tokenizer with T5's sentinels and a padding token, saved in `folder`."""
+    tokenizer = load_tokenizer(ASSET)
+    tokenizer.add_special_tokens({"pad_token": "<pad>",
+                                  "additional_special_tokens": [f"<extra_id_{i}>" for i in range(SENTINELS)]})
+    tokenizer.save_pretrained(folder)
+    return load_tokenizer(folder)
+
+
 def conversion_options(method: str, calib_tokens: int, seq_len: int, transfer_steps: int) -> dict:
     """What a calibrated method is given: the bundled corpus's training split, then layer-wise transfer."""
-    if method != "aligned":
+    if not conversion_methods.get(method).calibrated:
         return {}
     return dict(calib="bundled", calib_tokens=calib_tokens, calib_seq_len=seq_len, transfer_steps=transfer_steps)
 
@@ -111,28 +137,62 @@ class Rows(list):
         append_jsonl(self.path, row)
 
 
-def fresh_model(config: ModelConfig, seed: int) -> Transformer:
+def fresh_model(config, seed: int, tokenizer_dir: Path = ASSET):
+    """A model to train from scratch: a Llama-style decoder, or a T5 (v1.0 layout) for a `Seq2SeqConfig`."""
     torch.manual_seed(seed)
-    model = Transformer(config)
+    if isinstance(config, Seq2SeqConfig):
+        model = Seq2SeqTransformer(config)
+        model.hf_config = t5_config_json(config)
+    else:
+        model = Transformer(config)
+        model.hf_config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
     model.init_weights()
-    model.hf_config, model.source_dir = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, ASSET
+    model.source_dir = tokenizer_dir
     return model
 
 
+def t5_config_json(config: Seq2SeqConfig) -> dict:
+    import transformers
+
+    return transformers.T5Config(
+        vocab_size=config.vocab_size, d_model=config.dim, d_kv=config.head_dim, d_ff=config.hidden_dim,
+        num_layers=config.n_encoder_layers, num_decoder_layers=config.n_decoder_layers, num_heads=config.n_heads,
+        feed_forward_proj="relu", tie_word_embeddings=True, pad_token_id=config.pad_token_id,
+        eos_token_id=config.eos_token_id, decoder_start_token_id=config.decoder_start_token_id,
+        architectures=["T5ForConditionalGeneration"]).to_dict()
+
+
+def paper_model_config(s: PaperSettings, kv_heads: int | None = None):
+    """The experiment's MHA config, or the same architecture with `kv_heads` KV heads (in the decoder's self-
+    and cross-attention for a T5, as the paper groups them)."""
+    if s.architecture == "t5":
+        config = Seq2SeqConfig(**s.model)
+        return config if kv_heads is None else replace(config, self_kv_heads=[kv_heads] * config.n_decoder_layers,
+                                                       cross_kv_heads=[kv_heads] * config.n_decoder_layers)
+    return ModelConfig(**({**s.model, "n_kv_heads": kv_heads} if kv_heads is not None else s.model))
+
+
 def run_paper(out: str | Path, quick: bool = False, device: str | None = None,
-              settings: str | Path | None = None) -> dict:
-    s = settings_for(PaperSettings(), PAPER_QUICK, quick, settings)
+              settings: str | Path | None = None, which: str = "paper") -> dict:
+    """The GQA paper at small scale (`which="paper-t5"`: in its own encoder–decoder setting)."""
+    t5 = which == "paper-t5"
+    defaults = replace(PaperSettings(), **PAPER_T5) if t5 else PaperSettings()
+    s = settings_for(defaults, {**PAPER_QUICK, **(PAPER_T5_QUICK if t5 else {})}, quick, settings)
     out = Path(out)
     runs = fresh_runs(out)
     started = time.time()
-    tokenizer = load_tokenizer(ASSET)
-    pipe = Pipeline(tokenizer, prepare("bundled", tokenizer, s.seq_len), s.eval_blocks, device=resolve(device),
+    tokenizer_dir = runs / "tokenizer" if s.architecture == "t5" else ASSET
+    tokenizer = t5_tokenizer(tokenizer_dir) if s.architecture == "t5" else load_tokenizer(ASSET)
+    data = prepare_seq2seq("bundled", tokenizer, s.seq_len) if s.architecture == "t5" else \
+        prepare("bundled", tokenizer, s.seq_len)
+    pipe = Pipeline(tokenizer, data, s.eval_blocks, device=resolve(device),
                     train_settings=dict(data="bundled", seq_len=s.seq_len, batch_size=s.batch_size, eval_every=None,
                                         eval_blocks=s.eval_blocks, save_every=None, compile=s.compile, device=device))
     rows = Rows(runs / "rows.jsonl")
     # 1. the MHA starting point
-    mha_config = ModelConfig(**s.model)
-    pre, scores = pipe.train(fresh_model(mha_config, 0), runs / "mha", steps=s.pretrain_steps, lr=s.lr, seed=0)
+    mha_config = paper_model_config(s)
+    pre, scores = pipe.train(fresh_model(mha_config, 0, tokenizer_dir), runs / "mha", steps=s.pretrain_steps,
+                             lr=s.lr, seed=0)
     pretrain_tokens = pre["tokens"]
     rows.add(kind="mha", kv_heads=mha_config.n_heads, method="none", alpha=0.0, seed=0, tokens=pretrain_tokens,
              val_perplexity=scores["perplexity"])
@@ -140,17 +200,17 @@ def run_paper(out: str | Path, quick: bool = False, device: str | None = None,
     # 4. the same architectures from scratch, for the same total tokens as α = 0.05 uptraining
     for g in s.kv_heads if s.scratch else ():
         for seed in s.seeds:
-            config = ModelConfig(**{**s.model, "n_kv_heads": g})
-            report, scores = pipe.train(fresh_model(config, seed), runs / f"scratch-g{g}-s{seed}",
+            config = paper_model_config(s, g)
+            report, scores = pipe.train(fresh_model(config, seed, tokenizer_dir), runs / f"scratch-g{g}-s{seed}",
                                         steps=round(s.pretrain_steps * (1 + s.alpha)), lr=s.lr, seed=seed)
             rows.add(kind="scratch", kv_heads=g, method="scratch", alpha=None, seed=seed, tokens=report["tokens"],
                      val_perplexity=scores["perplexity"])
     results = {
-        "command": command_line("paper", quick, settings, out),
+        "command": command_line(which, quick, settings, out),
         "device": device_name(torch.device(pipe.device)),
         "settings": asdict(s),
         "pretrain_tokens": pretrain_tokens,
-        "validation_tokens": int(len(pipe.val) * s.seq_len),
+        "validation_tokens": pipe.val.numel() if s.architecture == "t5" else int(len(pipe.val) * s.seq_len),
         "rows": list(rows),
         "decode": paper_decode(s, runs, mha_config.n_heads, pipe.device),
         "seconds": round(time.time() - started, 1),
@@ -208,7 +268,7 @@ def rewrite_report(which: str, out: str | Path) -> dict:
         results = read_json(out / "results.json")
     except FileNotFoundError:
         raise GQAError(f"no results.json in {out} to rewrite the report from") from None
-    if which == "paper":
+    if which.startswith("paper"):
         figures(results, out)
         (out / "README.md").write_text(findings(results))
     else:
@@ -253,7 +313,8 @@ def findings(results: dict) -> str:
     rows, s = results["rows"], results["settings"]
     alpha = s["alpha"]
     mha = rows[0]["val_perplexity"]
-    lines = ["# The GQA paper at small scale\n", f"```\n{results['command']}\n```\n",
+    title = "in its own setting, an encoder–decoder (T5)" if s.get("architecture") == "t5" else "at small scale"
+    lines = [f"# The GQA paper {title}\n", f"```\n{results['command']}\n```\n",
              f"Device: {results['device']}; {results['seconds']:.0f} s; pre-training {results['pretrain_tokens']:,} "
              f"tokens; validation {results['validation_tokens']:,} tokens. Every number below is in "
              f"[results.json](results.json).\n",
@@ -405,7 +466,7 @@ def alpha_figure(ax, rows: list[dict], s: dict, results: dict) -> None:
 
 @dataclass
 class SmolSettings:
-    methods: tuple[str, ...] = ("mean", "first", "random", "aligned")  # converted and evaluated
+    methods: tuple[str, ...] = field(default_factory=lambda: tuple(conversion_methods.REGISTRY))  # converted, evaluated
     uptrain_methods: tuple[str, ...] | None = None  # of those, uptrained (default: all)
     distill: tuple[bool, ...] = (False, True)
     steps: int = 500

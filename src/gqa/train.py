@@ -39,7 +39,14 @@ from .errors import GQAError, warn
 from .fingerprint import digest, tensors_digest
 from .jsonfiles import append_jsonl, write_json
 from .model import Transformer
+from .seq2seq import Seq2SeqTransformer
+from .seq2seq_data import Examples, prepare_seq2seq
 
+PRETRAIN_LR = 3e-4  # the default from scratch, and for uptraining without a teacher
+# Uptraining a converted model next to the model it came from: distil from it, at a step size for continued
+# training (on the demo model 5e-4 walked a near-copy of the original away from it: perplexity 77.1 -> 80.3).
+CONTINUED_LR = 1e-4
+CONTINUED_DISTILL_WEIGHT = 1.0
 # dense bf16 peak FLOP/s by device name, for model FLOPs utilisation
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
 
@@ -54,7 +61,7 @@ class TrainConfig:
     steps: int | None = None
     alpha: float | None = None
     pretrain_tokens: float | None = None
-    lr: float = 3e-4
+    lr: float = PRETRAIN_LR
     min_lr_ratio: float = 0.1
     warmup_steps: int | None = None  # default: 5 % of the steps
     weight_decay: float = 0.1
@@ -182,27 +189,43 @@ def wrap(model: Transformer, strategy: str, d: Dist, device: torch.device) -> to
 # ------------------------------------------------------------------------------------------- losses
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 
-def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """KL(teacher ‖ student) per token, averaged over tokens."""
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher ‖ student) per token, averaged over the tokens that have a target (all, without targets)."""
     log_s = F.log_softmax(student_logits.float().flatten(0, 1), dim=-1)
     log_t = F.log_softmax(teacher_logits.float().flatten(0, 1), dim=-1)
+    if targets is not None and bool((targets == -100).any()):
+        keep = targets.flatten() != -100
+        log_s, log_t = log_s[keep], log_t[keep]
     return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
 
 
+def forward_batch(net, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets) of a training batch: packed blocks [B, L + 1] of a decoder (next-token targets), or
+    `seq2seq_data.Examples` of an encoder–decoder (teacher-forced targets, -100 where there is none)."""
+    if isinstance(batch, Examples):
+        logits = net(batch.input_ids, unwrap(net).shift_right(batch.labels), attention_mask=batch.input_mask)
+        return logits, batch.labels
+    return net(batch[:, :-1]), batch[:, 1:]
+
+
+def unwrap(net) -> torch.nn.Module:
+    return getattr(net, "module", getattr(net, "_orig_mod", net))
+
+
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, blocks: torch.Tensor, batch: int, device, autocast) -> float:
+def validation_loss(model: torch.nn.Module, blocks, batch: int, device, autocast) -> float:
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(blocks), batch):
-        chunk = blocks[i : i + batch].to(device)
         with autocast():
-            logits = model(chunk[:, :-1])
-        total += F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
-        count += chunk[:, 1:].numel()
+            logits, targets = forward_batch(model, blocks[i : i + batch].to(device))
+        total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                 reduction="sum").item()
+        count += int((targets != -100).sum())
     model.train(was_training)
     return total / count
 
@@ -291,10 +314,17 @@ def run_fingerprint(cfg: TrainConfig, model: Transformer, data: TokenData, teach
     rate, schedule and the rest may change on a resume (a lower --lr after a divergence); these may not."""
     return {
         "settings": digest({name: getattr(cfg, name) for name in RUN_DEFINING}),
-        "data": tensors_digest({"train": data.train, "val": data.val}),
+        "data": tensors_digest(data_tensors(data)),
         "model": tensors_digest(model.state_dict()),
         "teacher": tensors_digest(teacher.state_dict()) if teacher is not None else None,
     }
+
+
+def data_tensors(data) -> dict[str, torch.Tensor]:
+    if isinstance(data.train, Examples):
+        return {f"{side}.{name}": getattr(getattr(data, side), name) for side in ("train", "val")
+                for name in ("input_ids", "input_mask", "labels")}
+    return {"train": data.train, "val": data.val}
 
 
 PARTS = {"settings": f"settings ({', '.join('--' + n.replace('_', '-') for n in RUN_DEFINING)})",
@@ -404,16 +434,16 @@ class Trainer:
         return validation_loss(self.forward, val_blocks, max(1, self.cfg.batch_size // self.d.world), self.device,
                                self.autocast)
 
-    def losses(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def losses(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """LM loss and, with a teacher, KL(teacher ‖ student) of one micro-batch."""
         with self.autocast():
-            logits = self.forward(x)
-        lm = lm_loss(logits, y)
+            logits, targets = forward_batch(self.forward, batch)
+        lm = lm_loss(logits, targets)
         if self.teacher is None:
             return lm, None
         with torch.no_grad(), self.autocast():
-            teacher_logits = self.teacher(x)
-        return lm, distill_kl(logits, teacher_logits)
+            teacher_logits, _ = forward_batch(self.teacher, batch)
+        return lm, distill_kl(logits, teacher_logits, targets)
 
     def step(self, step: int, data: TokenData, order: BlockOrder) -> dict:
         """One optimizer step over grad_accum micro-batches; refuses to apply a non-finite one."""
@@ -427,7 +457,7 @@ class Trainer:
             last = micro == cfg.grad_accum - 1
             sync = self.net.no_sync() if d.world > 1 and cfg.strategy == "ddp" and not last else contextlib.nullcontext()
             with sync:
-                lm, kl = self.losses(blocks[:, :-1], blocks[:, 1:])
+                lm, kl = self.losses(blocks)
                 lm_sum += lm.detach()
                 loss = lm if kl is None else lm + cfg.distill_weight * kl
                 if kl is not None:
@@ -483,7 +513,7 @@ class Trainer:
             return None
         if self.tied:
             model_state.setdefault("output.weight", model_state["tok_embeddings.weight"])
-        final = Transformer(self.model.config)
+        final = type(self.model)(self.model.config)
         final.load_state_dict(model_state)
         final.tie_weights()
         final.hf_config, final.source_dir = self.model.hf_config, self.model.source_dir
@@ -508,12 +538,38 @@ def settle(cfg: TrainConfig, model: Transformer, d: Dist) -> TrainConfig:
 
 
 def training_data(cfg: TrainConfig, tokenizer, model: Transformer, data: TokenData | None) -> TokenData:
+    """The run's blocks (a decoder) or examples (an encoder–decoder: pairs, or span-corrupted text)."""
+    seq2seq = isinstance(model, Seq2SeqTransformer)
     if data is None:
-        data = prepare(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction)
+        data = prepare_seq2seq(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, cfg.seed) if seq2seq else \
+            prepare(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction)
     elif data.seq_len != cfg.seq_len:
         raise GQAError(f"prepared data has blocks of {data.seq_len} tokens, the run asks for {cfg.seq_len}")
-    check_token_ids(torch.cat([data.train.flatten(), data.val.flatten()]), model.config.vocab_size, str(cfg.data))
+    if seq2seq:
+        check_token_ids(torch.tensor([max(data.train.max_id(), data.val.max_id())]), model.config.vocab_size,
+                        str(cfg.data))
+    else:
+        check_token_ids(torch.cat([data.train.flatten(), data.val.flatten()]), model.config.vocab_size, str(cfg.data))
     return data
+
+
+def conversion_source(model_dir: str | os.PathLike) -> str | None:
+    """The source a gqa conversion names in the folder's conversion.json, if that folder is still there (the
+    default teacher for uptraining it); None for a folder gqa did not convert."""
+    report = Path(model_dir) / "conversion.json"
+    if not report.is_file():
+        return None
+    try:
+        source = json.loads(report.read_text()).get("source")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    if not source:
+        return None
+    if not (Path(source) / "config.json").is_file():
+        warn(f"{report} names the source {source}, which is not there any more: uptraining without a teacher "
+             f"(pass --teacher to distil from another copy of it)")
+        return None
+    return source
 
 
 def load_teacher(cfg: TrainConfig, model: Transformer, device: torch.device) -> Transformer | None:

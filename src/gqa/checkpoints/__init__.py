@@ -20,9 +20,11 @@ import torch
 from ..errors import GQAError
 from ..model import ModelConfig, Transformer
 from ..runtimes import write_remote_code
+from ..seq2seq import Seq2SeqTransformer
 from ..version import __version__
 from . import files
 from .families import BY_ARCHITECTURE, MQA_FORM, PER_LAYER, Family, family_for, stack_heads
+from .seq2seq import describe_seq2seq, is_seq2seq, load_seq2seq, save_seq2seq
 
 NATIVE_ARCHITECTURE = "GQAForCausalLM"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -42,8 +44,11 @@ def is_native(hf: dict) -> bool:
 
 
 def read_model_config(path: str | os.PathLike) -> tuple[ModelConfig, Family | None, dict]:
-    """(ModelConfig, family or None for gqa's own format, raw config.json) of a model folder."""
+    """(ModelConfig, family or None for gqa's own format, raw config.json) of a decoder-only model folder."""
     hf = files.read_config(path)
+    if is_seq2seq(hf):
+        raise GQAError(f"{path} is an encoder–decoder model ({(hf.get('architectures') or [hf.get('model_type')])[0]});"
+                       f" this needs a decoder-only model")
     try:
         if is_native(hf):
             return ModelConfig.from_dict(hf["gqa_config"]), None, hf
@@ -55,14 +60,30 @@ def read_model_config(path: str | os.PathLike) -> tuple[ModelConfig, Family | No
         raise GQAError(f"{Path(path) / 'config.json'} has an invalid field: {e}") from None
 
 
+def checked_config(path: str | os.PathLike):
+    """A folder's config, checked against its weights' headers (no weight is read): a `ModelConfig`, or for an
+    encoder–decoder a `Seq2SeqConfig` (both have the vocab_size and max_positions that checks read)."""
+    from .seq2seq import check_seq2seq_layout, read_seq2seq_config
+
+    if is_seq2seq(hf := files.read_config(path)):
+        config, family = read_seq2seq_config(path, hf)
+        check_seq2seq_layout(path, config, family)
+        return config
+    config, family, _ = read_model_config(path)
+    check_layout(path, config, family)
+    return config
+
+
 def check_reference(model: str | os.PathLike, config: ModelConfig, reference: str | os.PathLike, role: str,
                     seq_len: int | None = None) -> None:
     """A reference (`gqa eval --reference`) or teacher (`--teacher`) of the model folder `model` must predict
     over the same tokens (vocabulary and tokenizer) and read windows of `seq_len` tokens. Reads no weights."""
     from .tokenizer import check_same_tokenizer
 
-    ref, family, _ = read_model_config(reference)
-    check_layout(reference, ref, family)
+    ref = checked_config(reference)
+    if type(ref) is not type(config):
+        kind = "an encoder–decoder" if type(ref).__name__.startswith("Seq2Seq") else "a decoder-only"
+        raise GQAError(f"the {role} {reference} is {kind} model and {model} is not")
     if ref.vocab_size != config.vocab_size:
         raise GQAError(f"the {role} {reference} has a vocabulary of {ref.vocab_size:,} entries, {model} one of "
                        f"{config.vocab_size:,}: they do not share a tokenizer")
@@ -142,11 +163,14 @@ def load(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ) -> Transformer:
-    """Load a model folder (any supported HF family, or gqa's own format) as a `gqa` Transformer.
+    """Load a model folder (any supported HF family, or gqa's own format) as a `gqa` Transformer (an
+    encoder–decoder folder as a `gqa.seq2seq.Seq2SeqTransformer`).
 
     dtype: None keeps the checkpoint's dtype; otherwise "float32", "bfloat16", "float16" or a torch dtype.
     """
     dtype = parse_dtype(dtype)
+    if is_seq2seq(raw := files.read_config(path)):  # an encoder–decoder (T5, BART): its own model class
+        return load_seq2seq(path, raw, dtype, device)
     config, family, hf = read_model_config(path)
     check_layout(path, config, family)
     with torch.device("meta"):
@@ -229,6 +253,8 @@ def save(
 ) -> Path:
     """Write `model` to folder `dest` atomically; returns the path. Tokenizer files travel with it."""
     dtype = parse_dtype(dtype) or model.dtype
+    if isinstance(model, Seq2SeqTransformer):
+        return save_seq2seq(model, dest, format=format, overwrite=overwrite, dtype=dtype)
     family = target_family(model.config, model.hf_config, format)
     state = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     state = export_tensors(state, model.config, family)
@@ -254,6 +280,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     serves it. Reads no weights."""
     from ..runtimes.vllm_runtime import vllm_support
 
+    if is_seq2seq(raw := files.read_config(path)):
+        return describe_seq2seq(path, raw)
     config, family, hf = read_model_config(path)
     check_layout(path, config, family)
     shapes = files.tensor_shapes(path)

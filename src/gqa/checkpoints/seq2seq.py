@@ -1,0 +1,356 @@
+"""Encoder–decoder checkpoints at the edges: T5 (v1.0, v1.1 / Flan-T5), mT5, UMT5 and BART folders in and
+out, and gqa's own format for what no HF class can hold.
+
+Each family is one declarative description: its architectures, how its config.json maps to
+`Seq2SeqConfig` (`read`) and back (`write`), and its tensor names against gqa's (templates with {i} for the
+layer and {p} for weight / bias). transformers has no encoder–decoder class with a KV-head count for these
+layouts (T5Gemma has one, with RoPE and other norms: not a lossless home for a T5), so a model with fewer KV
+heads than query heads in any attention is written in gqa's own format (architecture `GQASeq2SeqLM`: the
+gqa config, gqa's tensor names); at G = H it is written back as its HF class, exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import GQAError
+from ..seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+from . import files
+from .families import template_regex
+
+NATIVE_SEQ2SEQ = "GQASeq2SeqLM"
+ACTIVATIONS = {"relu": "relu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+
+
+@dataclass(frozen=True)
+class Seq2SeqFamily:
+    name: str
+    architectures: tuple[str, ...]
+    model_types: tuple[str, ...]
+    read: Callable[[dict], dict]  # config.json -> Seq2SeqConfig fields
+    write: Callable[[Seq2SeqConfig, dict], dict]  # (config, the source's config.json) -> config.json
+    tensors: Callable[[Seq2SeqConfig], tuple[tuple[str, str], ...]]  # (HF template, gqa template) pairs
+    ignore: tuple[str, ...] = ()  # HF names that duplicate a tied tensor
+
+    def rules(self, config: Seq2SeqConfig):
+        return [(template_regex(hf), hf, ours) for hf, ours in self.tensors(config)]
+
+    def import_tensor(self, name: str, tensor: torch.Tensor, config: Seq2SeqConfig) -> dict[str, torch.Tensor]:
+        if any(re.fullmatch(p, name) for p in self.ignore):
+            return {}
+        for regex, _, ours in self.rules(config):
+            m = regex.fullmatch(name)
+            if m:
+                if ours == "output.bias":
+                    tensor = tensor.reshape(-1)  # BART's final_logits_bias is [1, vocab]
+                return {ours.format(**m.groupdict()): tensor.contiguous()}
+        raise GQAError(f"{self.name}: tensor {name} has no place in gqa's encoder–decoder")
+
+    def export_state(self, state: dict[str, torch.Tensor], config: Seq2SeqConfig) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, tensor in state.items():
+            if name == "output.weight" and config.tie_embeddings:
+                continue
+            for _, hf, ours in self.rules(config):
+                m = template_regex(ours).fullmatch(name)
+                if m:
+                    out[hf.format(**m.groupdict())] = tensor.reshape(1, -1) if ours == "output.bias" else tensor
+                    break
+            else:
+                raise GQAError(f"{self.name} has no place for gqa tensor {name}")
+        return out
+
+    def can_express(self, config: Seq2SeqConfig) -> bool:
+        heads = config.encoder_kv_heads + config.self_kv_heads + config.cross_kv_heads
+        return all(g == config.n_heads for g in heads)
+
+
+# ------------------------------------------------------------------------------------------------ T5
+
+def t5_read(hf: dict) -> dict:
+    projection = hf.get("feed_forward_proj", "relu")
+    gated = hf.get("is_gated_act", projection.startswith("gated-"))
+    act = hf.get("dense_act_fn") or projection.split("-")[-1]
+    if act not in ACTIVATIONS:
+        raise GQAError(f"T5 activation {act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
+    heads, tie = hf["num_heads"], hf.get("tie_word_embeddings", True)
+    pad = hf.get("pad_token_id", 0)
+    return dict(
+        vocab_size=hf["vocab_size"], dim=hf["d_model"], n_heads=heads, head_dim=hf["d_kv"], hidden_dim=hf["d_ff"],
+        n_encoder_layers=hf["num_layers"], n_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
+        encoder_kv_heads=heads, self_kv_heads=heads, cross_kv_heads=heads, max_positions=hf.get("n_positions", 512),
+        positions="relative", relative_buckets=hf.get("relative_attention_num_buckets", 32),
+        relative_max_distance=hf.get("relative_attention_max_distance", 128),
+        bias_in_every_layer=hf.get("model_type") == "umt5", norm="rms", norm_eps=hf.get("layer_norm_epsilon", 1e-6),
+        block="pre_norm", mlp="gated" if gated else "plain", activation=ACTIVATIONS[act], attention_scale=1.0,
+        tie_embeddings=tie, output_scale=hf["d_model"] ** -0.5 if hf.get("scale_decoder_outputs", tie) else 1.0,
+        decoder_start_token_id=hf.get("decoder_start_token_id", pad), pad_token_id=pad,
+        eos_token_id=hf.get("eos_token_id", 1))
+
+
+def t5_write(config: Seq2SeqConfig, base: dict) -> dict:
+    return {**base, "vocab_size": config.vocab_size, "d_model": config.dim, "num_heads": config.n_heads,
+            "d_kv": config.head_dim, "d_ff": config.hidden_dim, "num_layers": config.n_encoder_layers,
+            "num_decoder_layers": config.n_decoder_layers}
+
+
+def t5_tensors(config: Seq2SeqConfig) -> tuple[tuple[str, str], ...]:
+    def attention(hf: str, ours: str):
+        return tuple((f"{hf}.{x}.weight", f"{ours}.w{x}.weight") for x in "qkvo")
+
+    mlp = {"wi": "up"} if config.mlp == "plain" else {"wi_0": "gate", "wi_1": "up"}
+
+    def stack(name: str, parts: list[tuple[int, str, str]]):
+        rules = [(f"{name}.final_layer_norm.weight", f"{name}.norm.weight")]
+        bias = f"{name}.block.{{i}}.layer.0.SelfAttention.relative_attention_bias.weight"
+        rules += [(bias, f"{name}.biases.{{i}}.weight")] if config.bias_in_every_layer else \
+            [(bias.replace("{i}", "0"), f"{name}.biases.0.weight")]
+        for index, module, ours in parts:
+            block = f"{name}.block.{{i}}.layer.{index}"
+            norm = {"attention": "attention_norm", "cross": "cross_norm", "mlp": "mlp_norm"}[ours]
+            rules.append((f"{block}.layer_norm.weight", f"{name}.layers.{{i}}.{norm}.weight"))
+            if ours == "mlp":
+                rules += [(f"{block}.DenseReluDense.{hf}.weight", f"{name}.layers.{{i}}.mlp.{g}.weight")
+                          for hf, g in {**mlp, "wo": "down"}.items()]
+            else:
+                rules += attention(f"{block}.{module}", f"{name}.layers.{{i}}.{ours}")
+        return rules
+
+    return (("shared.weight", "tok_embeddings.weight"), ("lm_head.weight", "output.weight"),
+            *stack("encoder", [(0, "SelfAttention", "attention"), (1, "", "mlp")]),
+            *stack("decoder", [(0, "SelfAttention", "attention"), (1, "EncDecAttention", "cross"), (2, "", "mlp")]))
+
+
+T5 = Seq2SeqFamily("t5", ("T5ForConditionalGeneration", "MT5ForConditionalGeneration", "UMT5ForConditionalGeneration"),
+                   ("t5", "mt5", "umt5"), t5_read, t5_write, t5_tensors,
+                   ignore=(r"(encoder|decoder)\.embed_tokens\.weight",))
+
+
+# ------------------------------------------------------------------------------------------------ BART
+
+def bart_read(hf: dict) -> dict:
+    if hf.get("normalize_before") or hf.get("add_final_layer_norm"):
+        raise GQAError("BART with normalize_before / add_final_layer_norm (mBART's pre-norm layout) is not supported")
+    heads = hf["encoder_attention_heads"]
+    if hf.get("decoder_attention_heads", heads) != heads or hf.get("decoder_ffn_dim") != hf.get("encoder_ffn_dim"):
+        raise GQAError("BART whose encoder and decoder differ in heads or MLP width is not supported")
+    act = hf.get("activation_function", "gelu")
+    if act not in ACTIVATIONS:
+        raise GQAError(f"BART activation {act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
+    dim = hf["d_model"]
+    return dict(
+        vocab_size=hf["vocab_size"], dim=dim, n_heads=heads, head_dim=dim // heads, hidden_dim=hf["encoder_ffn_dim"],
+        n_encoder_layers=hf["encoder_layers"], n_decoder_layers=hf["decoder_layers"], encoder_kv_heads=heads,
+        self_kv_heads=heads, cross_kv_heads=heads, max_positions=hf.get("max_position_embeddings", 1024),
+        positions="learned", position_offset=2, norm="layer", norm_eps=1e-5, block="post_norm", mlp="plain",
+        activation=ACTIVATIONS[act], attention_scale=None, qkv_bias=True, out_bias=True, mlp_bias=True,
+        embedding_scale=math.sqrt(dim) if hf.get("scale_embedding") else 1.0, embedding_norm=True,
+        tie_embeddings=hf.get("tie_word_embeddings", True), output_bias=True,
+        decoder_start_token_id=hf.get("decoder_start_token_id", 2), pad_token_id=hf.get("pad_token_id", 1),
+        eos_token_id=hf.get("eos_token_id", 2))
+
+
+def bart_write(config: Seq2SeqConfig, base: dict) -> dict:
+    return {**base, "vocab_size": config.vocab_size, "d_model": config.dim, "encoder_attention_heads": config.n_heads,
+            "decoder_attention_heads": config.n_heads, "encoder_ffn_dim": config.hidden_dim,
+            "decoder_ffn_dim": config.hidden_dim, "encoder_layers": config.n_encoder_layers,
+            "decoder_layers": config.n_decoder_layers}
+
+
+def bart_tensors(config: Seq2SeqConfig) -> tuple[tuple[str, str], ...]:
+    def layer(hf: str, ours: str, names: dict[str, str]):
+        return tuple((f"model.{hf}.layers.{{i}}.{h}.{{p}}", f"{ours}.layers.{{i}}.{g}.{{p}}") for h, g in names.items())
+
+    common = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+              "self_attn.out_proj": "attention.wo", "self_attn_layer_norm": "attention_norm", "fc1": "mlp.up",
+              "fc2": "mlp.down", "final_layer_norm": "mlp_norm"}
+    cross = {"encoder_attn.q_proj": "cross.wq", "encoder_attn.k_proj": "cross.wk", "encoder_attn.v_proj": "cross.wv",
+             "encoder_attn.out_proj": "cross.wo", "encoder_attn_layer_norm": "cross_norm"}
+    outer = [("model.shared.weight", "tok_embeddings.weight"), ("lm_head.weight", "output.weight"),
+             ("final_logits_bias", "output.bias")]
+    for stack in ("encoder", "decoder"):
+        outer += [(f"model.{stack}.embed_positions.weight", f"{stack}.pos_embeddings.weight"),
+                  (f"model.{stack}.layernorm_embedding.{{p}}", f"{stack}.embedding_norm.{{p}}")]
+    return (*outer, *layer("encoder", "encoder", common), *layer("decoder", "decoder", {**common, **cross}))
+
+
+BART = Seq2SeqFamily("bart", ("BartForConditionalGeneration",), ("bart",), bart_read, bart_write, bart_tensors,
+                     ignore=(r"model\.(encoder|decoder)\.embed_tokens\.weight",))
+
+SEQ2SEQ_FAMILIES = [T5, BART]
+BY_ARCHITECTURE = {a: f for f in SEQ2SEQ_FAMILIES for a in f.architectures}
+
+
+# ------------------------------------------------------------------------------------------------ folders
+
+def is_seq2seq(hf: dict) -> bool:
+    archs = hf.get("architectures") or []
+    return NATIVE_SEQ2SEQ in archs or any(a in BY_ARCHITECTURE for a in archs) or (
+        not archs and any(hf.get("model_type") in f.model_types for f in SEQ2SEQ_FAMILIES))
+
+
+def seq2seq_family(hf: dict) -> Seq2SeqFamily | None:
+    """The family of an encoder–decoder config.json; None for gqa's own format."""
+    archs = hf.get("architectures") or []
+    if NATIVE_SEQ2SEQ in archs:
+        return None
+    for arch in archs:
+        if arch in BY_ARCHITECTURE:
+            return BY_ARCHITECTURE[arch]
+    return next(f for f in SEQ2SEQ_FAMILIES if hf.get("model_type") in f.model_types)
+
+
+def read_seq2seq_config(path, hf: dict) -> tuple[Seq2SeqConfig, Seq2SeqFamily | None]:
+    family = seq2seq_family(hf)
+    try:
+        fields = Seq2SeqConfig.from_dict(hf["gqa_config"]).to_dict() if family is None else family.read(hf)
+    except KeyError as e:
+        raise GQAError(f"{Path(path) / 'config.json'} lacks the field {e.args[0]!r}") from None
+    return Seq2SeqConfig(**fields), family
+
+
+def expected_shapes(config: Seq2SeqConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = Seq2SeqTransformer(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def headers(path):
+    """(name, a meta tensor of its shape) for every tensor of a folder: checks read no weights."""
+    for name, (shape, _) in files.tensor_shapes(path).items():
+        yield name, torch.empty(shape, device="meta")
+
+
+def check_seq2seq_layout(path, config: Seq2SeqConfig, family: Seq2SeqFamily | None) -> None:
+    """The folder's tensors against its config, from the safetensors headers alone."""
+    import_state(path, config, family, read=headers)
+
+
+def import_state(path, config: Seq2SeqConfig, family: Seq2SeqFamily | None, read=None) -> dict[str, torch.Tensor]:
+    """gqa tensors of a folder (checked against the config: nothing missing, nothing unexpected, shapes)."""
+    from . import check_finite
+
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in (read or files.iter_tensors)(path):
+        if tensor.device.type != "meta":
+            check_finite(path, name, tensor)
+        state.update(family.import_tensor(name, tensor, config) if family else {name: tensor})
+    if config.tie_embeddings:
+        state.setdefault("output.weight", state.get("tok_embeddings.weight"))
+    expected = expected_shapes(config)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise GQAError(f"{path}: the checkpoint misses {missing[:3]} / has unexpected {unexpected[:3]} for its config")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != expected[name]:
+            raise GQAError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, but config.json implies "
+                           f"{expected[name]}")
+    return state
+
+
+def load_seq2seq(path, hf: dict, dtype: torch.dtype | None, device) -> Seq2SeqTransformer:
+    config, family = read_seq2seq_config(path, hf)
+    state = import_state(path, config, family)
+    with torch.device("meta"):
+        model = Seq2SeqTransformer(config)
+    dtype = dtype or state["tok_embeddings.weight"].dtype
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, assign=True, strict=True)
+    model.tie_weights()
+    model.eval()
+    model.hf_config = hf.get("hf_config") if family is None else hf
+    model.source_dir = Path(path)
+    return model
+
+
+def seq2seq_config_json(config: Seq2SeqConfig, hf_config: dict | None, family: Seq2SeqFamily | None,
+                        dtype: torch.dtype) -> dict:
+    from ..version import __version__
+
+    base = {k: v for k, v in (hf_config or {}).items() if k not in ("_name_or_path", "torch_dtype", "dtype",
+                                                                     "transformers_version")}
+    dtype_name = str(dtype).removeprefix("torch.")
+    if family is None:
+        return {"architectures": [NATIVE_SEQ2SEQ], "model_type": "gqa-seq2seq", "gqa_version": __version__,
+                "gqa_config": config.to_dict(), "hf_config": base or None, "torch_dtype": dtype_name}
+    return {**family.write(config, base), "torch_dtype": dtype_name}
+
+
+def target_seq2seq_family(config: Seq2SeqConfig, hf_config: dict | None, format: str) -> Seq2SeqFamily | None:
+    """The HF family a model is written as (its source's, at G = H), or None for gqa's own format."""
+    if format == "native" or not hf_config:
+        return None
+    family = seq2seq_family(hf_config) if is_seq2seq(hf_config) else None
+    if family is not None and family.can_express(config):
+        return family
+    if format == "hf":
+        raise GQAError(f"{family.name if family else 'no HF family'} cannot hold fewer KV heads than query heads: "
+                       f"transformers has no encoder–decoder class with a KV-head count for this layout; write "
+                       f"gqa's own format (--format native)")
+    return None
+
+
+def save_seq2seq_state(state: dict[str, torch.Tensor], config: Seq2SeqConfig, hf_config: dict | None,
+                       family: Seq2SeqFamily | None, dest, dtype: torch.dtype, source_dir=None, overwrite: bool = False,
+                       extra_files: dict | None = None) -> Path:
+    """Write gqa tensors as `family`'s folder (None: gqa's own format), atomically, tokenizer beside them."""
+    state = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v for k, v in state.items()}
+    if family is not None:
+        tensors = family.export_state(state, config)
+    else:
+        tensors = {k: v for k, v in state.items() if not (k == "output.weight" and config.tie_embeddings)}
+    with files.atomic_dir(dest, overwrite=overwrite) as tmp:
+        writer = files.ShardWriter(tmp)
+        for name, tensor in tensors.items():
+            writer.add(name, tensor)
+        writer.close()
+        files.copy_tokenizer(source_dir, tmp)
+        for name, obj in (extra_files or {}).items():
+            files.write_json(tmp / name, obj)
+        files.write_json(tmp / "config.json", seq2seq_config_json(config, hf_config, family, dtype))
+    return Path(dest)
+
+
+def save_seq2seq(model: Seq2SeqTransformer, dest, format: str = "auto", overwrite: bool = False,
+                 dtype: torch.dtype | None = None) -> Path:
+    family = target_seq2seq_family(model.config, model.hf_config, format)
+    return save_seq2seq_state(model.state_dict(), model.config, model.hf_config, family, dest, dtype or model.dtype,
+                              source_dir=model.source_dir, overwrite=overwrite)
+
+
+def describe_seq2seq(path, hf: dict) -> dict:
+    """What `gqa info` prints for an encoder–decoder: heads of each attention kind, and the KV bytes per
+    generated token (the decoder's self-attention cache) and per source token (its cross-attention cache)."""
+    config, family = read_seq2seq_config(path, hf)
+    shapes = files.tensor_shapes(path)
+    params = sum(math.prod(shape) for name, (shape, _) in shapes.items()
+                 if not (family and any(re.fullmatch(p, name) for p in family.ignore)))
+    storage = max(((dt, sum(math.prod(s) for s, d in shapes.values() if d == dt)) for _, dt in shapes.values()),
+                  key=lambda x: x[1])[0]
+    element = {"F32": 4, "BF16": 2, "F16": 2}.get(storage, 4)
+    mha = 2 * config.n_decoder_layers * config.n_heads * config.head_dim * element
+
+    def kind(heads):
+        return "+".join(sorted({"MHA" if g == config.n_heads else "MQA" if g == 1 else f"GQA-{g}" for g in heads}))
+
+    return {
+        "path": str(path), "architecture": (hf.get("architectures") or [hf.get("model_type")])[0],
+        "family": family.name if family else "gqa", "encoder_layers": config.n_encoder_layers,
+        "decoder_layers": config.n_decoder_layers, "hidden_size": config.dim, "query_heads": config.n_heads,
+        "encoder_kv_heads": config.encoder_kv_heads, "decoder_self_kv_heads": config.self_kv_heads,
+        "cross_kv_heads": config.cross_kv_heads, "head_dim": config.head_dim,
+        "attention": f"encoder {kind(config.encoder_kv_heads)}, decoder self {kind(config.self_kv_heads)}, "
+                     f"cross {kind(config.cross_kv_heads)}",
+        "positions": "relative bias" if config.positions == "relative" else "learned",
+        "vocab_size": config.vocab_size, "parameters": params, "dtype": storage,
+        "kv_bytes_per_token": config.kv_bytes_per_token(element),
+        "kv_bytes_per_source_token": config.kv_bytes_per_source_token(element),
+        "kv_bytes_per_token_if_mha": mha, "kv_reduction": mha / config.kv_bytes_per_token(element),
+        "vllm": "no: gqa serves encoder–decoder outputs itself (gqa.load, generate, eval, bench)",
+    }

@@ -1,0 +1,138 @@
+"""MHA -> GQA / MQA for encoder–decoder models (T5, mT5, UMT5, BART): the GQA paper's own setting.
+
+The decoder's self-attention and its cross-attention are grouped to G KV heads (the paper's choice), the
+encoder's self-attention only when asked (`encoder=True`): its queries are all computed at once, so its
+keys and values are read once per source, not once per generated token. Each attention is merged by a
+registered method, exactly as a decoder-only layer is (`heads.AttentionWeights`, `methods.REGISTRY`).
+
+Methods that fit to calibration activations are not offered here yet: their fits assume causal
+self-attention whose queries and keys read the same inputs, which cross-attention does not. T5 has no
+rotary embedding, so its key side has more exact symmetries than a RoPE model's (any invertible map per
+head, undone in the queries); mean / first / random do not use them.
+
+The model is read whole (an 11B T5 needs its size in memory), merged, and written in one go.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from ..checkpoints import files
+from ..checkpoints.seq2seq import import_state, read_seq2seq_config, save_seq2seq_state, target_seq2seq_family
+from ..errors import GQAError
+from ..seq2seq import Seq2SeqConfig
+from ..version import __version__
+from .heads import NAMES, AttentionWeights, RopeLayout
+from .interface import Layer
+from .methods import get, owners
+
+KINDS = {"encoder": ("encoder", "attention", "encoder_kv_heads"), "self": ("decoder", "attention", "self_kv_heads"),
+         "cross": ("decoder", "cross", "cross_kv_heads")}
+SEED_OFFSET = {"encoder": 0, "self": 1000, "cross": 2000}  # a fresh draw of each attention kind is its own
+
+
+def attention_of(state: dict, prefix: str, head_dim: int) -> AttentionWeights:
+    return AttentionWeights(**{part: state.get(prefix + name) for part, name in NAMES.items()}, head_dim=head_dim)
+
+
+def merged_state(attn: AttentionWeights, prefix: str) -> dict:
+    return {prefix + name: getattr(attn, part).contiguous() for part, name in NAMES.items()
+            if getattr(attn, part) is not None}
+
+
+def convert_seq2seq(src, dst, *, n_kv_heads: int | None, method: str, seed: int, encoder: bool, format: str,
+                    overwrite: bool, method_options: dict, unsupported: dict) -> dict:
+    """Convert an encoder–decoder folder (see the module docstring); returns the report."""
+    start = time.time()
+    for option, given in unsupported.items():
+        if given:
+            raise GQAError(f"{option} is not available for encoder–decoder models yet; give --kv-heads G with "
+                           f"--method mean, first or random")
+    chosen = get(method)
+    if chosen.calibrated:
+        raise GQAError(f"--method {method} fits to calibration activations of causal self-attention, which "
+                       f"encoder–decoder models are not (their cross-attention reads the encoder); use mean, first "
+                       f"or random")
+    settings = chosen.make_settings(method_options, owners)
+    hf = files.read_config(src)
+    config, family = read_seq2seq_config(src, hf)
+    if n_kv_heads is None:
+        raise GQAError("give --kv-heads G for an encoder–decoder model")
+    kinds = ["self", "cross", *(["encoder"] if encoder else [])]
+    for kind in kinds:
+        for layer, g_now in enumerate(getattr(config, KINDS[kind][2])):
+            if g_now % n_kv_heads:
+                raise GQAError(f"{kind} attention, layer {layer}: {n_kv_heads} KV heads does not divide the current "
+                               f"{g_now} (of {config.n_heads} query heads); choose a divisor of {g_now}")
+    files.check_destination(dst, overwrite, sources=[src])
+    state = import_state(src, config, family)
+    dtype = state["tok_embeddings.weight"].dtype
+    new = {KINDS[k][2]: [n_kv_heads] * len(getattr(config, KINDS[k][2])) for k in kinds}
+    new_config = replace(config, **new)
+    init = float(hf.get("initializer_factor", hf.get("init_std", 0.02)) or 0.02)
+    for kind in kinds:
+        stack, module, field_name = KINDS[kind]
+        for layer, g_now in enumerate(getattr(config, field_name)):
+            if g_now == n_kv_heads:
+                continue
+            prefix = f"{stack}.layers.{layer}.{module}."
+            attn = attention_of(state, prefix, config.head_dim)
+            context = Layer(SEED_OFFSET[kind] + layer, RopeLayout(config.head_dim, 0), seed, init)
+            merged, _ = chosen.merge(attn, n_kv_heads, context, settings)
+            state.update(merged_state(merged, prefix))
+    out_family = target_seq2seq_family(new_config, hf if family else hf.get("hf_config"), format)
+    report = seq2seq_report(src, dst, method, seed, settings, config, new_config, out_family, kinds, dtype, start)
+    save_seq2seq_state(state, new_config, hf if family else hf.get("hf_config"), out_family, dst, dtype,
+                       source_dir=src, overwrite=overwrite, extra_files={"conversion.json": report})
+    return report
+
+
+def seq2seq_report(src, dst, method: str, seed: int, settings, config: Seq2SeqConfig, new: Seq2SeqConfig,
+                   out_family, kinds: list[str], dtype: torch.dtype, start: float) -> dict:
+    element = torch.empty((), dtype=dtype).element_size()
+    return {
+        "gqa_version": __version__, "source": str(Path(src).resolve()), "destination": str(Path(dst).resolve()),
+        "method": method, "seed": seed if method == "random" else None, "method_settings": asdict(settings) or None,
+        "architecture": out_family.architectures[0] if out_family else "GQASeq2SeqLM", "query_heads": config.n_heads,
+        "converted": kinds,
+        **{f"{k}_kv_heads_{when}": getattr(c, KINDS[k][2]) for k in KINDS for when, c in (("before", config),
+                                                                                            ("after", new))},
+        "kv_bytes_per_token_before": config.kv_bytes_per_token(element),
+        "kv_bytes_per_token_after": new.kv_bytes_per_token(element),
+        "kv_bytes_per_source_token_before": config.kv_bytes_per_source_token(element),
+        "kv_bytes_per_source_token_after": new.kv_bytes_per_source_token(element),
+        "kv_reduction": config.kv_bytes_per_token(element) / new.kv_bytes_per_token(element),
+        "dtype": str(dtype).removeprefix("torch."), "seconds": round(time.time() - start, 3),
+    }
+
+
+def format_seq2seq_report(report: dict) -> str:
+    def heads(hs):
+        return f"{hs[0]} in all {len(hs)} layers" if len(set(hs)) == 1 else ",".join(map(str, hs))
+
+    rows = [("", "before", "after")]
+    for kind, label in (("self", "decoder self-attention KV heads"), ("cross", "cross-attention KV heads"),
+                        ("encoder", "encoder KV heads")):
+        rows.append((label, heads(report[f"{kind}_kv_heads_before"]), heads(report[f"{kind}_kv_heads_after"])))
+    rows.append(("KV bytes per generated token", f"{report['kv_bytes_per_token_before']:,}",
+                 f"{report['kv_bytes_per_token_after']:,}  ({report['kv_reduction']:.2f}x smaller)"))
+    rows.append(("KV bytes per source token", f"{report['kv_bytes_per_source_token_before']:,}",
+                 f"{report['kv_bytes_per_source_token_after']:,}"))
+    w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    lines = [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
+    lines.append(f"method {report['method']}; written as {report['architecture']} to {report['destination']}")
+    return "\n".join(lines)
+
+
+def is_seq2seq_folder(path: str | os.PathLike) -> bool:
+    from ..checkpoints.seq2seq import is_seq2seq
+
+    try:
+        return is_seq2seq(files.read_config(path))
+    except GQAError:
+        return False

@@ -1,0 +1,131 @@
+"""The multi-query paper's measurement, on an encoder–decoder: time per generated token and per sample
+against the number of KV heads, MHA vs GQA vs MQA on the same weights (mean-pooled), at a few source
+lengths and batch sizes, with transformers' own `generate` on the MHA model as the peer.
+
+Each round times, for every model in turn (the order alternating round by round): encoding the batch of
+sources once (which fills the cross-attention cache), then `new_tokens` greedy decoder steps against the
+self- and cross-attention caches. Per sample = (encode + decode) / batch; per token = decode / new_tokens.
+transformers' peer is timed end to end (`generate` with its own cache, greedy, `new_tokens` exactly) and
+its per-token figure is that time over the tokens, encoder included (it has no separate hook).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+
+from .errors import GQAError
+from .seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+
+# T5-base geometry (v1.1 / Flan-T5 layout): 12 + 12 layers, d_model 768, 12 heads of 64, gated-GELU 2048
+T5_BASE = dict(vocab_size=32128, dim=768, n_heads=12, head_dim=64, hidden_dim=2048, n_encoder_layers=12,
+               n_decoder_layers=12, encoder_kv_heads=12, self_kv_heads=12, cross_kv_heads=12, mlp="gated",
+               activation="gelu_tanh", tie_embeddings=False, output_scale=1.0, eos_token_id=1)
+QUICK = dict(config=dict(T5_BASE, vocab_size=512, dim=64, n_heads=4, head_dim=16, hidden_dim=128, n_encoder_layers=2,
+                         n_decoder_layers=2, encoder_kv_heads=4, self_kv_heads=4, cross_kv_heads=4),
+             kv_heads=(4, 1), sources=(16,), batches=(2,), new_tokens=4, repeats=2)
+
+
+def pooled(model: Seq2SeqTransformer, g: int) -> Seq2SeqTransformer:
+    """The same weights with the decoder's self- and cross-attention mean-pooled to g KV heads."""
+    from .conversion.pooling import pool_heads
+
+    config = replace(model.config, self_kv_heads=[g] * model.config.n_decoder_layers,
+                     cross_kv_heads=[g] * model.config.n_decoder_layers)
+    state = dict(model.state_dict())
+    for name, tensor in state.items():
+        if name.startswith("decoder.layers.") and (".attention.w" in name or ".cross.w" in name) and \
+                name.rsplit(".", 2)[-2] in ("wk", "wv"):
+            state[name] = pool_heads(tensor, model.config.n_heads, g, "mean")
+    out = Seq2SeqTransformer(config).to(model.dtype)
+    out.load_state_dict(state)
+    return out.eval()
+
+
+def hf_t5(config: Seq2SeqConfig, state: dict):
+    """transformers' T5 with the same weights (the MHA model), for its `generate` as the peer."""
+    import transformers
+
+    from .checkpoints.seq2seq import T5
+
+    hf = transformers.T5Config(vocab_size=config.vocab_size, d_model=config.dim, d_kv=config.head_dim,
+                               d_ff=config.hidden_dim, num_layers=config.n_encoder_layers,
+                               num_decoder_layers=config.n_decoder_layers, num_heads=config.n_heads,
+                               feed_forward_proj="gated-gelu" if config.mlp == "gated" else "relu",
+                               tie_word_embeddings=config.tie_embeddings, decoder_start_token_id=0, pad_token_id=0,
+                               eos_token_id=config.eos_token_id)
+    model = transformers.T5ForConditionalGeneration(hf).eval()
+    tensors = T5.export_state(state, config)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected or [m for m in missing if "embed_tokens" not in m]:
+        raise GQAError(f"transformers' T5 did not take the weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model
+
+
+@torch.inference_mode()
+def ours_seconds(model: Seq2SeqTransformer, sources: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    start = time.perf_counter()
+    encoded = model.encode(sources)
+    encode = time.perf_counter() - start
+    cache = model.new_cache(len(sources), new_tokens)
+    tokens = torch.full((len(sources), 1), model.config.decoder_start_token_id, dtype=torch.long)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        tokens = model.decode(tokens, encoded, cache=cache)[:, -1:].argmax(-1)
+    return encode, time.perf_counter() - start
+
+
+@torch.inference_mode()
+def hf_seconds(model, sources: torch.Tensor, new_tokens: int) -> float:
+    start = time.perf_counter()
+    model.generate(input_ids=sources, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return time.perf_counter() - start
+
+
+def bench_seq2seq(config: dict | None = None, kv_heads=(12, 4, 1), sources=(128, 512), batches=(1, 8),
+                  new_tokens: int = 32, repeats: int = 5, seed: int = 0) -> dict:
+    """Rows of (batch, source length, model) with the median and range of the rounds (see the module docstring)."""
+    torch.manual_seed(seed)
+    config = Seq2SeqConfig(**(config or T5_BASE))
+    for g in kv_heads:
+        if config.n_heads % g:
+            raise GQAError(f"{g} KV heads does not divide {config.n_heads} query heads")
+    mha = Seq2SeqTransformer(config)
+    mha.init_weights()
+    mha.eval()
+    models = {f"gqa G={g}": mha if g == config.n_heads else pooled(mha, g) for g in kv_heads}
+    peer = hf_t5(config, mha.state_dict())
+    rows = []
+    for batch in batches:
+        for length in sources:
+            ids = torch.randint(2, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+            for m in models.values():  # warm-up
+                ours_seconds(m, ids, 2)
+            hf_seconds(peer, ids, 2)
+            times = {name: [] for name in [*models, "transformers generate (MHA)"]}
+            for r in range(repeats):
+                names = list(times) if r % 2 == 0 else list(times)[::-1]
+                for name in names:
+                    if name in models:
+                        times[name].append(ours_seconds(models[name], ids, new_tokens))
+                    else:
+                        times[name].append((0.0, hf_seconds(peer, ids, new_tokens)))
+            rows.append({"batch": batch, "source_length": length, "new_tokens": new_tokens,
+                         "models": {name: summary(t, batch, new_tokens, models.get(name)) for name, t in times.items()}})
+    return {"config": config.to_dict(), "kv_heads": list(kv_heads), "rows": rows, "threads": torch.get_num_threads()}
+
+
+def summary(times: list[tuple[float, float]], batch: int, new_tokens: int, model) -> dict:
+    def spread(values):
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+    out = {"per_sample_ms": spread([1e3 * (e + d) / batch for e, d in times]),
+           "per_token_ms": spread([1e3 * d / new_tokens for _, d in times])}
+    if model is not None:
+        out["encode_ms"] = spread([1e3 * e for e, _ in times])
+        out["kv_bytes_per_token"] = model.config.kv_bytes_per_token(4)
+        out["kv_bytes_per_source_token"] = model.config.kv_bytes_per_source_token(4)
+    return out

@@ -1,0 +1,227 @@
+"""Encoder–decoder models (T5 v1.0, v1.1 / Flan-T5, UMT5, BART), the GQA paper's own setting: logits equal
+to transformers', cached decoding equal to the full forward, exact round trips at G = H, the decoder's
+self- and cross-attention grouped with caches of G heads, span corruption, pair scoring the way
+transformers scores `labels=`, uptraining that resumes exactly, and bad input refused up front."""
+
+import json
+import random
+
+import pytest
+import torch
+import transformers
+from conftest import user_error
+from families import TEXT, train_tokenizer
+from safetensors.torch import load_file
+
+import gqa
+from gqa.cli import main
+from gqa.conversion.pooling import pool_heads
+from gqa.seq2seq import generate_seq2seq
+from gqa.seq2seq_data import corrupt, prepare_seq2seq
+
+SENTINELS = 8
+TINY = dict(vocab_size=336, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4)
+CONFIGS = {  # name -> config class, settings (T5 ids are set from the tokenizer below)
+    "t5": (transformers.T5Config, dict(TINY, num_decoder_layers=3, feed_forward_proj="relu")),  # v1.0: tied, scaled
+    "t5-v1.1": (transformers.T5Config, dict(TINY, feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
+    "umt5": (transformers.UMT5Config, dict(TINY, feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
+    "bart": (transformers.BartConfig, dict(vocab_size=336, d_model=64, encoder_layers=2, decoder_layers=2,
+                                           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=96,
+                                           decoder_ffn_dim=96, max_position_embeddings=128)),
+}
+
+
+@pytest.fixture(scope="module")
+def seq2seq_tokenizer():
+    tok = train_tokenizer()
+    tok.add_special_tokens({"pad_token": "<pad>", "mask_token": "<mask>",
+                            "additional_special_tokens": [f"<extra_id_{i}>" for i in range(SENTINELS)]})
+    return tok
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, seq2seq_tokenizer):
+    """name -> (transformers model, folder), random weights with non-trivial norms and biases."""
+    tok, out = seq2seq_tokenizer, {}
+    for name, (cls, settings) in CONFIGS.items():
+        ids = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                   decoder_start_token_id=tok.pad_token_id)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForSeq2SeqLM.from_config(cls(**settings, **ids)).eval()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "norm" in n or n.endswith("bias"):
+                    p.add_(torch.randn_like(p) * 0.1)
+            if hasattr(model, "final_logits_bias"):
+                model.final_logits_bias.normal_()
+        folder = tmp_path_factory.mktemp(name)
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        out[name] = (model, folder)
+    return out
+
+
+def batch():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 300, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    return ids, mask, torch.randint(3, 300, (2, 7), generator=g)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_equal_transformers(models, name):
+    reference, folder = models[name]
+    ids, mask, dec = batch()
+    ours = gqa.load(folder, dtype="float32")
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    torch.testing.assert_close(ours(ids, dec, attention_mask=mask), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cached_decoding_equals_the_full_forward(models, name):
+    _, folder = models[name]
+    model = gqa.load(folder, dtype="float32")
+    ids, mask, dec = batch()
+    full = model(ids, dec, attention_mask=mask)
+    encoded = model.encode(ids, mask)
+    cache = model.new_cache(2, dec.shape[1])
+    steps = torch.cat([model.decode(dec[:, t:t + 1], encoded, cache=cache) for t in range(dec.shape[1])], dim=1)
+    torch.testing.assert_close(steps, full, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_round_trip_at_g_equals_h_is_exact(models, tmp_path, name):
+    _, folder = models[name]
+    gqa.save(gqa.load(folder), tmp_path / "back")
+    a, b = load_file(str(folder / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    back = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert back["architectures"] == json.loads((folder / "config.json").read_text())["architectures"]
+
+
+@pytest.mark.parametrize("name", ["t5-v1.1", "bart"])
+def test_mean_pooling_groups_self_and_cross_attention(models, tmp_path, name):
+    _, folder = models[name]
+    source = gqa.load(folder, dtype="float32")
+    report = gqa.convert(folder, tmp_path / "g2", n_kv_heads=2, progress=False)
+    assert report["architecture"] == "GQASeq2SeqLM" and report["converted"] == ["self", "cross"]
+    merged = gqa.load(tmp_path / "g2", dtype="float32")
+    assert merged.config.self_kv_heads == merged.config.cross_kv_heads == [2] * merged.config.n_decoder_layers
+    assert merged.config.encoder_kv_heads == source.config.encoder_kv_heads  # the encoder is left alone
+    s, m = source.state_dict(), merged.state_dict()
+    for module in ("attention", "cross"):
+        for part in ("wk", "wv"):
+            key = f"decoder.layers.0.{module}.{part}.weight"
+            explicit = s[key].view(2, 2, 16, 64).mean(1).reshape(32, 64)  # each group's two heads averaged
+            torch.testing.assert_close(m[key], explicit)
+    ids, mask, dec = batch()
+    same = gqa.convert(folder, tmp_path / "g4", n_kv_heads=4, progress=False)  # G = H: nothing changes
+    assert same["kv_reduction"] == 1.0
+    torch.testing.assert_close(gqa.load(tmp_path / "g4", dtype="float32")(ids, dec, attention_mask=mask),
+                               source(ids, dec, attention_mask=mask), atol=0, rtol=0)
+
+
+def test_caches_hold_g_heads(models, tmp_path):
+    _, folder = models["t5"]
+    gqa.convert(folder, tmp_path / "mqa", n_kv_heads=1, progress=False)
+    model = gqa.load(tmp_path / "mqa", dtype="float32")
+    ids, mask, _ = batch()
+    encoded, cache = model.encode(ids, mask), model.new_cache(2, 5)
+    c = model.config
+    assert cache.bytes() == 2 * 5 * c.kv_bytes_per_token(4)  # 2 sequences x 5 generated tokens
+    assert encoded.bytes() == 2 * 9 * c.kv_bytes_per_source_token(4)  # 2 sources x 9 tokens
+    assert all(k.shape[1] == 1 for k in cache.keys) and all(k.shape[1] == 1 for k, _ in encoded.cross_kv)
+    info = gqa.checkpoints.describe(tmp_path / "mqa")
+    assert info["kv_bytes_per_token"] == c.kv_bytes_per_token(4) and info["cross_kv_heads"] == [1, 1, 1]
+
+
+def test_convert_encoder_groups_the_encoder_too(models, tmp_path):
+    _, folder = models["t5"]
+    report = gqa.convert(folder, tmp_path / "all", n_kv_heads=2, encoder=True, progress=False)
+    assert report["encoder_kv_heads_after"] == [2, 2] and report["converted"] == ["self", "cross", "encoder"]
+
+
+def test_generation_is_greedy_over_the_full_forward(models):
+    _, folder = models["bart"]
+    model = gqa.load(folder, dtype="float32")
+    sources = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    outs = generate_seq2seq(model, sources, max_new_tokens=6)
+    for source, out in zip(sources, outs):
+        dec = torch.tensor([[model.config.decoder_start_token_id, *out[:-1]]])
+        assert model(torch.tensor([source]), dec).argmax(-1)[0].tolist() == out
+
+
+def test_span_corruption_keeps_every_token(seq2seq_tokenizer):
+    block = list(range(100, 164))
+    markers = [seq2seq_tokenizer.convert_tokens_to_ids(f"<extra_id_{i}>") for i in range(SENTINELS)]
+    inputs, targets = corrupt(block, random.Random(0), "span corruption", markers, eos=0)
+    assert inputs[-1] == targets[-1] == 0
+    spans, span = {}, None  # reassemble: each sentinel of the input replaced by what the target lists after it
+    for t in targets[:-1]:
+        if t in markers:
+            span = t
+            spans[span] = []
+        else:
+            spans[span].append(t)
+    rebuilt = [x for t in inputs[:-1] for x in (spans[t] if t in markers else [t])]
+    assert rebuilt == block and 0.1 < sum(len(v) for v in spans.values()) / len(block) < 0.2
+    assert corrupt(block, random.Random(0), "span corruption", markers, eos=0) == (inputs, targets)
+
+
+def test_pairs_score_as_transformers_scores_labels(models, tmp_path, seq2seq_tokenizer, capsys):
+    reference, folder = models["t5-v1.1"]
+    tok = seq2seq_tokenizer
+    rows = [{"input": f"question {i}: the quick brown fox", "target": f"answer {i} the lazy dog"} for i in range(6)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    nll = count = 0
+    for r in rows:
+        ids, labels = (tok(r[k])["input_ids"] + [tok.eos_token_id] for k in ("input", "target"))
+        with torch.no_grad():
+            nll += reference(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item() * len(labels)
+        count += len(labels)
+    assert main(["eval", str(folder), "--data", str(data), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tokens"] == count and result["loss"] == pytest.approx(nll / count, rel=1e-5)
+
+
+def test_uptraining_on_pairs_and_on_text_resumes_exactly(models, tmp_path, seq2seq_tokenizer):
+    _, folder = models["t5"]
+    gqa.convert(folder, tmp_path / "mqa", n_kv_heads=1, progress=False)
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT * 4)
+    args = ["uptrain", tmp_path / "mqa", tmp_path / "up", "--data", data, "--steps", "6", "--seq-len", "32",
+            "--batch-size", "4", "--save-every", "3", "--no-teacher", "--lr", "1e-3"]
+    assert main([str(a) for a in args]) == 0
+    first = load_file(str(tmp_path / "up" / "model.safetensors"))
+    (tmp_path / "up" / "config.json").unlink()  # as if killed after step 3's checkpoint
+    assert main([str(a) for a in [*args, "--resume"]]) == 0
+    again = load_file(str(tmp_path / "up" / "model.safetensors"))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    log = [json.loads(line) for line in (tmp_path / "up" / "train" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["val_loss"] < log[0]["val_loss"]
+    assert prepare_seq2seq(data, seq2seq_tokenizer, 32).objective == "span corruption"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["convert", "{t5}", "{w}/o", "--kv-heads", "3"], "3 KV heads does not divide the current 4"),
+    (["convert", "{t5}", "{w}/o", "--kv-budget", "0.5", "--calib", "bundled"],
+     "--kv-budget is not available for encoder–decoder models yet"),
+    (["convert", "{t5}", "{w}/o", "--kv-heads", "2", "--method", "aligned", "--calib", "bundled"],
+     "--calib is not available for encoder–decoder models yet"),
+    (["eval", "{t5}", "--data", "{w}/bad.jsonl"], "bad.jsonl:2 has no string field 'target'"),
+    (["uptrain", "{t5}", "{w}/o", "--data", "{w}/bad.jsonl", "--steps", "1"], "bad.jsonl:2 has no string field"),
+    (["export", "{t5}", "{w}/o.gguf", "--format", "gguf"], "GGUF export writes decoder-only Llama-style models"),
+])
+def test_bad_input(models, tmp_path, capsys, argv, message):
+    (tmp_path / "bad.jsonl").write_text('{"input": "a", "target": "b"}\n{"input": "c"}\n')
+    before = sorted(p.name for p in tmp_path.iterdir())
+    user_error(capsys, [a.format(t5=models["t5"][1], w=tmp_path) for a in argv], message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_pooling_helper_matches_the_explicit_mean():
+    t = torch.randn(4 * 16, 8)
+    torch.testing.assert_close(pool_heads(t, 4, 1, "mean"), t.view(4, 16, 8).mean(0))
