@@ -36,7 +36,7 @@ from .errors import GQAError
 from .jsonfiles import read_json, write_json
 from .pipeline import Pipeline, settings_for
 from .plots import log_y, pyplot
-from .train import CONTINUED_DISTILL_WEIGHT
+from .train import CONTINUED_DISTILL_WEIGHT, CONTINUED_LR
 from .version import __version__
 
 ASSET = Path(__file__).parent / "assets" / "demo-mha"
@@ -52,7 +52,7 @@ class DemoSettings:
     alpha: float = 0.05
     seq_len: int = 256
     batch_size: int = 16
-    lr: float = 5e-4  # the pre-training run ended at 2e-4; 1e-3 made the MHA control worse, 2e-4 recovers less
+    lr: float = CONTINUED_LR  # gqa uptrain's step size next to a teacher (5e-4 walked the aligned models away)
     eval_blocks: int = 64
     decode_batch: int = 8
     decode_context: int = 448

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -44,3 +45,21 @@ def available_memory(device: str | torch.device) -> tuple[int, int]:
         return int(fields["MemAvailable"].split()[0]) * 1024, total
     except (OSError, KeyError, ValueError):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"), total
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed large blocks for reuse instead of unmapping them: a CPU training step frees and
+    re-allocates its logits and activations (tens of MB each), and every fresh mapping is page-faulted in again.
+    On the demo model (16 x 256 tokens, distillation) that was 4.5 of 32 CPU-s per 8 steps in the kernel; with
+    this, 1.0 (wall 18.9 -> 17.1 s). For training loops only (uptraining, transfer, the joint stage): a
+    process that trains holds its peak anyway, while a plain conversion's memory bound stays glibc's default."""
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux") or not (name := ctypes.util.find_library("c")):
+        return
+    libc = ctypes.CDLL(name)
+    if hasattr(libc, "mallopt"):
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)  # 1 GiB: below it, blocks come from the heap
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)

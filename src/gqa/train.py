@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from .checkpoints import check_reference, load, save
 from .data import BlockOrder, TokenData, check_token_ids, prepare
+from .devices import keep_freed_memory
 from .errors import GQAError, warn
 from .fingerprint import digest, tensors_digest
 from .jsonfiles import append_jsonl, write_json
@@ -586,6 +587,8 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, init_path: str | None
     `data` may be given already prepared (the demo tokenizes its corpus once for many runs).
     """
     d, device = init_distributed(cfg.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     cfg = settle(cfg, model, d)
     plan = plan_steps(cfg)
     resume_from, restart = prepare_out(cfg)

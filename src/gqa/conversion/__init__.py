@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoints import check_layout, config_json, export_tensors, files, read_model_config, target_family
+from ..devices import keep_freed_memory
 from ..errors import GQAError, warn
 from ..fingerprint import tensors_digest
 from ..model import ModelConfig
@@ -227,7 +228,10 @@ def write_conversion(job: Job, new_config: ModelConfig, out_family, blocks, budg
                      start: float) -> dict:
     """The layer loop (and the joint stage) into a temporary folder, renamed to the destination when done."""
     with files.atomic_dir(job.dst, overwrite=job.overwrite) as tmp:
-        state = open_resume_state(job, new_config, blocks) if job.transfer.steps or job.joint.steps else None
+        state = None
+        if job.transfer.steps or job.joint.steps:  # training loops: keep freed blocks mapped (see keep_freed_memory)
+            keep_freed_memory()
+            state = open_resume_state(job, new_config, blocks)
         try:
             writer = files.ShardWriter(tmp, shard_bytes(job))
             counts, layers = write_model(job, new_config, out_family, writer, blocks, state, progress)
