@@ -89,9 +89,9 @@ def plans(model: str, calib: str, calib_tokens: int, transfer_steps: int, uptrai
             out.append((f"{tag}-aligned-transfer-joint", label,
                         [*target, "--method", "aligned", *cal, "--transfer-steps", str(joint[0]),
                          "--joint-steps", str(joint[1])], None))
-    if uptrain_steps:
-        best = out[4] if joint else out[3]
-        out.append((f"{best[0]}-uptrained", best[1], None, best[0]))
+    if uptrain_steps:  # uptraining (distillation from the original) after the transfer, and after the joint stage
+        for start in (out[3], out[4]) if joint else (out[3],):
+            out.append((f"{start[0]}-uptrained", start[1], None, start[0]))
     if narrow_calib:  # the same conversion calibrated on one source only: how far its fit carries to other text
         options = [*out[3][2]]
         options[options.index("--calib") + 1] = narrow_calib
