@@ -225,3 +225,25 @@ def test_bad_input(models, tmp_path, capsys, argv, message):
 def test_pooling_helper_matches_the_explicit_mean():
     t = torch.randn(4 * 16, 8)
     torch.testing.assert_close(pool_heads(t, 4, 1, "mean"), t.view(4, 16, 8).mean(0))
+
+
+def test_a_t5_trained_from_scratch_reads_back_as_itself(tmp_path):
+    """The paper experiment's T5 (v1.0 layout: tied head, decoder output x dim^-0.5) written as an HF T5 and
+    loaded again gives the same logits; a config.json that would read back as another model is refused."""
+    from dataclasses import replace
+
+    from gqa.errors import GQAError
+    from gqa.experiments import PAPER_T5, PAPER_T5_QUICK, PaperSettings, fresh_model, paper_model_config
+
+    settings = replace(PaperSettings(), **{**PAPER_T5, **PAPER_T5_QUICK})
+    model = fresh_model(paper_model_config(settings), 0).eval()
+    gqa.save(model, tmp_path / "t5")
+    loaded = gqa.load(tmp_path / "t5", dtype=torch.float32)
+    ids, targets = torch.tensor([[5, 6, 7, 8, 0]]), torch.tensor([[4128, 9, 10]])
+    assert torch.equal(model(ids, targets), loaded(ids, targets))
+    assert json.loads((tmp_path / "t5" / "config.json").read_text())["scale_decoder_outputs"] is True
+
+    gated = fresh_model(replace(paper_model_config(settings), mlp="gated"), 0)  # its HF config says relu
+    with pytest.raises(GQAError, match="cannot express this model .*mlp"):
+        gqa.save(gated, tmp_path / "gated")
+    assert not (tmp_path / "gated").exists()

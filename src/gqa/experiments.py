@@ -165,8 +165,8 @@ def t5_config_json(config: Seq2SeqConfig) -> dict:
 def paper_model_config(s: PaperSettings, kv_heads: int | None = None):
     """The experiment's MHA config, or the same architecture with `kv_heads` KV heads (in the decoder's self-
     and cross-attention for a T5, as the paper groups them)."""
-    if s.architecture == "t5":
-        config = Seq2SeqConfig(**s.model)
+    if s.architecture == "t5":  # T5 v1.0's layout: a tied head after the decoder's output scaled by dim^-0.5
+        config = Seq2SeqConfig(**{"output_scale": s.model["dim"] ** -0.5, **s.model})
         return config if kv_heads is None else replace(config, self_kv_heads=[kv_heads] * config.n_decoder_layers,
                                                        cross_kv_heads=[kv_heads] * config.n_decoder_layers)
     return ModelConfig(**({**s.model, "n_kv_heads": kv_heads} if kv_heads is not None else s.model))

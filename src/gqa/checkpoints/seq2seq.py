@@ -95,9 +95,13 @@ def t5_read(hf: dict) -> dict:
 
 
 def t5_write(config: Seq2SeqConfig, base: dict) -> dict:
+    # The head is written explicitly: whether it is tied, and whether the decoder's output is scaled by
+    # d_model^-0.5 before it (T5 v1.0). transformers derives the scale from tie_word_embeddings unless
+    # scale_decoder_outputs says otherwise, so a tied head without the scale needs both fields.
     return {**base, "vocab_size": config.vocab_size, "d_model": config.dim, "num_heads": config.n_heads,
             "d_kv": config.head_dim, "d_ff": config.hidden_dim, "num_layers": config.n_encoder_layers,
-            "num_decoder_layers": config.n_decoder_layers}
+            "num_decoder_layers": config.n_decoder_layers, "tie_word_embeddings": config.tie_embeddings,
+            "scale_decoder_outputs": config.output_scale != 1.0, "n_positions": config.max_positions}
 
 
 def t5_tensors(config: Seq2SeqConfig) -> tuple[tuple[str, str], ...]:
@@ -279,7 +283,14 @@ def seq2seq_config_json(config: Seq2SeqConfig, hf_config: dict | None, family: S
     if family is None:
         return {"architectures": [NATIVE_SEQ2SEQ], "model_type": "gqa-seq2seq", "gqa_version": __version__,
                 "gqa_config": config.to_dict(), "hf_config": base or None, "torch_dtype": dtype_name}
-    return {**family.write(config, base), "torch_dtype": dtype_name}
+    written = family.write(config, base)
+    # what a reader of this config.json builds must be this model: checked by reading it back
+    read = Seq2SeqConfig(**family.read(written))
+    if read != config:
+        differ = [k for k, v in config.to_dict().items() if read.to_dict().get(k) != v]
+        raise GQAError(f"{family.name}'s config.json cannot express this model ({', '.join(differ)} would read back "
+                       f"differently); write gqa's own format (--format native)")
+    return {**written, "torch_dtype": dtype_name}
 
 
 def target_seq2seq_family(config: Seq2SeqConfig, hf_config: dict | None, format: str) -> Seq2SeqFamily | None:
