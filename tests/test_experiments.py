@@ -87,3 +87,22 @@ def test_experiment_settings_file(tmp_path, capsys):
     assert not (tmp_path / "p").exists()
     assert main(["experiment", "paper", "--report", "--out", str(tmp_path / "p")]) == 2
     assert "no results.json in" in capsys.readouterr().err
+
+
+def test_paper_t5_experiment_quick(tmp_path):
+    """The paper's own setting at toy size: a T5 pre-trained with span corruption, its decoder's attention
+    converted and uptrained, the same architectures from scratch, and the README computed from the JSON;
+    every model the findings compare is scored as it was saved (the MHA row equals its training's own
+    validation, so nothing changes between training and loading)."""
+    out = tmp_path / "paper-t5"
+    assert main(["experiment", "paper-t5", "--quick", "--out", str(out), "--device", "cpu"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    points = {(r["kind"], r["kv_heads"], r["method"], r["alpha"], r["seed"]) for r in results["rows"]}
+    for g in (1, 2, 4):
+        for method in ("mean", "first", "random"):
+            assert ("uptrained", g, method, 0.0, 0) in points and ("uptrained", g, method, 0.05, 1) in points
+        assert {("scratch", g, "scratch", None, s) for s in (0, 1)} <= points
+    trained = json.loads((out / "runs" / "mha" / "train" / "report.json").read_text())
+    assert abs(results["rows"][0]["val_perplexity"] - trained["val_perplexity"]) < 1e-6 * trained["val_perplexity"]
+    readme = (out / "README.md").read_text()
+    assert "encoder–decoder (T5)" in readme and "mean pooling > first head > random" in readme

@@ -247,3 +247,32 @@ def test_a_t5_trained_from_scratch_reads_back_as_itself(tmp_path):
     with pytest.raises(GQAError, match="cannot express this model .*mlp"):
         gqa.save(gated, tmp_path / "gated")
     assert not (tmp_path / "gated").exists()
+
+
+def test_info_generate_and_bench_on_a_converted_t5(models, tmp_path, capsys):
+    """gqa info reports each attention kind's KV heads and both KV byte counts; gqa generate decodes a batch
+    through the G-head caches, greedy equal to the library's; gqa bench seq2seq --quick writes its rows."""
+    _, folder = models["t5"]
+    assert main(["convert", str(folder), str(tmp_path / "mqa"), "--kv-heads", "1"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "mqa"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    config = gqa.load(tmp_path / "mqa").config
+    assert info["decoder_self_kv_heads"] == info["cross_kv_heads"] == [1] * config.n_decoder_layers
+    assert info["encoder_kv_heads"] == [config.n_heads] * config.n_encoder_layers
+    assert info["kv_bytes_per_token"] == config.kv_bytes_per_token(4) and info["kv_reduction"] == config.n_heads
+    assert info["kv_bytes_per_source_token"] == config.kv_bytes_per_source_token(4)
+
+    assert main(["generate", str(tmp_path / "mqa"), "--prompt", "a b c d", "--prompt", "e f",
+                 "--max-new-tokens", "5", "--ignore-eos", "--json", "--dtype", "float32"]) == 0
+    outputs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    model = gqa.load(tmp_path / "mqa", dtype="float32")
+    from gqa.checkpoints.tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(tmp_path / "mqa")
+    sources = [tokenizer("a b c d")["input_ids"], tokenizer("e f")["input_ids"]]
+    expected = generate_seq2seq(model, sources, max_new_tokens=5, stop_tokens=())
+    assert [o["tokens"] for o in outputs] == expected
+
+    assert main(["bench", "seq2seq", "--quick", "--out", str(tmp_path / "bench")]) == 0
+    rows = json.loads((tmp_path / "bench" / "bench_seq2seq.json").read_text())["rows"]
+    assert rows and set(rows[0]["models"]) == {"gqa G=4", "gqa G=1", "transformers generate (MHA)"}
