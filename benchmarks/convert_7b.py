@@ -39,11 +39,11 @@ LLAMA2_7B = dict(
 )
 
 
-def synthetic_llama(dest: Path, shard_bytes: int) -> None:
-    """Random bf16 weights with Llama-2-7B shapes, written layer by layer into shards."""
-    c = LLAMA2_7B
+def synthetic_llama(dest: Path, shard_bytes: int, config: dict = LLAMA2_7B) -> None:
+    """Random bf16 weights with `config`'s shapes (default Llama-2-7B), written layer by layer into shards."""
+    c = config
     dim, hidden, vocab = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
-    dest.mkdir(parents=True)
+    dest.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(dest, shard_bytes)
     gen = torch.Generator().manual_seed(0)
 

@@ -27,9 +27,10 @@ import sys
 from pathlib import Path
 
 import torch
+from convert_7b import synthetic_llama  # the same random Llama writer, at other shapes
 
 from gqa.bench import cpu_model_name
-from gqa.checkpoints.files import ShardWriter, write_json
+from gqa.checkpoints.files import SHARD_BYTES, atomic_dir, write_json
 from gqa.demo import ASSET
 
 LLAMA_1B = dict(
@@ -51,34 +52,10 @@ def gqa(*args: str) -> None:
 
 def random_llama_1b(dest: Path) -> None:
     """Random bf16 weights with the 1.3B shapes, and the demo model's tokenizer (its ids fit 32,000)."""
-    c = LLAMA_1B
-    dim, hidden, vocab = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    writer = ShardWriter(tmp)
-    gen = torch.Generator().manual_seed(0)
-
-    def rand(*shape):
-        return (torch.randn(*shape, generator=gen) * 0.02).to(torch.bfloat16)
-
-    writer.add("model.embed_tokens.weight", rand(vocab, dim))
-    for i in range(c["num_hidden_layers"]):
-        p = f"model.layers.{i}"
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            writer.add(f"{p}.self_attn.{name}.weight", rand(dim, dim))
-        writer.add(f"{p}.mlp.gate_proj.weight", rand(hidden, dim))
-        writer.add(f"{p}.mlp.up_proj.weight", rand(hidden, dim))
-        writer.add(f"{p}.mlp.down_proj.weight", rand(dim, hidden))
-        for name in ("input_layernorm", "post_attention_layernorm"):
-            writer.add(f"{p}.{name}.weight", torch.ones(dim, dtype=torch.bfloat16))
-    writer.add("model.norm.weight", torch.ones(dim, dtype=torch.bfloat16))
-    writer.add("lm_head.weight", rand(vocab, dim))
-    writer.close()
-    write_json(tmp / "config.json", c)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(Path(ASSET) / name, tmp / name)
-    tmp.rename(dest)
+    with atomic_dir(dest) as tmp:
+        synthetic_llama(tmp, SHARD_BYTES, LLAMA_1B)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(Path(ASSET) / name, tmp / name)
 
 
 def prepare(model: str, work: Path) -> list[tuple[str, Path]]:

@@ -76,17 +76,23 @@ def paragraphs(text: str) -> list[str]:
     return [p for p in parts if p]
 
 
-def read_jsonl(path: Path) -> list[str]:
-    docs = []
+def jsonl_rows(path: Path):
+    """(line number, parsed value) of each non-blank line of a JSON Lines file; a line that is not JSON is
+    refused with its number."""
     for i, line in enumerate(read_text(path).splitlines()):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield i + 1, json.loads(line)
         except json.JSONDecodeError:
             raise GQAError(f"{path}:{i + 1} is not valid JSON") from None
+
+
+def read_jsonl(path: Path) -> list[str]:
+    docs = []
+    for i, row in jsonl_rows(path):
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise GQAError(f"{path}:{i + 1} has no string field 'text'")
+            raise GQAError(f"{path}:{i} has no string field 'text'")
         docs.append(row["text"])
     return docs
 

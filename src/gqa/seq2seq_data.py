@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .data import is_validation, read_documents, tokenize
+from .data import is_validation, jsonl_rows, read_documents, tokenize
 from .errors import GQAError
 
 NOISE_DENSITY = 0.15
@@ -85,18 +85,12 @@ def examples(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> Examples:
 def read_pairs(path: Path) -> list[tuple[str, str]]:
     """(input, target) strings of a JSON Lines file, each line checked."""
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise GQAError(f"{path}:{i + 1} is not valid JSON") from None
+    for i, row in jsonl_rows(path):
         if not isinstance(row, dict):
-            raise GQAError(f"{path}:{i + 1} is not a JSON object with 'input' and 'target'")
+            raise GQAError(f"{path}:{i} is not a JSON object with 'input' and 'target'")
         for key in ("input", "target"):
             if not isinstance(row.get(key), str):
-                raise GQAError(f"{path}:{i + 1} has no string field {key!r} (a pair is {{\"input\": ..., \"target\": ...}})")
+                raise GQAError(f"{path}:{i} has no string field {key!r} (a pair is {{\"input\": ..., \"target\": ...}})")
         rows.append((row["input"], row["target"]))
     if not rows:
         raise GQAError(f"{path} holds no pairs")
