@@ -77,6 +77,14 @@ class DecodeStep:
 STOP_CHECK_EVERY = 8  # steps between host reads of "all sequences stopped" (each read synchronises)
 
 
+def check_token_inputs(sequences, stop_tokens, vocab: int, what: str) -> None:
+    """Every prompt (or source) has a token, and every id, stop tokens included, is in the vocabulary."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise GQAError(f"every {what} needs at least one token")
+    if any(not 0 <= t < vocab for s in sequences for t in s) or any(not 0 <= t < vocab for t in stop_tokens):
+        raise GQAError(f"token ids must be in 0..{vocab - 1}, the model's vocabulary (a {what} or stop token is not)")
+
+
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
     """Refuse settings out of range, and top-k / top-p at temperature 0, where decoding is greedy and they would
     be silently ignored."""
@@ -114,11 +122,7 @@ def generate(
     cuda_graph: on CUDA, replay each decode step from a CUDA graph (not yet measured on a GPU: opt-in).
     """
     check_sampling(temperature, top_k, top_p, max_new_tokens)
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise GQAError("every prompt needs at least one token")
-    vocab = model.config.vocab_size
-    if any(not 0 <= t < vocab for p in prompts for t in p) or any(not 0 <= t < vocab for t in stop_tokens):
-        raise GQAError(f"token ids must be in 0..{vocab - 1}, the model's vocabulary (a prompt or stop token is not)")
+    check_token_inputs(prompts, stop_tokens, model.config.vocab_size, "prompt")
     lengths = [len(p) for p in prompts]
     limit = model.config.max_positions
     if max(lengths) > limit:

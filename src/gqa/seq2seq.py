@@ -402,14 +402,10 @@ def generate_seq2seq(model: Seq2SeqTransformer, sources: list[list[int]], max_ne
     """Continue from each source (token ids) with the decoder: the sources are encoded once (their
     cross-attention cache filled once, G heads per layer), then one token per step against the decoder's
     self-attention cache. Returns each sequence's new tokens, up to and including a stop token."""
-    from .generate import check_sampling, sample
+    from .generate import check_sampling, check_token_inputs, sample
 
     check_sampling(temperature, top_k, top_p, max_new_tokens)
-    if not sources or any(len(s) == 0 for s in sources):
-        raise GQAError("every source needs at least one token")
-    vocab = model.config.vocab_size
-    if any(not 0 <= t < vocab for s in sources for t in s) or any(not 0 <= t < vocab for t in stop_tokens):
-        raise GQAError(f"token ids must be in 0..{vocab - 1}")
+    check_token_inputs(sources, stop_tokens, model.config.vocab_size, "source")
     device = model.device
     width = max(len(s) for s in sources)
     ids = torch.tensor([s + [model.config.pad_token_id] * (width - len(s)) for s in sources], device=device)
