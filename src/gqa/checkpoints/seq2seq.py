@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -216,7 +216,25 @@ def read_seq2seq_config(path, hf: dict) -> tuple[Seq2SeqConfig, Seq2SeqFamily | 
         fields = Seq2SeqConfig.from_dict(hf["gqa_config"]).to_dict() if family is None else family.read(hf)
     except KeyError as e:
         raise GQAError(f"{Path(path) / 'config.json'} lacks the field {e.args[0]!r}") from None
-    return Seq2SeqConfig(**fields), family
+    config = Seq2SeqConfig(**fields)
+    if family is not None and config.tie_embeddings and head_differs(path, family, config):
+        config = replace(config, tie_embeddings=False)
+    return config, family
+
+
+def head_differs(path, family: Seq2SeqFamily, config: Seq2SeqConfig) -> bool:
+    """Whether the folder holds an output head that is not its embedding matrix.
+
+    transformers 5 writes `tie_word_embeddings: true` for every T5, Flan-T5's untied head included, and
+    unties on load where the file holds both tensors with different values; gqa follows the same rule, so
+    a folder saved by either transformers 4 or 5 reads as the model transformers runs."""
+    names = {ours: hf for hf, ours in family.tensors(config)}
+    embedding, head = names["tok_embeddings.weight"], names["output.weight"]
+    index = files.tensor_index(path)
+    if head not in index or embedding not in index:
+        return False
+    tensors = files.read_tensors(index, [embedding, head])
+    return not torch.equal(tensors[embedding], tensors[head])
 
 
 def expected_shapes(config: Seq2SeqConfig) -> dict[str, tuple[int, ...]]:
