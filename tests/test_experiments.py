@@ -99,10 +99,13 @@ def test_paper_t5_experiment_quick(tmp_path):
     results = json.loads((out / "results.json").read_text())
     points = {(r["kind"], r["kv_heads"], r["method"], r["alpha"], r["seed"]) for r in results["rows"]}
     for g in (1, 2, 4):
-        for method in ("mean", "first", "random"):
+        for method in ("mean", "first", "random", "aligned"):
             assert ("uptrained", g, method, 0.0, 0) in points and ("uptrained", g, method, 0.05, 1) in points
         assert {("scratch", g, "scratch", None, s) for s in (0, 1)} <= points
     trained = json.loads((out / "runs" / "mha" / "train" / "report.json").read_text())
     assert abs(results["rows"][0]["val_perplexity"] - trained["val_perplexity"]) < 1e-6 * trained["val_perplexity"]
+    conversion = json.loads((out / "runs" / "g1-aligned-s0" / "conversion.json").read_text())
+    assert conversion["method"] == "aligned" and conversion["calibration"]["data"] == "bundled"
     readme = (out / "README.md").read_text()
     assert "encoder–decoder (T5)" in readme and "mean pooling > first head > random" in readme
+    assert "## The calibrated conversion (`aligned`) against mean pooling" in readme

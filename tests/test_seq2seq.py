@@ -145,6 +145,60 @@ def test_convert_encoder_groups_the_encoder_too(models, tmp_path):
     assert report["encoder_kv_heads_after"] == [2, 2] and report["converted"] == ["self", "cross", "encoder"]
 
 
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_calibration_sees_what_transformers_attends(models, seq2seq_tokenizer, name):
+    """What `aligned` weights its fits with: every attention's source probabilities on the recorded inputs
+    equal transformers' attention weights (T5's relative bias and unscaled scores, BART's scale, the causal
+    mask); cross-attention's keys read the encoder's output."""
+    from gqa.conversion.seq2seq_calibration import calibration_examples, calibrations
+
+    reference, folder = models[name]
+    ours = gqa.load(folder, dtype="float32")
+    ids, labels = calibration_examples("wiki", seq2seq_tokenizer, 256, 64, seed=0)
+    c = ours.config
+    layers = [("encoder", i) for i in range(c.n_encoder_layers)] + \
+        [(kind, i) for kind in ("self", "cross") for i in range(c.n_decoder_layers)]
+    fits = calibrations(ours, ids, labels, layers)
+    reference.set_attn_implementation("eager")  # the implementation that returns its attention weights
+    with torch.no_grad():
+        out = reference(input_ids=ids, decoder_input_ids=ours.shift_right(labels), output_attentions=True)
+    expected = {"encoder": out.encoder_attentions, "self": out.decoder_attentions, "cross": out.cross_attentions}
+    for kind, i in layers:
+        c = fits[kind, i]
+        probs = c.probabilities(c.x if c.queries is None else c.queries, c.x)
+        torch.testing.assert_close(probs, expected[kind][i], atol=1e-5, rtol=0)
+    torch.testing.assert_close(fits["cross", 0].x, out.encoder_last_hidden_state, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_aligned_stays_closer_to_the_source_than_mean_pooling(models, tmp_path, seq2seq_tokenizer, name):
+    """MQA decoder self- and cross-attention: `aligned` calibrated on one split, scored on held-out text
+    (KL from the source's next-token distribution) against mean pooling of the same weights."""
+    from gqa.seq2seq_data import eval_examples
+
+    _, folder = models[name]
+    source = gqa.load(folder, dtype="float32")
+    held_out = eval_examples("wiki", seq2seq_tokenizer, 64, max_tokens=1500)
+    dec = source.shift_right(held_out.labels)
+
+    def kl(path) -> float:
+        model = gqa.load(path, dtype="float32")
+        with torch.no_grad():
+            p = source(held_out.input_ids, dec, attention_mask=held_out.input_mask).log_softmax(-1)
+            q = model(held_out.input_ids, dec, attention_mask=held_out.input_mask).log_softmax(-1)
+        per_token = (p.exp() * (p - q)).sum(-1)
+        return float(per_token[held_out.labels != -100].mean())
+
+    gqa.convert(folder, tmp_path / "mean", n_kv_heads=1, progress=False)
+    report = gqa.convert(folder, tmp_path / "aligned", n_kv_heads=1, method="aligned", calib="wiki",
+                         calib_tokens=2048, calib_seq_len=64, progress=False)
+    assert report["calibration"] == {"data": "wiki", "tokens": 2048, "seq_len": 64}
+    decoder_layers = range(source.config.n_decoder_layers)
+    assert [(r["attention"], r["layer"]) for r in report["layers"]] == \
+        [(kind, i) for kind in ("self", "cross") for i in decoder_layers]
+    assert kl(tmp_path / "aligned") < 0.5 * kl(tmp_path / "mean")
+
+
 def test_generation_is_greedy_over_the_full_forward(models):
     _, folder = models["bart"]
     model = gqa.load(folder, dtype="float32")
@@ -211,8 +265,15 @@ def test_uptraining_on_pairs_and_on_text_resumes_exactly(models, tmp_path, seq2s
     (["convert", "{t5}", "{w}/o", "--kv-heads", "3"], "3 KV heads does not divide the current 4"),
     (["convert", "{t5}", "{w}/o", "--kv-budget", "0.5", "--calib", "bundled"],
      "--kv-budget is not available for encoder–decoder models yet"),
-    (["convert", "{t5}", "{w}/o", "--kv-heads", "2", "--method", "aligned", "--calib", "bundled"],
-     "--calib is not available for encoder–decoder models yet"),
+    (["convert", "{t5}", "{w}/o", "--kv-heads", "2", "--method", "aligned"],
+     "--method aligned needs calibration text: pass --calib DATA"),
+    (["convert", "{t5}", "{w}/o", "--kv-heads", "2", "--method", "aligned", "--calib", "{w}/bad.jsonl"],
+     "an encoder–decoder is calibrated on text (span-corrupted as in pre-training), not on input/target pairs"),
+    (["convert", "{t5}", "{w}/o", "--kv-heads", "2", "--method", "aligned", "--calib", "wiki", "--calib-seq-len", "8"],
+     "--calib-seq-len must be in [16, 512]"),
+    (["convert", "{t5}", "{w}/o", "--kv-heads", "2", "--method", "aligned", "--calib", "wiki", "--transfer-steps", "5"],
+     "--transfer-steps is not available for encoder–decoder models yet"),
+    (["convert", "{t5}", "{w}/o", "--kv-heads", "2", "--calib", "wiki"], "--calib is read only by --method aligned"),
     (["eval", "{t5}", "--data", "{w}/bad.jsonl"], "bad.jsonl:2 has no string field 'target'"),
     (["uptrain", "{t5}", "{w}/o", "--data", "{w}/bad.jsonl", "--steps", "1"], "bad.jsonl:2 has no string field"),
     (["export", "{t5}", "{w}/o.gguf", "--format", "gguf"], "GGUF export writes decoder-only Llama-style models"),

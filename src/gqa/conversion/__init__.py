@@ -33,7 +33,7 @@ from ..version import __version__
 from . import budget, joint
 from .calibration import calibration_blocks
 from .heads import RopeLayout
-from .interface import Method
+from .interface import CALIB_TOKENS, CalibrationSettings, Method
 from .joint import JointSettings
 from .layers import choose_heads, shard_bytes, write_model
 from .methods import REGISTRY, calibrated, get, owners, register
@@ -43,7 +43,6 @@ from .seq2seq import convert_seq2seq, is_seq2seq_folder
 from .transfer import TransferSettings
 
 TORCH_DTYPES = {name: dtype for dtype, name in files.SAFETENSORS_DTYPES.items() if dtype.is_floating_point}
-CALIB_TOKENS = 65536
 TransferState = ResumeState  # the name gqa 0.1 had for it
 
 __all__ = ["convert", "target_kv_heads", "format_report", "REGISTRY", "register", "ResumeState"]
@@ -64,13 +63,6 @@ def target_kv_heads(current: list[int], n_heads: int, n_kv_heads: int | None, pe
             raise GQAError(f"{where}{g} KV heads does not divide the current {old} (of {n_heads} query heads); "
                            f"choose one of {budget.divisors(old)}")
     return new
-
-
-@dataclass(frozen=True)
-class CalibrationSettings:
-    data: str
-    tokens: int = CALIB_TOKENS
-    seq_len: int = 512
 
 
 @dataclass
@@ -194,12 +186,14 @@ def convert(
     cross-attention grouped (`encoder=True`: its encoder's too; see `conversion.seq2seq`).
     """
     if is_seq2seq_folder(src):
-        unsupported = {"--kv-heads-per-layer": n_kv_heads_per_layer is not None, "--kv-budget": kv_budget is not None,
-                       "--calib": calib is not None, "--transfer-steps": transfer_steps > 0,
-                       "--joint-steps": joint_steps > 0}
-        return convert_seq2seq(src, dst, n_kv_heads=n_kv_heads, method=method, seed=seed, encoder=encoder,
-                               format=format, overwrite=overwrite, method_options=method_options,
-                               unsupported=unsupported)
+        return convert_encoder_decoder(src, dst, n_kv_heads=n_kv_heads, method=method, seed=seed, calib=calib,
+                                       calib_tokens=calib_tokens, calib_seq_len=calib_seq_len, encoder=encoder,
+                                       format=format, overwrite=overwrite, progress=progress,
+                                       method_options=method_options,
+                                       unsupported={"--kv-heads-per-layer": n_kv_heads_per_layer is not None,
+                                                    "--kv-budget": kv_budget is not None,
+                                                    "--transfer-steps": transfer_steps > 0,
+                                                    "--joint-steps": joint_steps > 0})
     if encoder:
         raise GQAError(f"--convert-encoder applies to encoder–decoder models; {src} is decoder-only")
     start = time.time()
@@ -222,6 +216,26 @@ def convert(
     new_config = replace(job.config, n_kv_heads=job.new_heads)
     return write_conversion(job, new_config, target_family(new_config, job.source_hf, format), blocks, budget_record,
                             progress, start)
+
+
+def convert_encoder_decoder(src, dst, *, method: str, calib, calib_tokens: int | None, calib_seq_len: int | None,
+                            unsupported: dict, **options) -> dict:
+    """The encoder–decoder branch of `convert()`: the same checks of the calibration options, then
+    `seq2seq.convert_seq2seq`."""
+    for option, given in unsupported.items():
+        if given:
+            raise GQAError(f"{option} is not available for encoder–decoder models yet; give --kv-heads G with "
+                           f"--method {', '.join(REGISTRY)}")
+    chosen = get(method)
+    check_options(chosen, calib, calib_tokens, calib_seq_len, 0, None, None, 0, None, None)
+    if chosen.calibrated and not calib:
+        raise GQAError(f"--method {method} needs calibration text: pass --calib DATA (a file, folder or bundled corpus)")
+    if calib:
+        from ..data import check_source
+
+        check_source(calib)
+    return convert_seq2seq(src, dst, method=method, calib=calib, calib_tokens=calib_tokens,
+                           calib_seq_len=calib_seq_len, **options)
 
 
 def write_conversion(job: Job, new_config: ModelConfig, out_family, blocks, budget_record, progress: bool,

@@ -27,6 +27,7 @@ gradient steps. With G = H every fit is exact.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -68,32 +69,34 @@ def whitener(covariance: torch.Tensor) -> torch.Tensor:
 @dataclass
 class LayerInputs:
     """A layer's attention inputs on the calibration blocks, and what the fits measure with them."""
-    x: torch.Tensor  # [blocks, T, d]
-    rope: tuple | None  # what apply_rope takes after x, or None
+    x: torch.Tensor  # what keys and values read [blocks, T, d]
     with_bias: bool
-    attention: torch.nn.Module  # the source layer's attention (model.Attention): its probabilities weight the fits
+    probabilities: Callable  # (query inputs, key inputs) -> the source layer's probabilities (`Calibration`)
+    queries: torch.Tensor | None = None  # what queries read, where not x (cross-attention) [blocks, S, d]
 
-    def blocks(self, limit: int | None = None):
-        for start in range(0, min(len(self.x), limit or len(self.x)), CHUNK_BLOCKS):
-            x = self.x[start:start + CHUNK_BLOCKS].float()
+    def blocks(self, limit: int | None = None, queries: bool = False):
+        source = self.x if not queries or self.queries is None else self.queries
+        for start in range(0, min(len(source), limit or len(source)), CHUNK_BLOCKS):
+            x = source[start:start + CHUNK_BLOCKS].float()
             if self.with_bias:
                 x = torch.cat([x, torch.ones(*x.shape[:2], 1)], dim=-1)
             yield x
 
-    def covariance(self) -> torch.Tensor:
-        """E[x̃ x̃ᵀ] over every calibration token."""
-        total = sum(x.flatten(0, 1).double().T @ x.flatten(0, 1).double() for x in self.blocks())
-        return total / (self.x.shape[0] * self.x.shape[1])
+    def covariance(self, queries: bool = False) -> torch.Tensor:
+        """E[x̃ x̃ᵀ] over every calibration token (of what the queries read, with `queries`)."""
+        source = self.queries if queries and self.queries is not None else self.x
+        total = sum(x.flatten(0, 1).double().T @ x.flatten(0, 1).double() for x in self.blocks(queries=queries))
+        return total / (source.shape[0] * source.shape[1])
 
     @torch.no_grad()
     def sampled_attention(self) -> list[torch.Tensor]:
         """The source layer's attention probabilities at QUERY_ROWS sampled query positions, per chunk of the
         first MOMENT_BLOCKS blocks: [B, H, rows, T]. The groups' moments are then accumulated one group at a
         time from these (holding every group's two d x d float64 moments at once is 2 GB at 7B geometry)."""
-        T = self.x.shape[1]
-        rows = torch.unique(torch.linspace(0, T - 1, min(T, QUERY_ROWS)).round().long())
-        d = self.x.shape[-1]
-        return [attention_probs(self.attention, x[..., :d], self.rope)[:, :, rows] for x in self.blocks(MOMENT_BLOCKS)]
+        S, d = (self.x if self.queries is None else self.queries).shape[1], self.x.shape[-1]
+        rows = torch.unique(torch.linspace(0, S - 1, min(S, QUERY_ROWS)).round().long())
+        return [self.probabilities(q[..., :d], x[..., :d])[:, :, rows]
+                for q, x in zip(self.blocks(MOMENT_BLOCKS, queries=True), self.blocks(MOMENT_BLOCKS))]
 
     @torch.no_grad()
     def attention_moments(self, probs: list[torch.Tensor], group: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +135,8 @@ def merge(attn: AttentionWeights, n_kv_heads: int, inputs: LayerInputs, rope: Ro
         raise GQAError(f"unknown grouping {grouping!r}; choose one of {', '.join(GROUPINGS)}")
     mha = attn.expanded()
     L = whitener(inputs.covariance())
-    heads = Heads(mha, L, rope, inputs.with_bias)
+    L_query = L if inputs.queries is None else whitener(inputs.covariance(queries=True))
+    heads = Heads(mha, L_query, L, rope, inputs.with_bias)
     r = mha.n_heads // n_kv_heads
     order = list(range(mha.n_heads))
     if grouping == "similarity" and 1 < r < mha.n_heads:
@@ -159,10 +163,11 @@ def fit_group(heads: Heads, group: list[int], inputs: LayerInputs, probs, dtype:
 class Heads:
     """The expanded layer's heads as the fits see them: float64 and x̃-augmented (with the bias as a last
     column) where the model has biases, made for the heads a fit asks for. Only the stored weights are held:
-    float64 copies of every head at once are 0.5 GB per layer at 7B geometry."""
+    float64 copies of every head at once are 0.5 GB per layer at 7B geometry. L: the whitener of what the
+    queries read; L_kv: of what keys and values read (the same for self-attention)."""
 
-    def __init__(self, mha: AttentionWeights, L: torch.Tensor, rope: RopeLayout, with_bias: bool):
-        self.mha, self.with_bias, self.rope_layout, self.L = mha, with_bias, rope, L
+    def __init__(self, mha: AttentionWeights, L: torch.Tensor, L_kv: torch.Tensor, rope: RopeLayout, with_bias: bool):
+        self.mha, self.with_bias, self.rope_layout, self.L, self.L_kv = mha, with_bias, rope, L, L_kv
         self.n_heads, self.head_dim = mha.n_heads, mha.head_dim
         a, b = rope.pairs
         energy = torch.cat([(w[:, a] @ L).pow(2).sum(-1) + (w[:, b] @ L).pow(2).sum(-1)  # E|q|² = ||Lᵀ w_q||²
@@ -205,7 +210,7 @@ class Heads:
         """[H, H]: what is lost when heads a and b share a KV head: the residual of the best shared rank-1 key
         per rotary pair plus that of the best shared rank-D value subspace, each relative to its total.
         Made HEAD_CHUNK heads at a time: only the stacked results are whole-layer size."""
-        H, D, L = self.n_heads, self.head_dim, self.L
+        H, D, L = self.n_heads, self.head_dim, self.L_kv
         columns = torch.cat([self.key_columns(heads, L) for heads in self.chunks()], dim=-1)
         gram = torch.einsum("pnh,pnk->phk", columns.conj(), columns)  # [pairs, H, H]
         del columns
@@ -349,7 +354,8 @@ class AlignedSettings:
 def merge_layer(attn: AttentionWeights, n_kv_heads: int, layer: Layer, settings: AlignedSettings):
     c = layer.calibration
     with_bias = any(t is not None for t in (attn.bq, attn.bk, attn.bv))
-    return merge(attn, n_kv_heads, LayerInputs(c.x, c.rope, with_bias, c.attention), layer.rope, settings.grouping)
+    return merge(attn, n_kv_heads, LayerInputs(c.x, with_bias, c.probabilities, c.queries), layer.rope,
+                 settings.grouping)
 
 
 ALIGNED = Method("aligned", "exact symmetries, then shared K/V fitted to calibration activations (needs --calib)",

@@ -18,13 +18,28 @@ import torch
 from ..errors import GQAError
 from .heads import AttentionWeights, RopeLayout
 
+CALIB_TOKENS = 65536
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """The calibration text a conversion reads: its source, how many tokens, in blocks of what length."""
+    data: str
+    tokens: int = CALIB_TOKENS
+    seq_len: int = 512
+
 
 @dataclass(frozen=True)
 class Calibration:
-    """A layer's calibration inputs, for methods that fit to activations."""
-    x: torch.Tensor  # what the layer's attention reads on the calibration blocks [blocks, T, d]
-    rope: tuple | None  # the rotary tables apply_rope takes after x, or None
-    attention: torch.nn.Module  # the source layer's attention (model.Attention)
+    """A layer's calibration inputs, for methods that fit to activations.
+
+    Self-attention reads one input for its queries, keys and values; cross-attention (encoder–decoders)
+    reads its queries from the decoder and its keys and values from the encoder, given as `queries`."""
+    x: torch.Tensor  # what the layer's keys and values read on the calibration blocks [blocks, T, d]
+    # the source layer's attention probabilities [B, H, S, T] for query inputs [B, S, d] and key inputs [B, T, d]
+    # (its positions, mask and scale included)
+    probabilities: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    queries: torch.Tensor | None = None  # what the queries read, where not x [blocks, S, d]
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from ..checkpoints import check_finite, export_tensors, files
 from ..checkpoints.families import stack_heads
 from ..model import ModelConfig
 from . import budget
+from .aligned import attention_probs
 from .calibration import Stream, build_block
 from .heads import AttentionWeights
 from .interface import Calibration, Layer
@@ -88,7 +89,9 @@ def merge_layer(job, layer: int, state: dict, g: int, block, streams, state_dir,
 def merge_attention(job, layer: int, attn: AttentionWeights, g: int, inputs=None, rope_tables=None, block=None):
     """The method's merge of one layer's attention to g KV heads (inputs: its calibration inputs [blocks, T, d];
     block: the source layer)."""
-    calibration = Calibration(inputs, rope_tables, block.attention) if job.method.calibrated else None
+    calibration = None
+    if job.method.calibrated:
+        calibration = Calibration(inputs, lambda queries, keys: attention_probs(block.attention, keys, rope_tables))
     return job.method.merge(attn, g, Layer(layer, job.rope, job.seed, job.init_std, calibration), job.settings)
 
 

@@ -5,31 +5,38 @@ encoder's self-attention only when asked (`encoder=True`): its queries are all c
 keys and values are read once per source, not once per generated token. Each attention is merged by a
 registered method, exactly as a decoder-only layer is (`heads.AttentionWeights`, `methods.REGISTRY`).
 
-Methods that fit to calibration activations are not offered here yet: their fits assume causal
-self-attention whose queries and keys read the same inputs, which cross-attention does not. T5 has no
-rotary embedding, so its key side has more exact symmetries than a RoPE model's (any invertible map per
-head, undone in the queries); mean / first / random do not use them.
+Calibrated methods (`aligned`) fit to what each attention reads on calibration text
+(`seq2seq_calibration`): cross-attention's queries read the decoder and its keys and values the encoder's
+output, and the fits whiten each side by its own inputs. T5 has no rotary embedding, so every key
+dimension is "free": any invertible map per head on the key side, undone in that head's queries, leaves
+the scores unchanged, and `aligned` fits the group's shared key subspace to the heads' score maps W_kᵀW_q
+(weighted by the spread of the attended keys) and refits each head's queries to it; values and outputs as
+for decoders. The layer-wise transfer, the joint stage and per-layer budgets are decoder-only for now.
 
-The model is read whole (an 11B T5 needs its size in memory), merged, and written in one go.
+The model is read whole (an 11B T5 needs its size in memory), merged, and written in one go; calibration
+runs the source in float32.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..checkpoints import files
 from ..checkpoints.seq2seq import import_state, read_seq2seq_config, save_seq2seq_state, target_seq2seq_family
 from ..errors import GQAError
-from ..seq2seq import Seq2SeqConfig
+from ..seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from ..version import __version__
 from .heads import NAMES, AttentionWeights, RopeLayout
-from .interface import Layer
+from .interface import CALIB_TOKENS, CalibrationSettings, Layer
 from .methods import get, owners
+from .seq2seq_calibration import calibration_examples, calibrations
 
 KINDS = {"encoder": ("encoder", "attention", "encoder_kv_heads"), "self": ("decoder", "attention", "self_kv_heads"),
          "cross": ("decoder", "cross", "cross_kv_heads")}
@@ -46,18 +53,12 @@ def merged_state(attn: AttentionWeights, prefix: str) -> dict:
 
 
 def convert_seq2seq(src, dst, *, n_kv_heads: int | None, method: str, seed: int, encoder: bool, format: str,
-                    overwrite: bool, method_options: dict, unsupported: dict) -> dict:
-    """Convert an encoder–decoder folder (see the module docstring); returns the report."""
+                    overwrite: bool, method_options: dict, calib=None, calib_tokens: int | None = None,
+                    calib_seq_len: int | None = None, progress: bool = True) -> dict:
+    """Convert an encoder–decoder folder (see the module docstring; options checked by `convert()`);
+    returns the report."""
     start = time.time()
-    for option, given in unsupported.items():
-        if given:
-            raise GQAError(f"{option} is not available for encoder–decoder models yet; give --kv-heads G with "
-                           f"--method mean, first or random")
     chosen = get(method)
-    if chosen.calibrated:
-        raise GQAError(f"--method {method} fits to calibration activations of causal self-attention, which "
-                       f"encoder–decoder models are not (their cross-attention reads the encoder); use mean, first "
-                       f"or random")
     settings = chosen.make_settings(method_options, owners)
     hf = files.read_config(src)
     config, family = read_seq2seq_config(src, hf)
@@ -69,27 +70,56 @@ def convert_seq2seq(src, dst, *, n_kv_heads: int | None, method: str, seed: int,
             if g_now % n_kv_heads:
                 raise GQAError(f"{kind} attention, layer {layer}: {n_kv_heads} KV heads does not divide the current "
                                f"{g_now} (of {config.n_heads} query heads); choose a divisor of {g_now}")
+    calibration = None
+    if calib:
+        calibration = CalibrationSettings(str(calib), CALIB_TOKENS if calib_tokens is None else calib_tokens,
+                                          calib_seq_len or min(512, config.max_positions))
+        if not 16 <= calibration.seq_len <= config.max_positions:
+            raise GQAError(f"--calib-seq-len must be in [16, {config.max_positions}] (span corruption needs a few "
+                           f"spans), got {calibration.seq_len}")
     files.check_destination(dst, overwrite, sources=[src])
     state = import_state(src, config, family)
     dtype = state["tok_embeddings.weight"].dtype
     new = {KINDS[k][2]: [n_kv_heads] * len(getattr(config, KINDS[k][2])) for k in kinds}
     new_config = replace(config, **new)
     init = float(hf.get("initializer_factor", hf.get("init_std", 0.02)) or 0.02)
-    for kind in kinds:
-        stack, module, field_name = KINDS[kind]
-        for layer, g_now in enumerate(getattr(config, field_name)):
-            if g_now == n_kv_heads:
-                continue
-            prefix = f"{stack}.layers.{layer}.{module}."
-            attn = attention_of(state, prefix, config.head_dim)
-            context = Layer(SEED_OFFSET[kind] + layer, RopeLayout(config.head_dim, 0), seed, init)
-            merged, _ = chosen.merge(attn, n_kv_heads, context, settings)
-            state.update(merged_state(merged, prefix))
+    todo = [(kind, layer) for kind in kinds for layer, g_now in enumerate(getattr(config, KINDS[kind][2]))
+            if g_now != n_kv_heads]
+    fits = calibrate(src, config, state, calibration, todo, seed, progress) if chosen.calibrated else {}
+    records = []
+    for kind, layer in tqdm(todo, desc=f"converting ({method})", unit="attention", disable=not progress):
+        stack, module, _ = KINDS[kind]
+        prefix = f"{stack}.layers.{layer}.{module}."
+        attn = attention_of(state, prefix, config.head_dim)
+        context = Layer(SEED_OFFSET[kind] + layer, RopeLayout(config.head_dim, 0), seed, init, fits.get((kind, layer)))
+        merged, record = chosen.merge(attn, n_kv_heads, context, settings)
+        state.update(merged_state(merged, prefix))
+        records.append({"attention": kind, "layer": layer, **record})
     out_family = target_seq2seq_family(new_config, hf if family else hf.get("hf_config"), format)
     report = seq2seq_report(src, dst, method, seed, settings, config, new_config, out_family, kinds, dtype, start)
+    report.update(calibration=asdict(calibration) if calibration else None, layers=records)
     save_seq2seq_state(state, new_config, hf if family else hf.get("hf_config"), out_family, dst, dtype,
                        source_dir=src, overwrite=overwrite, extra_files={"conversion.json": report})
     return report
+
+
+def calibrate(src, config: Seq2SeqConfig, state: dict, calibration: CalibrationSettings, todo: list, seed: int,
+              progress: bool) -> dict:
+    """(kind, layer) -> Calibration of every attention to be grouped, read off the source model in float32."""
+    from ..checkpoints.tokenizer import load_tokenizer
+
+    input_ids, labels = calibration_examples(calibration.data, load_tokenizer(src), calibration.tokens,
+                                             calibration.seq_len, seed)
+    if input_ids.max() >= config.vocab_size or labels.max() >= config.vocab_size:
+        raise GQAError(f"{src}: its tokenizer gives ids beyond the model's vocabulary ({config.vocab_size})")
+    with torch.device("meta"):
+        model = Seq2SeqTransformer(config)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True, strict=True)
+    model.tie_weights()
+    if progress:
+        print(f"calibrating on {input_ids.numel():,} source and {labels.numel():,} target tokens "
+              f"of {calibration.data}", file=sys.stderr)
+    return calibrations(model.eval(), input_ids, labels, todo)
 
 
 def seq2seq_report(src, dst, method: str, seed: int, settings, config: Seq2SeqConfig, new: Seq2SeqConfig,

@@ -1,0 +1,109 @@
+"""Calibration of an encoder–decoder conversion: what each grouped attention reads on real text.
+
+The source model (held whole, as the encoder–decoder converter holds it) reads span-corrupted calibration
+text, T5's own pre-training objective (BART's text infilling for tokenizers without sentinels), from the
+training side of the document-hash split (`gqa.seq2seq_data`), so `gqa eval` on the same source's
+validation split scores text no fit saw. Hooks record the input of every attention to be grouped:
+
+- decoder self-attention: queries, keys and values read the same decoder states (causal, T5's relative
+  position bias in the scores);
+- cross-attention: queries read the decoder states, keys and values the encoder's output;
+- the encoder's self-attention (with `--convert-encoder`): bidirectional, with the encoder's bias.
+
+Each attention's `Calibration` carries those inputs and the source attention's probabilities on them, which
+`aligned` weights its fits with. Examples are cut to the shortest input and the shortest target of the
+ones drawn (span corruption makes them nearly equal), so every block is whole and no fit sees padding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import GQAError
+from ..seq2seq import Seq2SeqTransformer
+from ..seq2seq_data import is_pairs, prepare_seq2seq
+from .interface import Calibration
+
+CHUNK = 8  # examples run through the source model at a time
+
+
+def calibration_examples(source, tokenizer, n_tokens: int, seq_len: int, seed: int):
+    """(input ids [N, S], labels [N, T]): ⌈n_tokens / seq_len⌉ span-corrupted blocks of `source`'s training
+    split, drawn (seeded), cut to the shortest input and target among them."""
+    if n_tokens < 1:
+        raise GQAError(f"--calib-tokens must be >= 1, got {n_tokens}")
+    if is_pairs(source):
+        raise GQAError(f"--calib {source}: an encoder–decoder is calibrated on text (span-corrupted as in "
+                       f"pre-training), not on input/target pairs; give a text file, folder or bundled corpus")
+    data = prepare_seq2seq(source, tokenizer, seq_len, seed=seed).train
+    needed = math.ceil(n_tokens / seq_len)
+    if len(data) < needed:
+        raise GQAError(f"{source} holds {len(data) * seq_len:,} calibration tokens (its training split, in blocks "
+                       f"of {seq_len}); --calib-tokens {n_tokens:,} needs more text or a smaller number")
+    chosen = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:needed]]
+    source_len = int(chosen.input_mask.sum(-1).min())
+    target_len = int((chosen.labels != -100).sum(-1).min())
+    return chosen.input_ids[:, :source_len], chosen.labels[:, :target_len]
+
+
+@torch.no_grad()
+def record_inputs(model: Seq2SeqTransformer, input_ids: torch.Tensor, labels: torch.Tensor,
+                  modules: dict[tuple[str, int], torch.nn.Module]) -> tuple[dict, torch.Tensor]:
+    """What each attention in `modules` ((kind, layer) -> module) reads as its query input, [N, S or T, d],
+    and the encoder's output [N, S, d] (what cross-attention's keys and values read)."""
+    seen: dict[tuple[str, int], list[torch.Tensor]] = {key: [] for key in modules}
+    hooks = [module.register_forward_pre_hook(lambda _, args, key=key: seen[key].append(args[0].float()))
+             for key, module in modules.items()]
+    encoded = []
+    try:
+        for start in range(0, len(input_ids), CHUNK):
+            ids = input_ids[start:start + CHUNK].to(model.device)
+            out = model.encode(ids)
+            model.decode(model.shift_right(labels[start:start + CHUNK].to(model.device)), out)
+            encoded.append(out.hidden.float())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {key: torch.cat(xs) for key, xs in seen.items()}, torch.cat(encoded)
+
+
+def source_probabilities(model: Seq2SeqTransformer, kind: str, layer: int):
+    """The source attention's probabilities [B, H, S, T] for query inputs [B, S, d] and key inputs [B, T, d]:
+    its own scale, T5's relative bias (self-attention), and the decoder's causal mask."""
+    stack = model.encoder if kind == "encoder" else model.decoder
+    module = getattr(stack.layers[layer], "cross" if kind == "cross" else "attention")
+
+    @torch.no_grad()
+    def probabilities(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        q = module.heads(module.wq(queries), module.n_heads)
+        k = module.heads(module.wk(keys), module.n_kv_heads)
+        k = k.repeat_interleave(module.n_heads // module.n_kv_heads, dim=1)  # calibration only, never decoding
+        scores = (q @ k.transpose(-1, -2)) * module.scale
+        S, T = scores.shape[-2:]
+        if kind != "cross":
+            bias = stack.position_bias(layer, torch.arange(S, device=scores.device), T)
+            scores = scores if bias is None else scores + bias
+        if kind == "self":
+            causal = torch.ones(S, T, dtype=torch.bool, device=scores.device).tril()
+            scores = scores.masked_fill(~causal, float("-inf"))
+        return F.softmax(scores.float(), dim=-1)
+
+    return probabilities
+
+
+def calibrations(model: Seq2SeqTransformer, input_ids: torch.Tensor, labels: torch.Tensor,
+                 layers: list[tuple[str, int]]) -> dict[tuple[str, int], Calibration]:
+    """(kind, layer) -> the Calibration of that attention (kinds: "encoder", "self", "cross")."""
+    def module(kind: str, layer: int):
+        stack = model.encoder if kind == "encoder" else model.decoder
+        return getattr(stack.layers[layer], "cross" if kind == "cross" else "attention")
+
+    inputs, encoded = record_inputs(model, input_ids, labels, {key: module(*key) for key in layers})
+    out = {}
+    for kind, layer in layers:
+        x, queries = (encoded, inputs[kind, layer]) if kind == "cross" else (inputs[kind, layer], None)
+        out[kind, layer] = Calibration(x, source_probabilities(model, kind, layer), queries)
+    return out
