@@ -114,7 +114,8 @@ def layer_error(config, state, stream, inputs, target, merged: AttentionWeights)
 def test_aligned_fits_better_than_mean_pooling_and_is_exact_at_g_equal_h(demo_layer):
     config, state, stream, inputs, target = demo_layer
     attn = AttentionWeights.from_state(state, 1, config)
-    stats = aligned.LayerInputs(inputs, stream.rope, False, build_block(config, 1, state).attention)
+    probabilities = aligned.self_attention_probabilities(build_block(config, 1, state).attention, stream.rope)
+    stats = aligned.LayerInputs(inputs, False, probabilities)
     rope = RopeLayout.of(config)
     same, _ = aligned.merge(attn, 8, stats, rope)
     assert layer_error(config, state, stream, inputs, target, same) < 1e-8

@@ -128,6 +128,12 @@ def attention_probs(module, x: torch.Tensor, rope) -> torch.Tensor:
     return F.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
 
 
+def self_attention_probabilities(module, rope) -> Callable:
+    """`Calibration.probabilities` of a decoder layer's causal self-attention (queries and keys read the same
+    input, so the query inputs are the key inputs)."""
+    return lambda queries, keys: attention_probs(module, keys, rope)
+
+
 def merge(attn: AttentionWeights, n_kv_heads: int, inputs: LayerInputs, rope: RopeLayout,
           grouping: str = "similarity") -> tuple[AttentionWeights, dict]:
     """This layer's attention with `n_kv_heads` KV heads, and a record of what was chosen (the groups)."""

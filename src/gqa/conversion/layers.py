@@ -20,7 +20,7 @@ from ..checkpoints import check_finite, export_tensors, files
 from ..checkpoints.families import stack_heads
 from ..model import ModelConfig
 from . import budget
-from .aligned import attention_probs
+from .aligned import self_attention_probabilities
 from .calibration import Stream, build_block
 from .heads import AttentionWeights
 from .interface import Calibration, Layer
@@ -91,7 +91,7 @@ def merge_attention(job, layer: int, attn: AttentionWeights, g: int, inputs=None
     block: the source layer)."""
     calibration = None
     if job.method.calibrated:
-        calibration = Calibration(inputs, lambda queries, keys: attention_probs(block.attention, keys, rope_tables))
+        calibration = Calibration(inputs, self_attention_probabilities(block.attention, rope_tables))
     return job.method.merge(attn, g, Layer(layer, job.rope, job.seed, job.init_std, calibration), job.settings)
 
 
