@@ -276,16 +276,20 @@ def import_state(path, config: Seq2SeqConfig, family: Seq2SeqFamily | None, read
     return state
 
 
-def load_seq2seq(path, hf: dict, dtype: torch.dtype | None, device) -> Seq2SeqTransformer:
-    config, family = read_seq2seq_config(path, hf)
-    state = import_state(path, config, family)
+def model_from_state(config: Seq2SeqConfig, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
+                     device=None) -> Seq2SeqTransformer:
+    """The model over gqa tensors (built on the meta device, the tensors assigned, the head tied), in eval mode."""
     with torch.device("meta"):
         model = Seq2SeqTransformer(config)
     dtype = dtype or state["tok_embeddings.weight"].dtype
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-    model.load_state_dict(state, assign=True, strict=True)
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True, strict=True)
     model.tie_weights()
-    model.eval()
+    return model.eval()
+
+
+def load_seq2seq(path, hf: dict, dtype: torch.dtype | None, device) -> Seq2SeqTransformer:
+    config, family = read_seq2seq_config(path, hf)
+    model = model_from_state(config, import_state(path, config, family), dtype, device)
     model.hf_config = hf.get("hf_config") if family is None else hf
     model.source_dir = Path(path)
     return model

@@ -29,9 +29,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoints import files
-from ..checkpoints.seq2seq import import_state, read_seq2seq_config, save_seq2seq_state, target_seq2seq_family
+from ..checkpoints.seq2seq import import_state, model_from_state, read_seq2seq_config, save_seq2seq_state, target_seq2seq_family
 from ..errors import GQAError
-from ..seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+from ..seq2seq import Seq2SeqConfig
 from ..version import __version__
 from .heads import NAMES, AttentionWeights, RopeLayout
 from .interface import CALIB_TOKENS, CalibrationSettings, Layer
@@ -112,14 +112,10 @@ def calibrate(src, config: Seq2SeqConfig, state: dict, calibration: CalibrationS
                                              calibration.seq_len, seed)
     if input_ids.max() >= config.vocab_size or labels.max() >= config.vocab_size:
         raise GQAError(f"{src}: its tokenizer gives ids beyond the model's vocabulary ({config.vocab_size})")
-    with torch.device("meta"):
-        model = Seq2SeqTransformer(config)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True, strict=True)
-    model.tie_weights()
     if progress:
         print(f"calibrating on {input_ids.numel():,} source and {labels.numel():,} target tokens "
               f"of {calibration.data}", file=sys.stderr)
-    return calibrations(model.eval(), input_ids, labels, todo)
+    return calibrations(model_from_state(config, state, torch.float32), input_ids, labels, todo)
 
 
 def seq2seq_report(src, dst, method: str, seed: int, settings, config: Seq2SeqConfig, new: Seq2SeqConfig,

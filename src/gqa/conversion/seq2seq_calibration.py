@@ -70,11 +70,17 @@ def record_inputs(model: Seq2SeqTransformer, input_ids: torch.Tensor, labels: to
     return {key: torch.cat(xs) for key, xs in seen.items()}, torch.cat(encoded)
 
 
+def attention_module(model: Seq2SeqTransformer, kind: str, layer: int) -> torch.nn.Module:
+    """The attention of `kind` ("encoder", "self", "cross") in layer `layer`."""
+    stack = model.encoder if kind == "encoder" else model.decoder
+    return getattr(stack.layers[layer], "cross" if kind == "cross" else "attention")
+
+
 def source_probabilities(model: Seq2SeqTransformer, kind: str, layer: int):
     """The source attention's probabilities [B, H, S, T] for query inputs [B, S, d] and key inputs [B, T, d]:
     its own scale, T5's relative bias (self-attention), and the decoder's causal mask."""
     stack = model.encoder if kind == "encoder" else model.decoder
-    module = getattr(stack.layers[layer], "cross" if kind == "cross" else "attention")
+    module = attention_module(model, kind, layer)
 
     @torch.no_grad()
     def probabilities(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -97,11 +103,7 @@ def source_probabilities(model: Seq2SeqTransformer, kind: str, layer: int):
 def calibrations(model: Seq2SeqTransformer, input_ids: torch.Tensor, labels: torch.Tensor,
                  layers: list[tuple[str, int]]) -> dict[tuple[str, int], Calibration]:
     """(kind, layer) -> the Calibration of that attention (kinds: "encoder", "self", "cross")."""
-    def module(kind: str, layer: int):
-        stack = model.encoder if kind == "encoder" else model.decoder
-        return getattr(stack.layers[layer], "cross" if kind == "cross" else "attention")
-
-    inputs, encoded = record_inputs(model, input_ids, labels, {key: module(*key) for key in layers})
+    inputs, encoded = record_inputs(model, input_ids, labels, {key: attention_module(model, *key) for key in layers})
     out = {}
     for kind, layer in layers:
         x, queries = (encoded, inputs[kind, layer]) if kind == "cross" else (inputs[kind, layer], None)
