@@ -65,3 +65,17 @@ def user_error(capsys, argv, message):
     assert len(lines) == 1 and lines[0].startswith("gqa: error:") and "Traceback" not in err, err
     assert message in lines[0], err
     return lines[0]
+
+
+def factor_norms(attn) -> list[tuple[float, float, float, float]]:
+    """Per KV head of `attn` (heads.AttentionWeights): the norms of its K rows, of its query heads' Q rows
+    (biases included), of its V rows and of those query heads' W_o columns."""
+    r = attn.n_heads // attn.n_kv_heads
+
+    def rows(w, b):
+        bias = attn.heads(b)
+        return attn.heads(w).double() if bias is None else torch.cat([attn.heads(w).double(), bias.double()[..., None]], -1)
+
+    q, k, v, o = (t.detach() for t in (rows("wq", "bq"), rows("wk", "bk"), rows("wv", "bv"), attn.heads("wo").double()))
+    return [tuple(float(t.norm()) for t in (k[g], q[g * r:(g + 1) * r], v[g], o[g * r:(g + 1) * r]))
+            for g in range(attn.n_kv_heads)]

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import padded_batch, user_error
+from conftest import factor_norms, padded_batch, user_error
 from families import TEXT, build, save
 from safetensors.torch import load_file, save_file
 
@@ -68,6 +68,43 @@ def test_symmetries_leave_the_model_unchanged(family, tmp_path):
         first = changed.layers[0].attention.wq.weight
         assert not torch.allclose(first, model.layers[0].attention.wq.weight) or name.startswith("invertible")
         torch.testing.assert_close(logits(changed, ids, mask), reference, atol=1e-4, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("family,overrides", [*ROPE_FAMILIES.items(), ("llama", dict(num_key_value_heads=2)),
+                                               ("qwen3", {})])
+def test_balancing_keeps_the_model_and_evens_each_kv_heads_factors(family, overrides, tmp_path):
+    """`balanced` undoes any lopsided scale the symmetries allow (here made on purpose: a 100x on half of
+    each value and each rotary pair, K/V large against Q/W_o) and leaves the logits as they were. With a q/k
+    norm (qwen3) only V/W_o are rebalanced: the norm does not commute with rescaling K."""
+    model = gqa.load(save(build(family, **overrides), tmp_path / family))
+    rope = RopeLayout.of(model.config)
+    ids, mask = padded_batch([14, 9])
+    reference = logits(model, ids, mask)
+    D, G = model.config.head_dim, model.config.n_kv_heads[0]
+    spread = torch.ones(D).index_fill(0, torch.arange(D // 2), 100.0)
+
+    def lopsided(a):
+        a = a.transform_values(torch.diag(spread).repeat(G, 1, 1))
+        if a.kn is None and a.qn is None:
+            a = a.rotate_keys(torch.full((G, rope.rotary_dim // 2), 30.0, dtype=torch.complex128), rope)
+        return a
+
+    norms = []
+
+    def balanced(a):
+        lop = lopsided(a)
+        out = lop.balanced(rope)
+        norms.extend(zip(factor_norms(lop), factor_norms(out)))
+        return out
+
+    torch.testing.assert_close(logits(transformed(model, lopsided), ids, mask), reference, atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits(transformed(model, balanced), ids, mask), reference, atol=1e-4, rtol=0)
+    for (k0, q0, v0, o0), (k, q, v, o) in norms:
+        assert v0 > 10 * o0 and abs(v - o) < 1e-4 * v  # lopsided before, even after
+        if family == "qwen3":
+            assert (k, q) == pytest.approx((k0, q0), rel=1e-6)
+        else:
+            assert k0 > 3 * q0 and abs(k - q) < 1e-4 * k and k * k + q * q < k0 * k0 + q0 * q0
 
 
 def test_rotations_that_do_not_commute_with_rope_change_the_model(tmp_path):
@@ -170,6 +207,28 @@ def test_aligned_at_g_equal_h_returns_the_model(tiny, tmp_path):
     ids, mask = padded_batch([12, 7])
     torch.testing.assert_close(logits(gqa.load(tmp_path / "same"), ids, mask), logits(gqa.load(path), ids, mask),
                                atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("options", [dict(method="aligned"), dict(method="mean", transfer_steps=4),
+                                     dict(method="mean", joint_steps=4)])
+def test_a_fitted_or_trained_conversion_writes_balanced_attention(tiny, tmp_path, options):
+    """Whichever step changes the merged attention last (the fit, the transfer, the joint stage), what is
+    written is balanced; mean pooling alone keeps the source's scale (the paper's recipe)."""
+    _, path = tiny("llama")
+    data = tmp_path / "calib.txt"
+    data.write_text(TEXT)
+    gqa.convert(path, tmp_path / "out", n_kv_heads=1, calib=data, calib_tokens=256, calib_seq_len=32,
+                progress=False, **options)
+    gqa.convert(path, tmp_path / "mean", n_kv_heads=1, progress=False)
+
+    def norms(folder):
+        model = gqa.load(folder, dtype=torch.float32)
+        for i, block in enumerate(model.layers):
+            state = {f"layers.{i}.attention.{k}": v for k, v in block.attention.state_dict().items()}
+            yield from factor_norms(AttentionWeights.from_state(state, i, model.config))
+
+    assert all(abs(k - q) < 1e-4 * k and abs(v - o) < 1e-4 * v for k, q, v, o in norms(tmp_path / "out"))
+    assert all(abs(k - q) > 0.1 * k for k, q, v, o in norms(tmp_path / "mean"))
 
 
 def test_similar_groups_finds_the_cheapest_partition():

@@ -9,12 +9,13 @@ import random
 import pytest
 import torch
 import transformers
-from conftest import user_error
+from conftest import factor_norms, user_error
 from families import TEXT, train_tokenizer
 from safetensors.torch import load_file
 
 import gqa
 from gqa.cli import main
+from gqa.conversion.heads import AttentionWeights
 from gqa.conversion.pooling import pool_heads
 from gqa.seq2seq import generate_seq2seq
 from gqa.seq2seq_data import corrupt, prepare_seq2seq
@@ -197,6 +198,13 @@ def test_aligned_stays_closer_to_the_source_than_mean_pooling(models, tmp_path, 
     assert [(r["attention"], r["layer"]) for r in report["layers"]] == \
         [(kind, i) for kind in ("self", "cross") for i in decoder_layers]
     assert kl(tmp_path / "aligned") < 0.5 * kl(tmp_path / "mean")
+    converted = gqa.load(tmp_path / "aligned", dtype="float32")  # balanced (AttentionWeights.balanced)
+    for block in converted.decoder.layers:
+        for m in (block.attention, block.cross):
+            attn = AttentionWeights(wq=m.wq.weight, wk=m.wk.weight, wv=m.wv.weight, wo=m.wo.weight, bq=m.wq.bias,
+                                    bk=m.wk.bias, bv=m.wv.bias, head_dim=converted.config.head_dim)
+            (k, q, v, o), = factor_norms(attn)
+            assert abs(k - q) < 1e-4 * k and abs(v - o) < 1e-4 * v
 
 
 def test_generation_is_greedy_over_the_full_forward(models):

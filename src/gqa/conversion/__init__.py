@@ -32,7 +32,7 @@ from ..runtimes import write_remote_code
 from ..version import __version__
 from . import budget, joint
 from .calibration import calibration_blocks
-from .heads import RopeLayout
+from .heads import AttentionWeights, RopeLayout
 from .interface import CALIB_TOKENS, CalibrationSettings, Method
 from .joint import JointSettings
 from .layers import choose_heads, shard_bytes, write_model
@@ -89,6 +89,15 @@ class Job:
     @property
     def rope(self) -> RopeLayout:
         return RopeLayout.of(self.config)
+
+    @property
+    def fitted(self) -> bool:
+        """Whether the conversion fits or trains the merged attention (then what it writes is balanced, see
+        `AttentionWeights.balanced`, after the last step that changes it: the layer loop or the joint stage)."""
+        return self.method.calibrated or self.transfer.steps > 0 or self.joint.steps > 0
+
+    def merged_layers(self, new_config: ModelConfig) -> list[int]:
+        return [i for i, (old, new) in enumerate(zip(self.config.n_kv_heads, new_config.n_kv_heads)) if old != new]
 
 
 def plan(src, dst, *, method: Method, settings, seed: int, calib, calib_tokens: int, calib_seq_len: int | None,
@@ -289,6 +298,8 @@ def joint_stage(job: Job, folder: Path, new_config: ModelConfig, out_family, blo
         old.unlink(missing_ok=True)
     writer = files.ShardWriter(folder, shard_bytes(job))
     tensors = {k: v.to(job.dtype) if v.is_floating_point() else v for k, v in student.state_dict().items()}
+    for layer in job.merged_layers(new_config):  # in the stored dtype, as the layer loop balances
+        tensors.update(AttentionWeights.from_state(tensors, layer, new_config).balanced(job.rope).to_state(layer))
     for name, tensor in export_tensors(tensors, new_config, out_family).items():
         writer.add(name, tensor)
     writer.close()

@@ -21,6 +21,9 @@ on calibration text (x̃ = [x, 1] where the model has biases), measured the way 
   Dims RoPE leaves alone (no rotary embedding, or partial rotary) get the real version: a shared key
   subspace fitted to the heads' score maps W_kᵀW_q, queries refitted.
 
+The fitted shared K/V come out in the whitened basis, so their weights can be thousands of times larger
+than their queries / W_o; the conversion balances what it writes (`AttentionWeights.balanced`).
+
 All fits are closed-form (SVDs in float64) on second moments accumulated over the calibration blocks: no
 gradient steps. With G = H every fit is exact.
 """

@@ -69,6 +69,8 @@ def convert_layer(job, layer: int, state: dict, new_config: ModelConfig, streams
         state = {**state, **merged.to_state(layer)}
     if streams:  # the converted layer only where a stream runs through it
         streams.advance(block, build_block(new_config, layer, state) if streams.converted else None)
+    if g != g_now and job.fitted and not job.joint.steps:  # else the joint stage balances what it trained
+        state = {**state, **AttentionWeights.from_state(state, layer, new_config).balanced(job.rope).to_state(layer)}
     return state, record
 
 

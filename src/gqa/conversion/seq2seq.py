@@ -93,6 +93,8 @@ def convert_seq2seq(src, dst, *, n_kv_heads: int | None, method: str, seed: int,
         attn = attention_of(state, prefix, config.head_dim)
         context = Layer(SEED_OFFSET[kind] + layer, RopeLayout(config.head_dim, 0), seed, init, fits.get((kind, layer)))
         merged, record = chosen.merge(attn, n_kv_heads, context, settings)
+        if chosen.calibrated:  # a fit's K/V are in its whitened basis: see AttentionWeights.balanced
+            merged = merged.balanced(context.rope)
         state.update(merged_state(merged, prefix))
         records.append({"attention": kind, "layer": layer, **record})
     out_family = target_seq2seq_family(new_config, hf if family else hf.get("hf_config"), format)
