@@ -136,7 +136,8 @@ class RelativeBias(nn.Module):
         relative = torch.arange(key_length, device=self.weight.device)[None, :] - query_positions[:, None]
         bucket = relative_buckets(relative, self.bidirectional, self.config.relative_buckets,
                                   self.config.relative_max_distance)
-        return F.embedding(bucket, self.weight).permute(2, 0, 1)[None]
+        # contiguous: a sum with the padding mask takes this layout, and SDPA copies a strided mask every call
+        return F.embedding(bucket, self.weight).permute(2, 0, 1).contiguous()[None]
 
 
 def additive_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -340,10 +341,13 @@ class Seq2SeqTransformer(nn.Module):
         positions = torch.arange(seq, device=input_ids.device)
         x = self.encoder.embed(self.tok_embeddings, input_ids, positions[None].expand(batch, -1))
         pad = additive_mask(valid[:, None, None, :], x.dtype)
-        shared = None if self.config.bias_in_every_layer else self.encoder.position_bias(0, positions, seq)
+        bias = None if self.config.bias_in_every_layer else self.encoder.position_bias(0, positions, seq)
+        shared = pad if bias is None else pad + bias.to(x.dtype)  # [B, H, S, S]: made once, not once per layer
         for i, block in enumerate(self.encoder.layers):
-            bias = self.encoder.position_bias(i, positions, seq) if self.config.bias_in_every_layer else shared
-            x = block(x, pad if bias is None else pad + bias.to(x.dtype))
+            if self.config.bias_in_every_layer:
+                bias = self.encoder.position_bias(i, positions, seq)
+                shared = pad if bias is None else pad + bias.to(x.dtype)
+            x = block(x, shared)
         hidden = self.encoder.finish(x)
         cross_kv = [block.cross.keys_values(hidden) for block in self.decoder.layers]
         return Encoded(hidden, valid, cross_kv)
