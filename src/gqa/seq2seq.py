@@ -341,13 +341,14 @@ class Seq2SeqTransformer(nn.Module):
         positions = torch.arange(seq, device=input_ids.device)
         x = self.encoder.embed(self.tok_embeddings, input_ids, positions[None].expand(batch, -1))
         pad = additive_mask(valid[:, None, None, :], x.dtype)
-        bias = None if self.config.bias_in_every_layer else self.encoder.position_bias(0, positions, seq)
-        shared = pad if bias is None else pad + bias.to(x.dtype)  # [B, H, S, S]: made once, not once per layer
+
+        def scores_mask(layer: int) -> torch.Tensor:  # the padding, plus T5's position bias: [B, H or 1, S, S]
+            bias = self.encoder.position_bias(layer, positions, seq)
+            return pad if bias is None else pad + bias.to(pad.dtype)
+
+        shared = None if self.config.bias_in_every_layer else scores_mask(0)  # made once, not once per layer
         for i, block in enumerate(self.encoder.layers):
-            if self.config.bias_in_every_layer:
-                bias = self.encoder.position_bias(i, positions, seq)
-                shared = pad if bias is None else pad + bias.to(x.dtype)
-            x = block(x, shared)
+            x = block(x, scores_mask(i) if shared is None else shared)
         hidden = self.encoder.finish(x)
         cross_kv = [block.cross.keys_values(hidden) for block in self.decoder.layers]
         return Encoded(hidden, valid, cross_kv)
