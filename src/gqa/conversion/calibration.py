@@ -29,15 +29,23 @@ CHUNK_TOKENS = 8192  # blocks run through a layer this many tokens at a time (bo
 def calibration_blocks(source, tokenizer, n_tokens: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """[blocks, seq_len + 1] token blocks, ⌈n_tokens / seq_len⌉ of them, drawn (seeded) from the training
     split of `source` (a file, folder or bundled corpus name, as `--data` takes it)."""
+    check_calib_tokens(n_tokens)
+    data = prepare(source, tokenizer, seq_len, length_option="--calib-seq-len")
+    return data.train[drawn_blocks(len(data.train), n_tokens, seq_len, seed, source)]
+
+
+def check_calib_tokens(n_tokens: int) -> None:
     if n_tokens < 1:
         raise GQAError(f"--calib-tokens must be >= 1, got {n_tokens}")
-    data = prepare(source, tokenizer, seq_len, length_option="--calib-seq-len")
+
+
+def drawn_blocks(available: int, n_tokens: int, seq_len: int, seed: int, source) -> torch.Tensor:
+    """Indices of ⌈n_tokens / seq_len⌉ of `available` training blocks of `source`, drawn (seeded)."""
     needed = math.ceil(n_tokens / seq_len)
-    if len(data.train) < needed:
-        raise GQAError(f"{source} holds {len(data.train) * seq_len:,} calibration tokens (its training split, in "
-                       f"blocks of {seq_len}); --calib-tokens {n_tokens:,} needs more text or a smaller number")
-    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
-    return data.train[order[:needed]]
+    if available < needed:
+        raise GQAError(f"{source} holds {available * seq_len:,} calibration tokens (its training split, in blocks "
+                       f"of {seq_len}); --calib-tokens {n_tokens:,} needs more text or a smaller number")
+    return torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:needed]
 
 
 class Float32Linear(nn.Module):

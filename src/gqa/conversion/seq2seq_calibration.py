@@ -17,14 +17,13 @@ ones drawn (span corruption makes them nearly equal), so every block is whole an
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from ..errors import GQAError
 from ..seq2seq import Seq2SeqTransformer
 from ..seq2seq_data import is_pairs, prepare_seq2seq
+from .calibration import check_calib_tokens, drawn_blocks
 from .interface import Calibration
 
 CHUNK = 8  # examples run through the source model at a time
@@ -33,17 +32,12 @@ CHUNK = 8  # examples run through the source model at a time
 def calibration_examples(source, tokenizer, n_tokens: int, seq_len: int, seed: int):
     """(input ids [N, S], labels [N, T]): ⌈n_tokens / seq_len⌉ span-corrupted blocks of `source`'s training
     split, drawn (seeded), cut to the shortest input and target among them."""
-    if n_tokens < 1:
-        raise GQAError(f"--calib-tokens must be >= 1, got {n_tokens}")
+    check_calib_tokens(n_tokens)
     if is_pairs(source):
         raise GQAError(f"--calib {source}: an encoder–decoder is calibrated on text (span-corrupted as in "
                        f"pre-training), not on input/target pairs; give a text file, folder or bundled corpus")
     data = prepare_seq2seq(source, tokenizer, seq_len, seed=seed).train
-    needed = math.ceil(n_tokens / seq_len)
-    if len(data) < needed:
-        raise GQAError(f"{source} holds {len(data) * seq_len:,} calibration tokens (its training split, in blocks "
-                       f"of {seq_len}); --calib-tokens {n_tokens:,} needs more text or a smaller number")
-    chosen = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:needed]]
+    chosen = data[drawn_blocks(len(data), n_tokens, seq_len, seed, source)]
     source_len = int(chosen.input_mask.sum(-1).min())
     target_len = int((chosen.labels != -100).sum(-1).min())
     return chosen.input_ids[:, :source_len], chosen.labels[:, :target_len]
