@@ -304,7 +304,23 @@ class Block(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- model
 
-class Transformer(nn.Module):
+class TokenModel(nn.Module):
+    """What every gqa model (decoder-only or encoder–decoder) answers the same way: where its weights are,
+    in which dtype, how many."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weights count once
+
+
+class Transformer(TokenModel):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -329,17 +345,6 @@ class Transformer(nn.Module):
         """(Re)compute the rotary table on the weights' device; needed after building on the meta device."""
         if self.config.positions == "rope":
             self.inv_freq = rope_inv_freq(self.config).to(self.tok_embeddings.weight.device)
-
-    @property
-    def device(self) -> torch.device:
-        return self.tok_embeddings.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.tok_embeddings.weight.dtype
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())  # tied weights count once
 
     def init_weights(self, std: float = 0.02) -> None:
         """GPT-2-style initialisation for training from scratch: N(0, std), residual projections scaled by 1/√(2L)."""

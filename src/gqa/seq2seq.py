@@ -26,7 +26,7 @@ from torch import nn
 from .attention import attention, check_heads
 from .cache import KVCache, kv_bytes_per_token
 from .errors import GQAError
-from .model import ACTIVATIONS, RMSNorm
+from .model import ACTIVATIONS, RMSNorm, TokenModel
 
 POSITIONS = ("relative", "learned")
 BLOCKS = ("pre_norm", "post_norm")
@@ -277,7 +277,7 @@ class Encoded:
         return sum(t.numel() * t.element_size() for kv in self.cross_kv for t in kv)
 
 
-class Seq2SeqTransformer(nn.Module):
+class Seq2SeqTransformer(TokenModel):
     def __init__(self, config: Seq2SeqConfig):
         super().__init__()
         self.config = config
@@ -292,17 +292,6 @@ class Seq2SeqTransformer(nn.Module):
     def tie_weights(self) -> None:
         if self.config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-
-    @property
-    def device(self) -> torch.device:
-        return self.tok_embeddings.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.tok_embeddings.weight.dtype
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: matrices decay, norms, biases and the position-bias tables do not."""
