@@ -172,6 +172,64 @@ def test_calibration_sees_what_transformers_attends(models, seq2seq_tokenizer, n
 
 
 @pytest.mark.parametrize("name", ["t5", "bart"])
+def test_transfer_targets_are_what_each_attention_outputs(models, seq2seq_tokenizer, name):
+    """What the layer-wise transfer trains towards: each attention's outputs recomputed from its recorded
+    inputs and `scores_mask` equal what it output in the model's own forward (bias, causal mask, cross keys)."""
+    from gqa.conversion.seq2seq_calibration import attention_module, calibration_examples, calibrations, transfer_data
+
+    ours = gqa.load(models[name][1], dtype="float32")
+    ids, labels = calibration_examples("wiki", seq2seq_tokenizer, 256, 64, seed=0)
+    c = ours.config
+    layers = [("encoder", i) for i in range(c.n_encoder_layers)] + \
+        [(kind, i) for kind in ("self", "cross") for i in range(c.n_decoder_layers)]
+    seen = {}
+    hooks = [attention_module(ours, *key).register_forward_hook(lambda m, a, out, key=key: seen.setdefault(key, out))
+             for key in layers]
+    with torch.no_grad():
+        ours(ids, ours.shift_right(labels))
+    for hook in hooks:
+        hook.remove()
+    fits = calibrations(ours, ids, labels, layers)
+    for key in layers:
+        torch.testing.assert_close(transfer_data(ours, *key, fits[key]).targets, seen[key], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_transfer_brings_mean_pooling_closer_to_the_source(models, tmp_path, seq2seq_tokenizer, name):
+    """MQA by mean pooling, then each grouped attention trained on calibration text to give its source's
+    outputs: every attention's error goes down, the model is closer to the source on held-out text, and
+    the output is balanced."""
+    from gqa.seq2seq_data import eval_examples
+
+    _, folder = models[name]
+    source = gqa.load(folder, dtype="float32")
+    held_out = eval_examples("wiki", seq2seq_tokenizer, 64, max_tokens=1500)
+    dec = source.shift_right(held_out.labels)
+
+    def kl(path) -> float:
+        model = gqa.load(path, dtype="float32")
+        with torch.no_grad():
+            p = source(held_out.input_ids, dec, attention_mask=held_out.input_mask).log_softmax(-1)
+            q = model(held_out.input_ids, dec, attention_mask=held_out.input_mask).log_softmax(-1)
+        return float((p.exp() * (p - q)).sum(-1)[held_out.labels != -100].mean())
+
+    gqa.convert(folder, tmp_path / "mean", n_kv_heads=1, progress=False)
+    report = gqa.convert(folder, tmp_path / "transfer", n_kv_heads=1, calib="wiki", calib_tokens=2048,
+                         calib_seq_len=64, transfer_steps=60, progress=False)
+    assert report["transfer"]["steps"] == 60 and report["transfer"]["inputs"] == "original"
+    for record in report["layers"]:
+        assert record["relative_error_after"] < 0.9 * record["relative_error_before"], record
+    assert kl(tmp_path / "transfer") < 0.8 * kl(tmp_path / "mean")
+    converted = gqa.load(tmp_path / "transfer", dtype="float32")
+    for block in converted.decoder.layers:
+        m = block.cross
+        attn = AttentionWeights(wq=m.wq.weight, wk=m.wk.weight, wv=m.wv.weight, wo=m.wo.weight, bq=m.wq.bias,
+                                bk=m.wk.bias, bv=m.wv.bias, head_dim=converted.config.head_dim)
+        (k, q, v, o), = factor_norms(attn)
+        assert abs(k - q) < 1e-4 * k and abs(v - o) < 1e-4 * v
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
 def test_aligned_stays_closer_to_the_source_than_mean_pooling(models, tmp_path, seq2seq_tokenizer, name):
     """MQA decoder self- and cross-attention: `aligned` calibrated on one split, scored on held-out text
     (KL from the source's next-token distribution) against mean pooling of the same weights."""
@@ -279,8 +337,12 @@ def test_uptraining_on_pairs_and_on_text_resumes_exactly(models, tmp_path, seq2s
      "an encoder–decoder is calibrated on text (span-corrupted as in pre-training), not on input/target pairs"),
     (["convert", "{t5}", "{w}/o", "--kv-heads", "2", "--method", "aligned", "--calib", "wiki", "--calib-seq-len", "8"],
      "--calib-seq-len must be in [16, 512]"),
-    (["convert", "{t5}", "{w}/o", "--kv-heads", "2", "--method", "aligned", "--calib", "wiki", "--transfer-steps", "5"],
-     "--transfer-steps is not available for encoder–decoder models yet"),
+    (["convert", "{t5}", "{w}/o", "--kv-heads", "2", "--calib", "wiki", "--transfer-steps", "5",
+      "--transfer-inputs", "converted"], "--transfer-inputs converted is not available for encoder–decoder models"),
+    (["convert", "{t5}", "{w}/o", "--kv-heads", "2", "--transfer-steps", "5"],
+     "--transfer-steps needs calibration text: pass --calib DATA"),
+    (["convert", "{t5}", "{w}/o", "--kv-heads", "2", "--transfer-lr", "0.1"],
+     "--transfer-lr sets the layer-wise transfer, which runs only with --transfer-steps N"),
     (["convert", "{t5}", "{w}/o", "--kv-heads", "2", "--calib", "wiki"], "--calib is read only by --method aligned"),
     (["eval", "{t5}", "--data", "{w}/bad.jsonl"], "bad.jsonl:2 has no string field 'target'"),
     (["uptrain", "{t5}", "{w}/o", "--data", "{w}/bad.jsonl", "--steps", "1"], "bad.jsonl:2 has no string field"),

@@ -125,22 +125,30 @@ def plan(src, dst, *, method: Method, settings, seed: int, calib, calib_tokens: 
 
 def plan_calibration(config: ModelConfig, method: Method, calib, calib_tokens: int, calib_seq_len: int | None,
                      transfer: TransferSettings, joint: JointSettings, kv_budget) -> CalibrationSettings | None:
-    needs = [what for what, wanted in ((f"--method {method.name}", method.calibrated), ("--transfer-steps",
-             transfer.steps > 0), ("--joint-steps", joint.steps > 0), ("--kv-budget", kv_budget is not None)) if wanted]
-    if needs and not calib:
-        raise GQAError(f"{' and '.join(needs)} {'need' if len(needs) > 1 else 'needs'} calibration text: "
-                       f"pass --calib DATA (a file, folder or bundled corpus)")
-    if not calib:
+    if not require_calibration(calib, {f"--method {method.name}": method.calibrated,
+                                       "--transfer-steps": transfer.steps > 0, "--joint-steps": joint.steps > 0,
+                                       "--kv-budget": kv_budget is not None}):
         return None
-    from ..data import check_source
-
-    check_source(calib)
     seq_len = calib_seq_len or min(512, config.max_positions)
     if not 2 <= seq_len <= config.max_positions:
         raise GQAError(f"--calib-seq-len must be in [2, {config.max_positions}], got {seq_len}")
     if calib_tokens < seq_len:
         raise GQAError(f"--calib-tokens {calib_tokens} is less than one block of --calib-seq-len {seq_len}")
     return CalibrationSettings(str(calib), calib_tokens, seq_len)
+
+
+def require_calibration(calib, wanted: dict[str, bool]) -> bool:
+    """Refuse a missing --calib where an option in `wanted` (option -> given) needs it; check the one given.
+    Returns whether there is calibration text."""
+    needs = [option for option, given in wanted.items() if given]
+    if needs and not calib:
+        raise GQAError(f"{' and '.join(needs)} {'need' if len(needs) > 1 else 'needs'} calibration text: "
+                       f"pass --calib DATA (a file, folder or bundled corpus)")
+    if calib:
+        from ..data import check_source
+
+        check_source(calib)
+    return bool(calib)
 
 
 def check_options(method: Method, calib, calib_tokens, calib_seq_len, transfer_steps: int, transfer_lr,
@@ -196,13 +204,14 @@ def convert(
     """
     if is_seq2seq_folder(src):
         return convert_encoder_decoder(src, dst, n_kv_heads=n_kv_heads, method=method, seed=seed, calib=calib,
-                                       calib_tokens=calib_tokens, calib_seq_len=calib_seq_len, encoder=encoder,
-                                       format=format, overwrite=overwrite, progress=progress,
-                                       method_options=method_options,
+                                       calib_tokens=calib_tokens, calib_seq_len=calib_seq_len,
+                                       transfer_steps=transfer_steps, transfer_lr=transfer_lr,
+                                       transfer_inputs=transfer_inputs, encoder=encoder, format=format,
+                                       overwrite=overwrite, progress=progress, method_options=method_options,
                                        unsupported={"--kv-heads-per-layer": n_kv_heads_per_layer is not None,
                                                     "--kv-budget": kv_budget is not None,
-                                                    "--transfer-steps": transfer_steps > 0,
-                                                    "--joint-steps": joint_steps > 0})
+                                                    "--joint-steps": joint_steps > 0,
+                                                    "--transfer-inputs converted": transfer_inputs == "converted"})
     if encoder:
         raise GQAError(f"--convert-encoder applies to encoder–decoder models; {src} is decoder-only")
     start = time.time()
@@ -228,23 +237,23 @@ def convert(
 
 
 def convert_encoder_decoder(src, dst, *, method: str, calib, calib_tokens: int | None, calib_seq_len: int | None,
+                            transfer_steps: int, transfer_lr: float | None, transfer_inputs: str | None,
                             unsupported: dict, **options) -> dict:
     """The encoder–decoder branch of `convert()`: the same checks of the calibration options, then
     `seq2seq.convert_seq2seq`."""
     for option, given in unsupported.items():
         if given:
             raise GQAError(f"{option} is not available for encoder–decoder models yet; give --kv-heads G with "
-                           f"--method {', '.join(REGISTRY)}")
+                           f"--method {', '.join(REGISTRY)} (and --transfer-steps N on the source's own inputs)")
     chosen = get(method)
-    check_options(chosen, calib, calib_tokens, calib_seq_len, 0, None, None, 0, None, None)
-    if chosen.calibrated and not calib:
-        raise GQAError(f"--method {method} needs calibration text: pass --calib DATA (a file, folder or bundled corpus)")
-    if calib:
-        from ..data import check_source
-
-        check_source(calib)
+    check_options(chosen, calib, calib_tokens, calib_seq_len, transfer_steps, transfer_lr, transfer_inputs, 0, None,
+                  None)
+    transfer = TransferSettings(steps=transfer_steps, lr=TransferSettings.lr if transfer_lr is None else transfer_lr,
+                                seed=options["seed"])
+    transfer.check()
+    require_calibration(calib, {f"--method {method}": chosen.calibrated, "--transfer-steps": transfer.steps > 0})
     return convert_seq2seq(src, dst, method=method, calib=calib, calib_tokens=calib_tokens,
-                           calib_seq_len=calib_seq_len, **options)
+                           calib_seq_len=calib_seq_len, transfer=transfer, **options)
 
 
 def write_conversion(job: Job, new_config: ModelConfig, out_family, blocks, budget_record, progress: bool,

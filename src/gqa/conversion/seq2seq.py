@@ -11,10 +11,15 @@ output, and the fits whiten each side by its own inputs. T5 has no rotary embedd
 dimension is "free": any invertible map per head on the key side, undone in that head's queries, leaves
 the scores unchanged, and `aligned` fits the group's shared key subspace to the heads' score maps W_kᵀW_q
 (weighted by the spread of the attended keys) and refits each head's queries to it; values and outputs as
-for decoders. The layer-wise transfer, the joint stage and per-layer budgets are decoder-only for now.
+for decoders.
 
-The model is read whole (an 11B T5 needs its size in memory), merged, and written in one go; calibration
-runs the source in float32.
+The layer-wise transfer (`transfer`) trains each grouped attention, after its merge, to reproduce the
+source attention's outputs on the calibration blocks, as for decoders: inputs are the source model's own
+(`inputs="original"`), the position bias stays the source's (frozen: T5 shares one across layers). The
+joint stage and per-layer budgets are decoder-only for now.
+
+The model is read whole (an 11B T5 needs its size in memory), merged, and written in one go (no resume:
+transfer at T5-base takes minutes); calibration runs the source in float32.
 """
 
 from __future__ import annotations
@@ -31,12 +36,13 @@ from tqdm.auto import tqdm
 from ..checkpoints import files
 from ..checkpoints.seq2seq import import_state, model_from_state, read_seq2seq_config, save_seq2seq_state, target_seq2seq_family
 from ..errors import GQAError
-from ..seq2seq import Seq2SeqConfig
+from ..seq2seq import Attention, Seq2SeqConfig, Seq2SeqTransformer
 from ..version import __version__
 from .heads import NAMES, AttentionWeights, RopeLayout
-from .interface import CALIB_TOKENS, CalibrationSettings, Layer
+from .interface import CALIB_TOKENS, Calibration, CalibrationSettings, Layer
 from .methods import get, owners
-from .seq2seq_calibration import calibration_examples, calibrations
+from .seq2seq_calibration import calibration_examples, calibrations, transfer_data
+from .transfer import TransferSettings, fit_to_targets, load_weights, weights_of
 
 KINDS = {"encoder": ("encoder", "attention", "encoder_kv_heads"), "self": ("decoder", "attention", "self_kv_heads"),
          "cross": ("decoder", "cross", "cross_kv_heads")}
@@ -54,10 +60,12 @@ def merged_state(attn: AttentionWeights, prefix: str) -> dict:
 
 def convert_seq2seq(src, dst, *, n_kv_heads: int | None, method: str, seed: int, encoder: bool, format: str,
                     overwrite: bool, method_options: dict, calib=None, calib_tokens: int | None = None,
-                    calib_seq_len: int | None = None, progress: bool = True) -> dict:
+                    calib_seq_len: int | None = None, transfer: TransferSettings | None = None,
+                    progress: bool = True) -> dict:
     """Convert an encoder–decoder folder (see the module docstring; options checked by `convert()`);
     returns the report."""
     start = time.time()
+    transfer = transfer or TransferSettings(steps=0)
     chosen = get(method)
     settings = chosen.make_settings(method_options, owners)
     hf = files.read_config(src)
@@ -85,30 +93,38 @@ def convert_seq2seq(src, dst, *, n_kv_heads: int | None, method: str, seed: int,
     init = float(hf.get("initializer_factor", hf.get("init_std", 0.02)) or 0.02)
     todo = [(kind, layer) for kind in kinds for layer, g_now in enumerate(getattr(config, KINDS[kind][2]))
             if g_now != n_kv_heads]
-    fits = calibrate(src, config, state, calibration, todo, seed, progress) if chosen.calibrated else {}
+    source = model_from_state(config, state, torch.float32) if calibration else None  # the source's own tensors
+    fits = calibrate(src, source, calibration, todo, seed, progress) if calibration else {}
     records = []
     for kind, layer in tqdm(todo, desc=f"converting ({method})", unit="attention", disable=not progress):
         stack, module, _ = KINDS[kind]
         prefix = f"{stack}.layers.{layer}.{module}."
         attn = attention_of(state, prefix, config.head_dim)
-        context = Layer(SEED_OFFSET[kind] + layer, RopeLayout(config.head_dim, 0), seed, init, fits.get((kind, layer)))
+        context = Layer(SEED_OFFSET[kind] + layer, RopeLayout(config.head_dim, 0), seed, init,
+                        fits.get((kind, layer)) if chosen.calibrated else None)
         merged, record = chosen.merge(attn, n_kv_heads, context, settings)
-        if chosen.calibrated:  # a fit's K/V are in its whitened basis: see AttentionWeights.balanced
+        if transfer.steps:
+            merged, trained = transfer_attention(source, kind, layer, merged, fits[kind, layer], transfer, progress)
+            record = {**record, **trained}
+        if chosen.calibrated or transfer.steps:  # a fit's K/V are in its whitened basis: see AttentionWeights.balanced
             merged = merged.balanced(context.rope)
         state.update(merged_state(merged, prefix))
         records.append({"attention": kind, "layer": layer, **record})
     out_family = target_seq2seq_family(new_config, hf if family else hf.get("hf_config"), format)
     report = seq2seq_report(src, dst, method, seed, settings, config, new_config, out_family, kinds, dtype, start)
-    report.update(calibration=asdict(calibration) if calibration else None, layers=records)
+    report.update(calibration=asdict(calibration) if calibration else None,
+                  transfer=asdict(transfer) if transfer.steps else None, layers=records)
     save_seq2seq_state(state, new_config, hf if family else hf.get("hf_config"), out_family, dst, dtype,
                        source_dir=src, overwrite=overwrite, extra_files={"conversion.json": report})
     return report
 
 
-def calibrate(src, config: Seq2SeqConfig, state: dict, calibration: CalibrationSettings, todo: list, seed: int,
+def calibrate(src, source: Seq2SeqTransformer, calibration: CalibrationSettings, todo: list, seed: int,
               progress: bool) -> dict:
-    """(kind, layer) -> Calibration of every attention to be grouped, read off the source model in float32."""
+    """(kind, layer) -> Calibration of every attention to be grouped, read off the source model (float32)."""
     from ..checkpoints.tokenizer import load_tokenizer
+
+    config = source.config
 
     input_ids, labels = calibration_examples(calibration.data, load_tokenizer(src), calibration.tokens,
                                              calibration.seq_len, seed)
@@ -117,7 +133,20 @@ def calibrate(src, config: Seq2SeqConfig, state: dict, calibration: CalibrationS
     if progress:
         print(f"calibrating on {input_ids.numel():,} source and {labels.numel():,} target tokens "
               f"of {calibration.data}", file=sys.stderr)
-    return calibrations(model_from_state(config, state, torch.float32), input_ids, labels, todo)
+    return calibrations(source, input_ids, labels, todo)
+
+
+def transfer_attention(source: Seq2SeqTransformer, kind: str, layer: int, merged: AttentionWeights,
+                       fit: Calibration, settings: TransferSettings, progress: bool) -> tuple[AttentionWeights, dict]:
+    """Train the grouped attention `merged` to give the source attention's outputs on the calibration blocks
+    (`transfer.fit_to_targets`); returns its weights and the relative error before and after."""
+    data = transfer_data(source, kind, layer, fit)
+    with torch.device("meta"):
+        module = Attention(source.config, merged.n_kv_heads)
+    load_weights(module, merged)
+    trained = fit_to_targets(module, data.forward, data.targets, settings, key=SEED_OFFSET[kind] + layer,
+                             desc=f"transfer {kind} layer {layer}", progress=progress)
+    return (merged if trained.get("kept") else weights_of(module, merged)), trained
 
 
 def seq2seq_report(src, dst, method: str, seed: int, settings, config: Seq2SeqConfig, new: Seq2SeqConfig,

@@ -11,17 +11,21 @@ validation split scores text no fit saw. Hooks record the input of every attenti
 - the encoder's self-attention (with `--convert-encoder`): bidirectional, with the encoder's bias.
 
 Each attention's `Calibration` carries those inputs and the source attention's probabilities on them, which
-`aligned` weights its fits with. Examples are cut to the shortest input and the shortest target of the
-ones drawn (span corruption makes them nearly equal), so every block is whole and no fit sees padding.
+`aligned` weights its fits with; `transfer_data` adds the source attention's outputs on them, what the
+layer-wise transfer trains the grouped attention to reproduce. Examples are cut to the shortest input and
+the shortest target of the ones drawn (span corruption makes them nearly equal), so every block is whole
+and no fit sees padding.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import GQAError
-from ..seq2seq import Seq2SeqTransformer
+from ..seq2seq import Seq2SeqTransformer, additive_mask
 from ..seq2seq_data import is_pairs, prepare_seq2seq
 from .calibration import check_calib_tokens, drawn_blocks
 from .interface import Calibration
@@ -70,10 +74,22 @@ def attention_module(model: Seq2SeqTransformer, kind: str, layer: int) -> torch.
     return getattr(stack.layers[layer], "cross" if kind == "cross" else "attention")
 
 
+def scores_mask(model: Seq2SeqTransformer, kind: str, layer: int, S: int, T: int) -> torch.Tensor:
+    """What the attention of `kind` in `layer` adds to its scores for S queries against T keys, [1, H or 1,
+    S, T]: T5's relative bias (self-attention) and the decoder's causal mask; none for cross-attention
+    (calibration blocks have no padding)."""
+    stack = model.encoder if kind == "encoder" else model.decoder
+    device = model.device
+    causal = torch.ones(S, T, dtype=torch.bool, device=device).tril() if kind == "self" else \
+        torch.ones(S, T, dtype=torch.bool, device=device)
+    mask = additive_mask(causal[None, None], torch.float32)
+    bias = stack.position_bias(layer, torch.arange(S, device=device), T) if kind != "cross" else None
+    return mask if bias is None else mask + bias.float()
+
+
 def source_probabilities(model: Seq2SeqTransformer, kind: str, layer: int):
     """The source attention's probabilities [B, H, S, T] for query inputs [B, S, d] and key inputs [B, T, d]:
-    its own scale, T5's relative bias (self-attention), and the decoder's causal mask."""
-    stack = model.encoder if kind == "encoder" else model.decoder
+    its own scale plus `scores_mask`."""
     module = attention_module(model, kind, layer)
 
     @torch.no_grad()
@@ -82,16 +98,35 @@ def source_probabilities(model: Seq2SeqTransformer, kind: str, layer: int):
         k = module.heads(module.wk(keys), module.n_kv_heads)
         k = k.repeat_interleave(module.n_heads // module.n_kv_heads, dim=1)  # calibration only, never decoding
         scores = (q @ k.transpose(-1, -2)) * module.scale
-        S, T = scores.shape[-2:]
-        if kind != "cross":
-            bias = stack.position_bias(layer, torch.arange(S, device=scores.device), T)
-            scores = scores if bias is None else scores + bias
-        if kind == "self":
-            causal = torch.ones(S, T, dtype=torch.bool, device=scores.device).tril()
-            scores = scores.masked_fill(~causal, float("-inf"))
-        return F.softmax(scores.float(), dim=-1)
+        return F.softmax(scores.float() + scores_mask(model, kind, layer, *scores.shape[-2:]), dim=-1)
 
     return probabilities
+
+
+@dataclass
+class TransferData:
+    """What one source attention computes on the calibration blocks, the targets of its layer-wise transfer:
+    its query inputs [N, S, d], what its keys and values read [N, T, d], its `scores_mask`, and its
+    outputs [N, S, d]."""
+    queries: torch.Tensor
+    keys: torch.Tensor
+    mask: torch.Tensor
+    targets: torch.Tensor
+
+    def forward(self, module: torch.nn.Module, blocks) -> torch.Tensor:
+        """`module` (a seq2seq `Attention`) on the calibration blocks `blocks` (an index)."""
+        return module(self.queries[blocks], *module.keys_values(self.keys[blocks]), self.mask)
+
+
+@torch.no_grad()
+def transfer_data(model: Seq2SeqTransformer, kind: str, layer: int, fit: Calibration) -> TransferData:
+    queries = fit.x if fit.queries is None else fit.queries
+    mask = scores_mask(model, kind, layer, queries.shape[1], fit.x.shape[1])
+    data = TransferData(queries, fit.x, mask, torch.empty_like(queries))
+    module = attention_module(model, kind, layer)
+    for start in range(0, len(queries), CHUNK):
+        data.targets[start:start + CHUNK] = data.forward(module, slice(start, start + CHUNK))
+    return data
 
 
 def calibrations(model: Seq2SeqTransformer, input_ids: torch.Tensor, labels: torch.Tensor,

@@ -59,6 +59,11 @@ def attention_module(config: ModelConfig, layer: int, weights: AttentionWeights)
     n_kv = [weights.n_kv_heads if i == layer else g for i, g in enumerate(config.n_kv_heads)]
     with torch.device("meta"):
         module = Attention(replace(config, n_kv_heads=n_kv), layer)
+    return load_weights(module, weights)
+
+
+def load_weights(module: torch.nn.Module, weights: AttentionWeights) -> torch.nn.Module:
+    """`module` (built on the meta device) holding a float32, trainable copy of `weights`."""
     state = {name: getattr(weights, part).float().clone() for part, name in NAMES.items()
              if getattr(weights, part) is not None}
     module.load_state_dict(state, assign=True, strict=True)
@@ -77,34 +82,44 @@ def transfer_layer(config: ModelConfig, layer: int, weights: AttentionWeights, i
     """Train one layer's attention on (inputs, targets) [blocks, T, d]; returns the weights and the relative
     error before and after (on all calibration blocks)."""
     module = attention_module(config, layer, weights)
+    trained = fit_to_targets(module, lambda m, blocks: m(inputs[blocks], rope, None, True, None, None), targets,
+                             settings, key=layer, desc=f"transfer layer {layer}", progress=progress)
+    return (weights, trained) if trained.get("kept") else (weights_of(module, weights), trained)
+
+
+def fit_to_targets(module: torch.nn.Module, forward, targets: torch.Tensor, settings: TransferSettings, *,
+                   key: int, desc: str, progress: bool = True) -> dict:
+    """Train `module` (in place) so that `forward(module, blocks)` (blocks: an index into the calibration
+    blocks) gives `targets[blocks]`; returns the relative error before and after on every block, with
+    `kept: "merge"` (and the module's weights not to be used) where training did not lower it. `key`
+    seeds the batch draw (a layer's own)."""
     scale = targets.pow(2).mean()
-    before = relative_error(module, inputs, targets, rope, scale)
+    before = relative_error(module, forward, targets, scale)
     if settings.steps == 0:
-        return weights, {"relative_error_before": before, "relative_error_after": before}
+        return {"relative_error_before": before, "relative_error_after": before}
     optimizer = torch.optim.Adam(relative_groups(module, settings.lr))
     warmup = max(1, settings.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, s / settings.steps))))
-    generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + layer)
-    batch = min(settings.batch_blocks, len(inputs))
+    generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + key)
+    batch = min(settings.batch_blocks, len(targets))
     bf16 = matmul_precision(settings.precision) == "bfloat16"
-    for _ in tqdm(range(settings.steps), desc=f"transfer layer {layer}", unit="step", disable=not progress,
-                  leave=False):
-        index = torch.randint(len(inputs), (batch,), generator=generator)
+    for _ in tqdm(range(settings.steps), desc=desc, unit="step", disable=not progress, leave=False):
+        index = torch.randint(len(targets), (batch,), generator=generator)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = module(inputs[index], rope, None, True, None, None)
+            out = forward(module, index)
         loss = (out.float() - targets[index]).pow(2).mean() / scale
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
-    after = relative_error(module, inputs, targets, rope, scale)
+    after = relative_error(module, forward, targets, scale)
     if after >= before:  # training never leaves a layer worse on its calibration than the merge it started from
-        return weights, {"relative_error_before": before, "relative_error_after": before, "kept": "merge"}
-    return weights_of(module, weights), {"relative_error_before": before, "relative_error_after": after}
+        return {"relative_error_before": before, "relative_error_after": before, "kept": "merge"}
+    return {"relative_error_before": before, "relative_error_after": after}
 
 
-def relative_groups(module: Attention, lr: float) -> list[dict]:
+def relative_groups(module: torch.nn.Module, lr: float) -> list[dict]:
     """One Adam group per tensor with a step size relative to its projection's weight scale: the same setting
     then suits a model whose weights are ~0.2 (SmolLM2) and one whose weights are ~0.02 (a fresh init)."""
     weights = {name.rsplit(".", 1)[0]: p.detach().pow(2).mean().sqrt() for name, p in module.named_parameters()
@@ -132,9 +147,9 @@ def matmul_precision(choice: str) -> str:
 
 
 @torch.no_grad()
-def relative_error(module: Attention, inputs: torch.Tensor, targets: torch.Tensor, rope, scale) -> float:
+def relative_error(module: torch.nn.Module, forward, targets: torch.Tensor, scale) -> float:
     total = 0.0
-    for start in range(0, len(inputs), 8):
-        out = module(inputs[start:start + 8], rope, None, True, None, None)
+    for start in range(0, len(targets), 8):
+        out = forward(module, slice(start, start + 8))
         total += float((out - targets[start:start + 8]).pow(2).sum())
     return total / (float(scale) * targets.numel())
