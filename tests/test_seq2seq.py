@@ -195,10 +195,10 @@ def test_transfer_targets_are_what_each_attention_outputs(models, seq2seq_tokeni
 
 
 @pytest.mark.parametrize("name", ["t5", "bart"])
-def test_transfer_brings_mean_pooling_closer_to_the_source(models, tmp_path, seq2seq_tokenizer, name):
+def test_transfer_and_joint_stage_bring_mean_pooling_closer_to_the_source(models, tmp_path, seq2seq_tokenizer, name):
     """MQA by mean pooling, then each grouped attention trained on calibration text to give its source's
-    outputs: every attention's error goes down, the model is closer to the source on held-out text, and
-    the output is balanced."""
+    outputs: every attention's error goes down and the model is closer to the source on held-out text; the
+    joint stage after it brings it closer still; both outputs are balanced."""
     from gqa.seq2seq_data import eval_examples
 
     _, folder = models[name]
@@ -220,13 +220,18 @@ def test_transfer_brings_mean_pooling_closer_to_the_source(models, tmp_path, seq
     for record in report["layers"]:
         assert record["relative_error_after"] < 0.9 * record["relative_error_before"], record
     assert kl(tmp_path / "transfer") < 0.8 * kl(tmp_path / "mean")
-    converted = gqa.load(tmp_path / "transfer", dtype="float32")
-    for block in converted.decoder.layers:
-        m = block.cross
-        attn = AttentionWeights(wq=m.wq.weight, wk=m.wk.weight, wv=m.wv.weight, wo=m.wo.weight, bq=m.wq.bias,
-                                bk=m.wk.bias, bv=m.wv.bias, head_dim=converted.config.head_dim)
-        (k, q, v, o), = factor_norms(attn)
-        assert abs(k - q) < 1e-4 * k and abs(v - o) < 1e-4 * v
+    report = gqa.convert(folder, tmp_path / "joint", n_kv_heads=1, calib="wiki", calib_tokens=2048,
+                         calib_seq_len=64, transfer_steps=60, joint_steps=30, progress=False)
+    assert report["joint"]["steps"] == 30 and report["joint"]["kl_after"] < report["joint"]["kl_before"]
+    assert kl(tmp_path / "joint") < kl(tmp_path / "transfer")
+    for out in ("transfer", "joint"):
+        converted = gqa.load(tmp_path / out, dtype="float32")
+        for block in converted.decoder.layers:
+            for m in (block.attention, block.cross):
+                attn = AttentionWeights(wq=m.wq.weight, wk=m.wk.weight, wv=m.wv.weight, wo=m.wo.weight, bq=m.wq.bias,
+                                        bk=m.wk.bias, bv=m.wv.bias, head_dim=converted.config.head_dim)
+                (k, q, v, o), = factor_norms(attn)
+                assert abs(k - q) < 1e-4 * k and abs(v - o) < 1e-4 * v
 
 
 @pytest.mark.parametrize("name", ["t5", "bart"])
@@ -341,6 +346,8 @@ def test_uptraining_on_pairs_and_on_text_resumes_exactly(models, tmp_path, seq2s
       "--transfer-inputs", "converted"], "--transfer-inputs converted is not available for encoder–decoder models"),
     (["convert", "{t5}", "{w}/o", "--kv-heads", "2", "--transfer-steps", "5"],
      "--transfer-steps needs calibration text: pass --calib DATA"),
+    (["convert", "{t5}", "{w}/o", "--kv-heads", "2", "--joint-steps", "5"],
+     "--joint-steps needs calibration text: pass --calib DATA"),
     (["convert", "{t5}", "{w}/o", "--kv-heads", "2", "--transfer-lr", "0.1"],
      "--transfer-lr sets the layer-wise transfer, which runs only with --transfer-steps N"),
     (["convert", "{t5}", "{w}/o", "--kv-heads", "2", "--calib", "wiki"], "--calib is read only by --method aligned"),

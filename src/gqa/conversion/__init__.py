@@ -206,11 +206,11 @@ def convert(
         return convert_encoder_decoder(src, dst, n_kv_heads=n_kv_heads, method=method, seed=seed, calib=calib,
                                        calib_tokens=calib_tokens, calib_seq_len=calib_seq_len,
                                        transfer_steps=transfer_steps, transfer_lr=transfer_lr,
-                                       transfer_inputs=transfer_inputs, encoder=encoder, format=format,
+                                       transfer_inputs=transfer_inputs, joint_steps=joint_steps, joint_lr=joint_lr,
+                                       encoder=encoder, format=format,
                                        overwrite=overwrite, progress=progress, method_options=method_options,
                                        unsupported={"--kv-heads-per-layer": n_kv_heads_per_layer is not None,
                                                     "--kv-budget": kv_budget is not None,
-                                                    "--joint-steps": joint_steps > 0,
                                                     "--transfer-inputs converted": transfer_inputs == "converted"})
     if encoder:
         raise GQAError(f"--convert-encoder applies to encoder–decoder models; {src} is decoder-only")
@@ -219,9 +219,8 @@ def convert(
     settings = chosen.make_settings(method_options, owners)
     check_options(chosen, calib, calib_tokens, calib_seq_len, transfer_steps, transfer_lr, transfer_inputs,
                   joint_steps, joint_lr, kv_budget)
-    transfer = TransferSettings(steps=transfer_steps, lr=TransferSettings.lr if transfer_lr is None else transfer_lr,
-                                inputs=transfer_inputs or "original", seed=seed)
-    joint_settings = JointSettings(steps=joint_steps, lr=JointSettings.lr if joint_lr is None else joint_lr, seed=seed)
+    transfer, joint_settings = training_settings(transfer_steps, transfer_lr, transfer_inputs, joint_steps, joint_lr,
+                                                 seed)
     job = plan(src, dst, method=chosen, settings=settings, seed=seed, calib=calib,
                calib_tokens=CALIB_TOKENS if calib_tokens is None else calib_tokens, calib_seq_len=calib_seq_len,
                transfer=transfer, joint=joint_settings, n_kv_heads=n_kv_heads, per_layer=n_kv_heads_per_layer,
@@ -236,24 +235,35 @@ def convert(
                             progress, start)
 
 
+def training_settings(transfer_steps: int, transfer_lr: float | None, transfer_inputs: str | None, joint_steps: int,
+                      joint_lr: float | None, seed: int) -> tuple[TransferSettings, JointSettings]:
+    """The transfer's and the joint stage's settings, defaults where an option was not given."""
+    transfer = TransferSettings(steps=transfer_steps, lr=TransferSettings.lr if transfer_lr is None else transfer_lr,
+                                inputs=transfer_inputs or "original", seed=seed)
+    return transfer, JointSettings(steps=joint_steps, lr=JointSettings.lr if joint_lr is None else joint_lr, seed=seed)
+
+
 def convert_encoder_decoder(src, dst, *, method: str, calib, calib_tokens: int | None, calib_seq_len: int | None,
                             transfer_steps: int, transfer_lr: float | None, transfer_inputs: str | None,
-                            unsupported: dict, **options) -> dict:
+                            joint_steps: int, joint_lr: float | None, unsupported: dict, **options) -> dict:
     """The encoder–decoder branch of `convert()`: the same checks of the calibration options, then
     `seq2seq.convert_seq2seq`."""
     for option, given in unsupported.items():
         if given:
             raise GQAError(f"{option} is not available for encoder–decoder models yet; give --kv-heads G with "
-                           f"--method {', '.join(REGISTRY)} (and --transfer-steps N on the source's own inputs)")
+                           f"--method {', '.join(REGISTRY)} (and --transfer-steps N on the source's own inputs, "
+                           f"--joint-steps N)")
     chosen = get(method)
-    check_options(chosen, calib, calib_tokens, calib_seq_len, transfer_steps, transfer_lr, transfer_inputs, 0, None,
-                  None)
-    transfer = TransferSettings(steps=transfer_steps, lr=TransferSettings.lr if transfer_lr is None else transfer_lr,
-                                seed=options["seed"])
+    check_options(chosen, calib, calib_tokens, calib_seq_len, transfer_steps, transfer_lr, transfer_inputs,
+                  joint_steps, joint_lr, None)
+    transfer, joint_settings = training_settings(transfer_steps, transfer_lr, transfer_inputs, joint_steps, joint_lr,
+                                                 options["seed"])
     transfer.check()
-    require_calibration(calib, {f"--method {method}": chosen.calibrated, "--transfer-steps": transfer.steps > 0})
+    joint_settings.check()
+    require_calibration(calib, {f"--method {method}": chosen.calibrated, "--transfer-steps": transfer.steps > 0,
+                                "--joint-steps": joint_settings.steps > 0})
     return convert_seq2seq(src, dst, method=method, calib=calib, calib_tokens=calib_tokens,
-                           calib_seq_len=calib_seq_len, transfer=transfer, **options)
+                           calib_seq_len=calib_seq_len, transfer=transfer, joint_settings=joint_settings, **options)
 
 
 def write_conversion(job: Job, new_config: ModelConfig, out_family, blocks, budget_record, progress: bool,

@@ -10,7 +10,9 @@ optimizer is checkpointed every `save_every` steps, so a killed run resumes to t
 the first calibration blocks did not go down, the model is kept as the layer loop left it.
 
 Unlike the layer loop it holds two whole models (the converted one in float32 with its gradients, the
-source in float32): meant for models that fit twice in memory.
+source in float32): meant for models that fit twice in memory. An encoder–decoder trains its decoder's
+self- and cross-attention (and its encoder's, where that was grouped) on the target-side distributions of
+span-corrupted calibration examples, given as (input ids, decoder ids).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..errors import GQAError
 from ..fingerprint import digest
+from ..seq2seq import Seq2SeqTransformer
 from .transfer import relative_groups
 
 EVAL_BLOCKS = 8  # calibration blocks the before / after KL is measured on
@@ -44,16 +47,43 @@ class JointSettings:
             raise GQAError(f"--joint-lr must be a finite number > 0, got {self.lr}")
 
 
-def attention_parameters(model) -> list[dict]:
-    """Adam groups for every layer's attention (everything else frozen)."""
+def attention_modules(student, teacher) -> dict[str, torch.nn.Module]:
+    """Name prefix -> attention module the stage trains: every layer's (a decoder); an encoder–decoder's
+    decoder self- and cross-attention, and its encoder's where it was grouped."""
+    if not isinstance(student, Seq2SeqTransformer):
+        return {f"layers.{i}.attention": layer.attention for i, layer in enumerate(student.layers)}
+    modules = {}
+    if student.config.encoder_kv_heads != teacher.config.encoder_kv_heads:
+        modules.update({f"encoder.layers.{i}.attention": b.attention for i, b in enumerate(student.encoder.layers)})
+    for i, block in enumerate(student.decoder.layers):
+        modules.update({f"decoder.layers.{i}.attention": block.attention, f"decoder.layers.{i}.cross": block.cross})
+    return modules
+
+
+def attention_parameters(model, modules: dict[str, torch.nn.Module]) -> list[dict]:
+    """Adam groups for the attention `modules` of `model` (everything else frozen)."""
     model.requires_grad_(False)
     groups = []
-    for layer in model.layers:
-        layer.attention.requires_grad_(True)
-        groups += relative_groups(layer.attention, 1.0)  # lr set per step: relative scale x the schedule
+    for module in modules.values():
+        module.requires_grad_(True)
+        groups += relative_groups(module, 1.0)  # lr set per step: relative scale x the schedule
     for g in groups:
         g["scale"] = g.pop("lr")
     return groups
+
+
+def batch_of(blocks, index):
+    """The model inputs of calibration blocks `index`: a decoder's tokens [N, T + 1] but the last; an
+    encoder–decoder's (input ids, decoder ids)."""
+    return tuple(b[index] for b in blocks) if isinstance(blocks, tuple) else blocks[index, :-1]
+
+
+def logits_of(model, batch) -> torch.Tensor:
+    return model(*batch) if isinstance(batch, tuple) else model(batch)
+
+
+def n_blocks(blocks) -> int:
+    return len(blocks[0]) if isinstance(blocks, tuple) else len(blocks)
 
 
 def lr_at(step: int, settings: JointSettings) -> float:
@@ -61,52 +91,55 @@ def lr_at(step: int, settings: JointSettings) -> float:
     return settings.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / settings.steps)))
 
 
-def kl(teacher, student, x: torch.Tensor) -> torch.Tensor:
-    """KL(teacher ‖ student) per token of the next-token distributions on blocks x [B, T]."""
+def kl(teacher, student, batch) -> torch.Tensor:
+    """KL(teacher ‖ student) per token of the next-token distributions on a batch (`batch_of`)."""
     with torch.no_grad():
-        target = F.log_softmax(teacher(x).float(), -1).flatten(0, 1)
-    return F.kl_div(F.log_softmax(student(x).float(), -1).flatten(0, 1), target, log_target=True,
+        target = F.log_softmax(logits_of(teacher, batch).float(), -1).flatten(0, 1)
+    return F.kl_div(F.log_softmax(logits_of(student, batch).float(), -1).flatten(0, 1), target, log_target=True,
                     reduction="batchmean")
 
 
 @torch.no_grad()
-def held_kl(teacher, student, blocks: torch.Tensor) -> float:
-    x = blocks[:EVAL_BLOCKS, :-1]
-    return sum(float(kl(teacher, student, x[i:i + 2])) * len(x[i:i + 2]) for i in range(0, len(x), 2)) / len(x)
+def held_kl(teacher, student, blocks) -> float:
+    n = min(EVAL_BLOCKS, n_blocks(blocks))
+    return sum(float(kl(teacher, student, batch_of(blocks, slice(i, min(i + 2, n))))) * (min(i + 2, n) - i)
+               for i in range(0, n, 2)) / n
 
 
-def attention_state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if ".attention." in k}
+def attention_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """The trained tensors, by their names in the model's state dict."""
+    return {f"{prefix}.{name}": p.detach().clone() for prefix, module in modules.items()
+            for name, p in module.named_parameters()}
 
 
-def train(teacher, student, blocks: torch.Tensor, settings: JointSettings, resume, fingerprint: str,
-          progress: bool = True) -> dict:
-    """Train `student`'s attention in place (see the module docstring); returns the stage's record."""
-    groups = attention_parameters(student)
-    optimizer = torch.optim.Adam(groups)
+def train(teacher, student, blocks, settings: JointSettings, resume, fingerprint: str, progress: bool = True) -> dict:
+    """Train `student`'s attention in place (see the module docstring); returns the stage's record. blocks:
+    a decoder's calibration blocks [N, T + 1], or an encoder–decoder's (input ids, decoder ids)."""
+    modules = attention_modules(student, teacher)
+    optimizer = torch.optim.Adam(attention_parameters(student, modules))
     teacher.eval()
     before = held_kl(teacher, student, blocks)
-    untouched = attention_state(student)
+    untouched = attention_state(modules)
     start = 0
     saved = resume.get_joint(fingerprint) if resume else None
     if saved is not None:
         start, tensors, optimizer_state = saved
         student.load_state_dict(tensors, strict=False)
         optimizer.load_state_dict(optimizer_state)
-    batch = min(settings.batch_blocks, len(blocks))
+    batch = min(settings.batch_blocks, n_blocks(blocks))
     student.train()
     for step in tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="joint stage",
                      unit="step", disable=not progress):
-        index = torch.randint(len(blocks), (batch,), generator=torch.Generator().manual_seed(
+        index = torch.randint(n_blocks(blocks), (batch,), generator=torch.Generator().manual_seed(
             settings.seed * 1_000_003 + step))
-        loss = kl(teacher, student, blocks[index, :-1])
+        loss = kl(teacher, student, batch_of(blocks, index))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for g in optimizer.param_groups:
             g["lr"] = g["scale"] * lr_at(step, settings)
         optimizer.step()
         if resume and (step + 1) % settings.save_every == 0 and step + 1 < settings.steps:
-            resume.put_joint(fingerprint, step + 1, attention_state(student), optimizer.state_dict())
+            resume.put_joint(fingerprint, step + 1, attention_state(modules), optimizer.state_dict())
     student.eval().requires_grad_(False)
     after = held_kl(teacher, student, blocks)
     record = {**asdict(settings), "kl_before": before, "kl_after": after}

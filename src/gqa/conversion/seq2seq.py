@@ -16,7 +16,8 @@ for decoders.
 The layer-wise transfer (`transfer`) trains each grouped attention, after its merge, to reproduce the
 source attention's outputs on the calibration blocks, as for decoders: inputs are the source model's own
 (`inputs="original"`), the position bias stays the source's (frozen: T5 shares one across layers). The
-joint stage and per-layer budgets are decoder-only for now.
+joint stage (`joint`) then trains every grouped attention together on KL(source ‖ converted) of the
+target-side distributions of the calibration examples. Per-layer budgets are decoder-only for now.
 
 The model is read whole (an 11B T5 needs its size in memory), merged, and written in one go (no resume:
 transfer at T5-base takes minutes); calibration runs the source in float32.
@@ -27,7 +28,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -38,8 +39,10 @@ from ..checkpoints.seq2seq import import_state, model_from_state, read_seq2seq_c
 from ..errors import GQAError
 from ..seq2seq import Attention, Seq2SeqConfig, Seq2SeqTransformer
 from ..version import __version__
+from . import joint
 from .heads import NAMES, AttentionWeights, RopeLayout
-from .interface import CALIB_TOKENS, Calibration, CalibrationSettings, Layer
+from .interface import CALIB_TOKENS, Calibration, CalibrationSettings, Layer, Method
+from .joint import JointSettings
 from .methods import get, owners
 from .seq2seq_calibration import calibration_examples, calibrations, transfer_data
 from .transfer import TransferSettings, fit_to_targets, load_weights, weights_of
@@ -61,15 +64,42 @@ def merged_state(attn: AttentionWeights, prefix: str) -> dict:
 def convert_seq2seq(src, dst, *, n_kv_heads: int | None, method: str, seed: int, encoder: bool, format: str,
                     overwrite: bool, method_options: dict, calib=None, calib_tokens: int | None = None,
                     calib_seq_len: int | None = None, transfer: TransferSettings | None = None,
-                    progress: bool = True) -> dict:
+                    joint_settings: JointSettings | None = None, progress: bool = True) -> dict:
     """Convert an encoder–decoder folder (see the module docstring; options checked by `convert()`);
     returns the report."""
     start = time.time()
-    transfer = transfer or TransferSettings(steps=0)
+    transfer, joint_settings = transfer or TransferSettings(steps=0), joint_settings or JointSettings()
     chosen = get(method)
     settings = chosen.make_settings(method_options, owners)
     hf = files.read_config(src)
     config, family = read_seq2seq_config(src, hf)
+    kinds = check_kv_heads(config, n_kv_heads, encoder)
+    calibration = calibration_settings(config, calib, calib_tokens, calib_seq_len)
+    files.check_destination(dst, overwrite, sources=[src])
+    state = import_state(src, config, family)
+    dtype = state["tok_embeddings.weight"].dtype
+    new_config = replace(config, **{KINDS[k][2]: [n_kv_heads] * len(getattr(config, KINDS[k][2])) for k in kinds})
+    todo = [(kind, layer) for kind in kinds for layer, g_now in enumerate(getattr(config, KINDS[kind][2]))
+            if g_now != n_kv_heads]
+    source = model_from_state(config, state, torch.float32) if calibration else None  # the source's own tensors
+    fits, blocks = calibrate(src, source, calibration, todo, seed, progress) if calibration else ({}, None)
+    steps = Steps(chosen, settings, transfer, joint_settings, n_kv_heads, seed,
+                  float(hf.get("initializer_factor", hf.get("init_std", 0.02)) or 0.02))
+    records = [merge_attention(state, config, kind, layer, steps, source, fits, progress) for kind, layer in
+               tqdm(todo, desc=f"converting ({method})", unit="attention", disable=not progress)]
+    joint_record = joint_stage(source, new_config, state, blocks, todo, joint_settings, progress) \
+        if joint_settings.steps else None
+    out_family = target_seq2seq_family(new_config, hf if family else hf.get("hf_config"), format)
+    report = seq2seq_report(src, dst, method, seed, settings, config, new_config, out_family, kinds, dtype, start)
+    report.update(calibration=asdict(calibration) if calibration else None,
+                  transfer=asdict(transfer) if transfer.steps else None, joint=joint_record, layers=records)
+    save_seq2seq_state(state, new_config, hf if family else hf.get("hf_config"), out_family, dst, dtype,
+                       source_dir=src, overwrite=overwrite, extra_files={"conversion.json": report})
+    return report
+
+
+def check_kv_heads(config: Seq2SeqConfig, n_kv_heads: int | None, encoder: bool) -> list[str]:
+    """The attention kinds to group, once G divides every one of their layers' KV-head counts."""
     if n_kv_heads is None:
         raise GQAError("give --kv-heads G for an encoder–decoder model")
     kinds = ["self", "cross", *(["encoder"] if encoder else [])]
@@ -78,50 +108,74 @@ def convert_seq2seq(src, dst, *, n_kv_heads: int | None, method: str, seed: int,
             if g_now % n_kv_heads:
                 raise GQAError(f"{kind} attention, layer {layer}: {n_kv_heads} KV heads does not divide the current "
                                f"{g_now} (of {config.n_heads} query heads); choose a divisor of {g_now}")
-    calibration = None
-    if calib:
-        calibration = CalibrationSettings(str(calib), CALIB_TOKENS if calib_tokens is None else calib_tokens,
-                                          calib_seq_len or min(512, config.max_positions))
-        if not 16 <= calibration.seq_len <= config.max_positions:
-            raise GQAError(f"--calib-seq-len must be in [16, {config.max_positions}] (span corruption needs a few "
-                           f"spans), got {calibration.seq_len}")
-    files.check_destination(dst, overwrite, sources=[src])
-    state = import_state(src, config, family)
-    dtype = state["tok_embeddings.weight"].dtype
-    new = {KINDS[k][2]: [n_kv_heads] * len(getattr(config, KINDS[k][2])) for k in kinds}
-    new_config = replace(config, **new)
-    init = float(hf.get("initializer_factor", hf.get("init_std", 0.02)) or 0.02)
-    todo = [(kind, layer) for kind in kinds for layer, g_now in enumerate(getattr(config, KINDS[kind][2]))
-            if g_now != n_kv_heads]
-    source = model_from_state(config, state, torch.float32) if calibration else None  # the source's own tensors
-    fits = calibrate(src, source, calibration, todo, seed, progress) if calibration else {}
-    records = []
-    for kind, layer in tqdm(todo, desc=f"converting ({method})", unit="attention", disable=not progress):
-        stack, module, _ = KINDS[kind]
-        prefix = f"{stack}.layers.{layer}.{module}."
-        attn = attention_of(state, prefix, config.head_dim)
-        context = Layer(SEED_OFFSET[kind] + layer, RopeLayout(config.head_dim, 0), seed, init,
-                        fits.get((kind, layer)) if chosen.calibrated else None)
-        merged, record = chosen.merge(attn, n_kv_heads, context, settings)
-        if transfer.steps:
-            merged, trained = transfer_attention(source, kind, layer, merged, fits[kind, layer], transfer, progress)
-            record = {**record, **trained}
-        if chosen.calibrated or transfer.steps:  # a fit's K/V are in its whitened basis: see AttentionWeights.balanced
-            merged = merged.balanced(context.rope)
-        state.update(merged_state(merged, prefix))
-        records.append({"attention": kind, "layer": layer, **record})
-    out_family = target_seq2seq_family(new_config, hf if family else hf.get("hf_config"), format)
-    report = seq2seq_report(src, dst, method, seed, settings, config, new_config, out_family, kinds, dtype, start)
-    report.update(calibration=asdict(calibration) if calibration else None,
-                  transfer=asdict(transfer) if transfer.steps else None, layers=records)
-    save_seq2seq_state(state, new_config, hf if family else hf.get("hf_config"), out_family, dst, dtype,
-                       source_dir=src, overwrite=overwrite, extra_files={"conversion.json": report})
-    return report
+    return kinds
+
+
+def calibration_settings(config: Seq2SeqConfig, calib, calib_tokens: int | None,
+                         calib_seq_len: int | None) -> CalibrationSettings | None:
+    if not calib:
+        return None
+    calibration = CalibrationSettings(str(calib), CALIB_TOKENS if calib_tokens is None else calib_tokens,
+                                      calib_seq_len or min(512, config.max_positions))
+    if not 16 <= calibration.seq_len <= config.max_positions:
+        raise GQAError(f"--calib-seq-len must be in [16, {config.max_positions}] (span corruption needs a few "
+                       f"spans), got {calibration.seq_len}")
+    return calibration
+
+
+@dataclass(frozen=True)
+class Steps:
+    """What is done to each grouped attention: the method's merge, then the transfer, then the joint stage."""
+    method: Method
+    settings: object
+    transfer: TransferSettings
+    joint: JointSettings
+    n_kv_heads: int
+    seed: int
+    init_std: float
+
+
+def merge_attention(state: dict, config: Seq2SeqConfig, kind: str, layer: int, steps: Steps, source, fits: dict,
+                    progress: bool) -> dict:
+    """Merge one attention in `state` (then transfer it); returns its record."""
+    prefix = prefix_of(kind, layer)
+    attn = attention_of(state, prefix, config.head_dim)
+    context = Layer(SEED_OFFSET[kind] + layer, RopeLayout(config.head_dim, 0), steps.seed, steps.init_std,
+                    fits.get((kind, layer)) if steps.method.calibrated else None)
+    merged, record = steps.method.merge(attn, steps.n_kv_heads, context, steps.settings)
+    if steps.transfer.steps:
+        merged, trained = transfer_attention(source, kind, layer, merged, fits[kind, layer], steps.transfer, progress)
+        record = {**record, **trained}
+    if (steps.method.calibrated or steps.transfer.steps) and not steps.joint.steps:  # else after the joint stage
+        merged = merged.balanced(context.rope)  # a fit's K/V are in its whitened basis: see AttentionWeights.balanced
+    state.update(merged_state(merged, prefix))
+    return {"attention": kind, "layer": layer, **record}
+
+
+def joint_stage(source: Seq2SeqTransformer, new_config: Seq2SeqConfig, state: dict, blocks: tuple, todo: list,
+                settings: JointSettings, progress: bool) -> dict:
+    """Train the grouped model's attention against the source (`joint.train`, no resume: the conversion runs in
+    one go) and write it into `state`, balanced; returns the stage's record."""
+    student = model_from_state(new_config, state, torch.float32)
+    record = joint.train(source, student, blocks, settings, None, "", progress)
+    trained = joint.attention_state(joint.attention_modules(student, source))
+    state.update({name: tensor.to(state[name].dtype) for name, tensor in trained.items()})
+    for kind, layer in todo:
+        prefix = prefix_of(kind, layer)
+        balanced = attention_of(state, prefix, new_config.head_dim).balanced(RopeLayout(new_config.head_dim, 0))
+        state.update(merged_state(balanced, prefix))
+    return record
+
+
+def prefix_of(kind: str, layer: int) -> str:
+    stack, module, _ = KINDS[kind]
+    return f"{stack}.layers.{layer}.{module}."
 
 
 def calibrate(src, source: Seq2SeqTransformer, calibration: CalibrationSettings, todo: list, seed: int,
-              progress: bool) -> dict:
-    """(kind, layer) -> Calibration of every attention to be grouped, read off the source model (float32)."""
+              progress: bool) -> tuple[dict, tuple]:
+    """(kind, layer) -> Calibration of every attention to be grouped, read off the source model (float32), and
+    the calibration examples as model inputs (input ids, decoder ids)."""
     from ..checkpoints.tokenizer import load_tokenizer
 
     config = source.config
@@ -133,7 +187,7 @@ def calibrate(src, source: Seq2SeqTransformer, calibration: CalibrationSettings,
     if progress:
         print(f"calibrating on {input_ids.numel():,} source and {labels.numel():,} target tokens "
               f"of {calibration.data}", file=sys.stderr)
-    return calibrations(source, input_ids, labels, todo)
+    return calibrations(source, input_ids, labels, todo), (input_ids, source.shift_right(labels))
 
 
 def transfer_attention(source: Seq2SeqTransformer, kind: str, layer: int, merged: AttentionWeights,
