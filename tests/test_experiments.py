@@ -106,6 +106,7 @@ def test_paper_t5_experiment_quick(tmp_path):
     assert abs(results["rows"][0]["val_perplexity"] - trained["val_perplexity"]) < 1e-6 * trained["val_perplexity"]
     conversion = json.loads((out / "runs" / "g1-aligned-s0" / "conversion.json").read_text())
     assert conversion["method"] == "aligned" and conversion["calibration"]["data"] == "bundled"
+    assert conversion["transfer"]["steps"] == 2 and len(conversion["layers"]) == 4  # self and cross, 2 layers
     readme = (out / "README.md").read_text()
     assert "encoder–decoder (T5)" in readme and "mean pooling > first head > random" in readme
-    assert "## The calibrated conversion (`aligned`) against mean pooling" in readme
+    assert "## The calibrated conversion (`aligned` + layer-wise transfer) against mean pooling" in readme

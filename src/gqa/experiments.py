@@ -84,11 +84,11 @@ PAPER_T5 = dict(  # the paper's setting: a T5 (v1.0 layout) pre-trained with spa
                                   cross_kv_heads=8, max_positions=512, pad_token_id=4096 + SENTINELS,
                                   decoder_start_token_id=4096 + SENTINELS, eos_token_id=0),
     methods=("mean", "first", "random", "aligned"), sweep_methods=("mean", "aligned"), seq_len=256,
-    transfer_steps=0)  # the layer-wise transfer is decoder-only: the T5's calibrated start is `aligned` alone
+    transfer_steps=100)  # as for decoders: `aligned`, then the layer-wise transfer
 PAPER_T5_QUICK = dict(model=dict(PAPER_T5["model"], dim=32, n_heads=8, head_dim=4, hidden_dim=64, n_encoder_layers=2,
                                  n_decoder_layers=2, max_positions=64), alphas=(0.05, 0.2), pretrain_steps=20,
                       seq_len=32, batch_size=4, eval_blocks=4, compile=False, decode_batch=2, decode_context=16,
-                      decode_tokens=4, decode_repeats=2, transfer_steps=0)
+                      decode_tokens=4, decode_repeats=2, calib_tokens=256, transfer_steps=2)
 
 
 def t5_tokenizer(folder: Path):
@@ -397,10 +397,20 @@ def aligned_findings(rows: list[dict], s: dict) -> list[str]:
         sweep = [(a, mean_ppl(rows, kv_heads=g, method="aligned", alpha=a)) for a in [0.0, *s["alphas"]]]
         reached = next((a for a, p in sweep if p is not None and p <= ppl["mean"] + noise["mean"]), None)
         lines.append(f"  Uptraining the aligned start needs to match mean pooling uptrained for α = {alpha} "
-                     f"({ppl['mean']:.2f}): " + (f"α = {reached:g} ({alpha / reached:.0f}× fewer tokens)." if reached
-                                                 else "α = 0 (the aligned start is already as good)." if reached == 0.0
-                                                 else "not reached within the α swept."))
+                     f"({ppl['mean']:.2f}): {tokens_needed(reached, alpha)}.")
     return lines
+
+
+def tokens_needed(reached: float | None, alpha: float) -> str:
+    """The α at which the aligned start matched mean pooling uptrained for `alpha`, said against `alpha`."""
+    if reached is None:
+        return "not reached within the α swept"
+    if reached == 0.0:
+        return "α = 0 (the aligned start is already as good)"
+    if reached == alpha:
+        return f"α = {reached:g} (the same tokens: no saving seen at the α swept)"
+    ratio = alpha / reached
+    return f"α = {reached:g} ({ratio:.0f}× fewer tokens)" if ratio > 1 else f"α = {reached:g} ({1 / ratio:.0f}× more tokens)"
 
 
 def figures(results: dict, out: Path) -> None:
