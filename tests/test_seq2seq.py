@@ -195,7 +195,8 @@ def test_transfer_targets_are_what_each_attention_outputs(models, seq2seq_tokeni
 
 
 @pytest.mark.parametrize("name", ["t5", "bart"])
-def test_transfer_and_joint_stage_bring_mean_pooling_closer_to_the_source(models, tmp_path, seq2seq_tokenizer, name):
+def test_transfer_and_joint_stage_bring_mean_pooling_closer_to_the_source(models, tmp_path, seq2seq_tokenizer, capsys,
+                                                                          name):
     """MQA by mean pooling, then each grouped attention trained on calibration text to give its source's
     outputs: every attention's error goes down and the model is closer to the source on held-out text; the
     joint stage after it brings it closer still; both outputs are balanced."""
@@ -220,8 +221,13 @@ def test_transfer_and_joint_stage_bring_mean_pooling_closer_to_the_source(models
     for record in report["layers"]:
         assert record["relative_error_after"] < 0.9 * record["relative_error_before"], record
     assert kl(tmp_path / "transfer") < 0.8 * kl(tmp_path / "mean")
-    report = gqa.convert(folder, tmp_path / "joint", n_kv_heads=1, calib="wiki", calib_tokens=2048,
-                         calib_seq_len=64, transfer_steps=60, joint_steps=30, progress=False)
+    capsys.readouterr()
+    assert main(["convert", str(folder), str(tmp_path / "joint"), "--kv-heads", "1", "--calib", "wiki",
+                 "--calib-tokens", "2048", "--calib-seq-len", "64", "--transfer-steps", "60", "--joint-steps", "30"]) == 0
+    said = capsys.readouterr().out
+    assert "transfer 60 steps per attention (attention output error, mean over attentions:" in said
+    assert "joint stage 30 steps (KL to the source" in said
+    report = json.loads((tmp_path / "joint" / "conversion.json").read_text())
     assert report["joint"]["steps"] == 30 and report["joint"]["kl_after"] < report["joint"]["kl_before"]
     assert kl(tmp_path / "joint") < kl(tmp_path / "transfer")
     for out in ("transfer", "joint"):

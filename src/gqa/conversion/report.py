@@ -74,11 +74,13 @@ def method_line(report: dict) -> str:
     if report.get("transfer"):
         errors = [(r["relative_error_before"], r["relative_error_after"]) for r in report["layers"]
                   if "relative_error_after" in r]
-        how += f"; transfer {report['transfer']['steps']} steps per layer"
+        unit = "attention" if any("attention" in r for r in report["layers"]) else "layer"  # encoder–decoder: per kind
+        how += f"; transfer {report['transfer']['steps']} steps per {unit}"
         if errors:
-            how += (f" (attention output error, mean over layers: {sum(e[0] for e in errors) / len(errors):.3f}"
+            how += (f" (attention output error, mean over {unit}s: {sum(e[0] for e in errors) / len(errors):.3f}"
                     f" -> {sum(e[1] for e in errors) / len(errors):.3f})")
     if report.get("joint"):
         j = report["joint"]
-        how += f"; joint stage {j['steps']} steps (KL to the source {j['kl_before']:.4f} -> {j['kl_after']:.4f})"
+        how += f"; joint stage {j['steps']} steps (KL to the source {j['kl_before']:.4f} -> {j['kl_after']:.4f}" + (
+            ": not lowered, the weights before it kept)" if j.get("kept") else ")")
     return how

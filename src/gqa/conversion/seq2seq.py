@@ -44,6 +44,7 @@ from .heads import NAMES, AttentionWeights, RopeLayout
 from .interface import CALIB_TOKENS, Calibration, CalibrationSettings, Layer, Method
 from .joint import JointSettings
 from .methods import get, owners
+from .report import method_line
 from .seq2seq_calibration import calibration_examples, calibrations, transfer_data
 from .transfer import TransferSettings, fit_to_targets, load_weights, weights_of
 
@@ -236,7 +237,7 @@ def format_seq2seq_report(report: dict) -> str:
                  f"{report['kv_bytes_per_source_token_after']:,}"))
     w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
     lines = [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
-    lines.append(f"method {report['method']}; written as {report['architecture']} to {report['destination']}")
+    lines.append(f"method {method_line(report)}; written as {report['architecture']} to {report['destination']}")
     return "\n".join(lines)
 
 
