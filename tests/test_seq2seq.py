@@ -171,6 +171,35 @@ def test_calibration_sees_what_transformers_attends(models, seq2seq_tokenizer, n
     torch.testing.assert_close(fits["cross", 0].x, out.encoder_last_hidden_state, atol=1e-5, rtol=0)
 
 
+def held_out_kl(folder, tokenizer):
+    """path -> KL(source ‖ model) per target token on held-out wiki examples (what no calibration read)."""
+    from gqa.seq2seq_data import eval_examples
+
+    source = gqa.load(folder, dtype="float32")
+    held_out = eval_examples("wiki", tokenizer, 64, max_tokens=1500)
+    dec = source.shift_right(held_out.labels)
+
+    def kl(path) -> float:
+        model = gqa.load(path, dtype="float32")
+        with torch.no_grad():
+            p = source(held_out.input_ids, dec, attention_mask=held_out.input_mask).log_softmax(-1)
+            q = model(held_out.input_ids, dec, attention_mask=held_out.input_mask).log_softmax(-1)
+        return float((p.exp() * (p - q)).sum(-1)[held_out.labels != -100].mean())
+
+    return kl
+
+
+def assert_balanced(path):
+    """Every decoder self- and cross-attention of `path` balanced (AttentionWeights.balanced)."""
+    converted = gqa.load(path, dtype="float32")
+    for block in converted.decoder.layers:
+        for m in (block.attention, block.cross):
+            attn = AttentionWeights(wq=m.wq.weight, wk=m.wk.weight, wv=m.wv.weight, wo=m.wo.weight, bq=m.wq.bias,
+                                    bk=m.wk.bias, bv=m.wv.bias, head_dim=converted.config.head_dim)
+            (k, q, v, o), = factor_norms(attn)
+            assert abs(k - q) < 1e-4 * k and abs(v - o) < 1e-4 * v
+
+
 @pytest.mark.parametrize("name", ["t5", "bart"])
 def test_transfer_targets_are_what_each_attention_outputs(models, seq2seq_tokenizer, name):
     """What the layer-wise transfer trains towards: each attention's outputs recomputed from its recorded
@@ -200,19 +229,8 @@ def test_transfer_and_joint_stage_bring_mean_pooling_closer_to_the_source(models
     """MQA by mean pooling, then each grouped attention trained on calibration text to give its source's
     outputs: every attention's error goes down and the model is closer to the source on held-out text; the
     joint stage after it brings it closer still; both outputs are balanced."""
-    from gqa.seq2seq_data import eval_examples
-
     _, folder = models[name]
-    source = gqa.load(folder, dtype="float32")
-    held_out = eval_examples("wiki", seq2seq_tokenizer, 64, max_tokens=1500)
-    dec = source.shift_right(held_out.labels)
-
-    def kl(path) -> float:
-        model = gqa.load(path, dtype="float32")
-        with torch.no_grad():
-            p = source(held_out.input_ids, dec, attention_mask=held_out.input_mask).log_softmax(-1)
-            q = model(held_out.input_ids, dec, attention_mask=held_out.input_mask).log_softmax(-1)
-        return float((p.exp() * (p - q)).sum(-1)[held_out.labels != -100].mean())
+    kl = held_out_kl(folder, seq2seq_tokenizer)
 
     gqa.convert(folder, tmp_path / "mean", n_kv_heads=1, progress=False)
     report = gqa.convert(folder, tmp_path / "transfer", n_kv_heads=1, calib="wiki", calib_tokens=2048,
@@ -231,49 +249,25 @@ def test_transfer_and_joint_stage_bring_mean_pooling_closer_to_the_source(models
     assert report["joint"]["steps"] == 30 and report["joint"]["kl_after"] < report["joint"]["kl_before"]
     assert kl(tmp_path / "joint") < kl(tmp_path / "transfer")
     for out in ("transfer", "joint"):
-        converted = gqa.load(tmp_path / out, dtype="float32")
-        for block in converted.decoder.layers:
-            for m in (block.attention, block.cross):
-                attn = AttentionWeights(wq=m.wq.weight, wk=m.wk.weight, wv=m.wv.weight, wo=m.wo.weight, bq=m.wq.bias,
-                                        bk=m.wk.bias, bv=m.wv.bias, head_dim=converted.config.head_dim)
-                (k, q, v, o), = factor_norms(attn)
-                assert abs(k - q) < 1e-4 * k and abs(v - o) < 1e-4 * v
+        assert_balanced(tmp_path / out)
 
 
 @pytest.mark.parametrize("name", ["t5", "bart"])
 def test_aligned_stays_closer_to_the_source_than_mean_pooling(models, tmp_path, seq2seq_tokenizer, name):
     """MQA decoder self- and cross-attention: `aligned` calibrated on one split, scored on held-out text
     (KL from the source's next-token distribution) against mean pooling of the same weights."""
-    from gqa.seq2seq_data import eval_examples
-
     _, folder = models[name]
-    source = gqa.load(folder, dtype="float32")
-    held_out = eval_examples("wiki", seq2seq_tokenizer, 64, max_tokens=1500)
-    dec = source.shift_right(held_out.labels)
-
-    def kl(path) -> float:
-        model = gqa.load(path, dtype="float32")
-        with torch.no_grad():
-            p = source(held_out.input_ids, dec, attention_mask=held_out.input_mask).log_softmax(-1)
-            q = model(held_out.input_ids, dec, attention_mask=held_out.input_mask).log_softmax(-1)
-        per_token = (p.exp() * (p - q)).sum(-1)
-        return float(per_token[held_out.labels != -100].mean())
+    kl = held_out_kl(folder, seq2seq_tokenizer)
 
     gqa.convert(folder, tmp_path / "mean", n_kv_heads=1, progress=False)
     report = gqa.convert(folder, tmp_path / "aligned", n_kv_heads=1, method="aligned", calib="wiki",
                          calib_tokens=2048, calib_seq_len=64, progress=False)
     assert report["calibration"] == {"data": "wiki", "tokens": 2048, "seq_len": 64}
-    decoder_layers = range(source.config.n_decoder_layers)
+    decoder_layers = range(gqa.load(folder).config.n_decoder_layers)
     assert [(r["attention"], r["layer"]) for r in report["layers"]] == \
         [(kind, i) for kind in ("self", "cross") for i in decoder_layers]
     assert kl(tmp_path / "aligned") < 0.5 * kl(tmp_path / "mean")
-    converted = gqa.load(tmp_path / "aligned", dtype="float32")  # balanced (AttentionWeights.balanced)
-    for block in converted.decoder.layers:
-        for m in (block.attention, block.cross):
-            attn = AttentionWeights(wq=m.wq.weight, wk=m.wk.weight, wv=m.wv.weight, wo=m.wo.weight, bq=m.wq.bias,
-                                    bk=m.wk.bias, bv=m.wv.bias, head_dim=converted.config.head_dim)
-            (k, q, v, o), = factor_norms(attn)
-            assert abs(k - q) < 1e-4 * k and abs(v - o) < 1e-4 * v
+    assert_balanced(tmp_path / "aligned")  # AttentionWeights.balanced
 
 
 def test_generation_is_greedy_over_the_full_forward(models):
