@@ -25,6 +25,11 @@ TINY = dict(vocab_size=336, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_head
 CONFIGS = {  # name -> config class, settings (T5 ids are set from the tokenizer below)
     "t5": (transformers.T5Config, dict(TINY, num_decoder_layers=3, feed_forward_proj="relu")),  # v1.0: tied, scaled
     "t5-v1.1": (transformers.T5Config, dict(TINY, feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
+    "t5-v1.1-tied": (transformers.T5Config, dict(TINY, feed_forward_proj="gated-gelu")),  # tied: scaled, in T5
+    # mT5 as the installed transformers writes it: tie_word_embeddings true, no lm_head, no scale field; its
+    # MT5 does not scale the decoder output (transformers 5), where T5 would
+    "mt5": (transformers.MT5Config, dict(TINY, feed_forward_proj="gated-gelu")),
+    "mt5-untied": (transformers.MT5Config, dict(TINY, feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
     "umt5": (transformers.UMT5Config, dict(TINY, feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
     "bart": (transformers.BartConfig, dict(vocab_size=336, d_model=64, encoder_layers=2, decoder_layers=2,
                                            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=96,
@@ -102,6 +107,30 @@ def test_round_trip_at_g_equals_h_is_exact(models, tmp_path, name):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     back = json.loads((tmp_path / "back" / "config.json").read_text())
     assert back["architectures"] == json.loads((folder / "config.json").read_text())["architectures"]
+
+
+def test_t5_layouts_are_written_as_their_own_class(models, tmp_path):
+    """Each T5 layout is read as the installed transformers reads it and written back as its own class; an
+    mT5 config gets no scale_decoder_outputs (its class has none), and a model it cannot hold is refused."""
+    from dataclasses import replace
+
+    from gqa.checkpoints.seq2seq import mt5_scales_tied_output
+    from gqa.errors import GQAError
+
+    for name, architecture in (("mt5", "MT5ForConditionalGeneration"), ("umt5", "UMT5ForConditionalGeneration"),
+                               ("t5-v1.1", "T5ForConditionalGeneration")):
+        model = gqa.load(models[name][1])
+        gqa.save(model, tmp_path / name)
+        written = json.loads((tmp_path / name / "config.json").read_text())
+        assert written["architectures"] == [architecture]
+        assert ("scale_decoder_outputs" in written) == (name != "mt5")
+    mt5 = gqa.load(models["mt5"][1])
+    assert mt5.config.tie_embeddings and mt5.config.output_scale == (64 ** -0.5 if mt5_scales_tied_output() else 1.0)
+    scaled = replace(mt5.config, output_scale=1.0 if mt5_scales_tied_output() else 64 ** -0.5)
+    mt5.config = scaled
+    with pytest.raises(GQAError, match="mt5's config.json cannot express this model .*output_scale"):
+        gqa.save(mt5, tmp_path / "scaled")
+    assert not (tmp_path / "scaled").exists()
 
 
 @pytest.mark.parametrize("name", ["t5-v1.1", "bart"])

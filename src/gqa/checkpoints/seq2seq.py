@@ -15,6 +15,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -73,7 +74,26 @@ class Seq2SeqFamily:
 
 # ------------------------------------------------------------------------------------------------ T5
 
-def t5_read(hf: dict) -> dict:
+def mt5_scales_tied_output() -> bool:
+    """Whether the installed transformers scales a tied mT5's decoder output by d_model^-0.5 before the head.
+
+    transformers 4 did, for every T5 class, whenever `tie_word_embeddings` was true; transformers 5's MT5
+    never does (its T5 and UMT5 read `scale_decoder_outputs`, defaulting to the tie flag). A tied mT5 folder
+    is therefore a different model in the two: gqa reads it as the installed one runs it."""
+    import transformers
+
+    return int(transformers.__version__.split(".")[0]) < 5
+
+
+def output_scaled(hf: dict, kind: str) -> bool:
+    """Whether a T5-layout folder's decoder output is scaled by d_model^-0.5 before the head (T5 v1.0)."""
+    tie = hf.get("tie_word_embeddings", True)
+    if kind == "mt5":
+        return tie and mt5_scales_tied_output()
+    return hf.get("scale_decoder_outputs", tie)
+
+
+def t5_read(hf: dict, kind: str = "t5") -> dict:
     projection = hf.get("feed_forward_proj", "relu")
     gated = hf.get("is_gated_act", projection.startswith("gated-"))
     act = hf.get("dense_act_fn") or projection.split("-")[-1]
@@ -87,21 +107,27 @@ def t5_read(hf: dict) -> dict:
         encoder_kv_heads=heads, self_kv_heads=heads, cross_kv_heads=heads, max_positions=hf.get("n_positions", 512),
         positions="relative", relative_buckets=hf.get("relative_attention_num_buckets", 32),
         relative_max_distance=hf.get("relative_attention_max_distance", 128),
-        bias_in_every_layer=hf.get("model_type") == "umt5", norm="rms", norm_eps=hf.get("layer_norm_epsilon", 1e-6),
+        bias_in_every_layer=kind == "umt5", norm="rms", norm_eps=hf.get("layer_norm_epsilon", 1e-6),
         block="pre_norm", mlp="gated" if gated else "plain", activation=ACTIVATIONS[act], attention_scale=1.0,
-        tie_embeddings=tie, output_scale=hf["d_model"] ** -0.5 if hf.get("scale_decoder_outputs", tie) else 1.0,
+        tie_embeddings=tie, output_scale=hf["d_model"] ** -0.5 if output_scaled(hf, kind) else 1.0,
         decoder_start_token_id=hf.get("decoder_start_token_id", pad), pad_token_id=pad,
         eos_token_id=hf.get("eos_token_id", 1))
 
 
-def t5_write(config: Seq2SeqConfig, base: dict) -> dict:
+def t5_write(config: Seq2SeqConfig, base: dict, kind: str = "t5") -> dict:
     # The head is written explicitly: whether it is tied, and whether the decoder's output is scaled by
-    # d_model^-0.5 before it (T5 v1.0). transformers derives the scale from tie_word_embeddings unless
-    # scale_decoder_outputs says otherwise, so a tied head without the scale needs both fields.
-    return {**base, "vocab_size": config.vocab_size, "d_model": config.dim, "num_heads": config.n_heads,
-            "d_kv": config.head_dim, "d_ff": config.hidden_dim, "num_layers": config.n_encoder_layers,
-            "num_decoder_layers": config.n_decoder_layers, "tie_word_embeddings": config.tie_embeddings,
-            "scale_decoder_outputs": config.output_scale != 1.0, "n_positions": config.max_positions}
+    # d_model^-0.5 before it (T5 v1.0). transformers' T5 and UMT5 derive the scale from tie_word_embeddings
+    # unless scale_decoder_outputs says otherwise, so a tied head without the scale needs both fields; its
+    # MT5 has no such field (see `mt5_scales_tied_output`), and what it cannot hold the read-back refuses.
+    out = {**base, "vocab_size": config.vocab_size, "d_model": config.dim, "num_heads": config.n_heads,
+           "d_kv": config.head_dim, "d_ff": config.hidden_dim, "num_layers": config.n_encoder_layers,
+           "num_decoder_layers": config.n_decoder_layers, "tie_word_embeddings": config.tie_embeddings,
+           "n_positions": config.max_positions}
+    if kind == "mt5":
+        out.pop("scale_decoder_outputs", None)
+    else:
+        out["scale_decoder_outputs"] = config.output_scale != 1.0
+    return out
 
 
 def t5_tensors(config: Seq2SeqConfig) -> tuple[tuple[str, str], ...]:
@@ -131,9 +157,16 @@ def t5_tensors(config: Seq2SeqConfig) -> tuple[tuple[str, str], ...]:
             *stack("decoder", [(0, "SelfAttention", "attention"), (1, "EncDecAttention", "cross"), (2, "", "mlp")]))
 
 
-T5 = Seq2SeqFamily("t5", ("T5ForConditionalGeneration", "MT5ForConditionalGeneration", "UMT5ForConditionalGeneration"),
-                   ("t5", "mt5", "umt5"), t5_read, t5_write, t5_tensors,
-                   ignore=(r"(encoder|decoder)\.embed_tokens\.weight",))
+def t5_family(kind: str, architecture: str) -> Seq2SeqFamily:
+    """T5 (v1.0, v1.1 / Flan-T5), mT5 and UMT5 share one layout; they differ in the position bias (UMT5's is
+    per layer) and in how config.json says the head is scaled, and each is written back as its own class."""
+    return Seq2SeqFamily(kind, (architecture,), (kind,), partial(t5_read, kind=kind), partial(t5_write, kind=kind),
+                         t5_tensors, ignore=(r"(encoder|decoder)\.embed_tokens\.weight",))
+
+
+T5 = t5_family("t5", "T5ForConditionalGeneration")
+MT5 = t5_family("mt5", "MT5ForConditionalGeneration")
+UMT5 = t5_family("umt5", "UMT5ForConditionalGeneration")
 
 
 # ------------------------------------------------------------------------------------------------ BART
@@ -187,7 +220,7 @@ def bart_tensors(config: Seq2SeqConfig) -> tuple[tuple[str, str], ...]:
 BART = Seq2SeqFamily("bart", ("BartForConditionalGeneration",), ("bart",), bart_read, bart_write, bart_tensors,
                      ignore=(r"model\.(encoder|decoder)\.embed_tokens\.weight",))
 
-SEQ2SEQ_FAMILIES = [T5, BART]
+SEQ2SEQ_FAMILIES = [T5, MT5, UMT5, BART]
 BY_ARCHITECTURE = {a: f for f in SEQ2SEQ_FAMILIES for a in f.architectures}
 
 
@@ -200,14 +233,13 @@ def is_seq2seq(hf: dict) -> bool:
 
 
 def seq2seq_family(hf: dict) -> Seq2SeqFamily | None:
-    """The family of an encoder–decoder config.json; None for gqa's own format."""
+    """The family of an encoder–decoder config.json; None for gqa's own format. By model_type first, as
+    transformers' Auto classes choose the model class; by architecture where there is no model_type."""
     archs = hf.get("architectures") or []
     if NATIVE_SEQ2SEQ in archs:
         return None
-    for arch in archs:
-        if arch in BY_ARCHITECTURE:
-            return BY_ARCHITECTURE[arch]
-    return next(f for f in SEQ2SEQ_FAMILIES if hf.get("model_type") in f.model_types)
+    by_type = next((f for f in SEQ2SEQ_FAMILIES if hf.get("model_type") in f.model_types), None)
+    return by_type or next(BY_ARCHITECTURE[a] for a in archs if a in BY_ARCHITECTURE)
 
 
 def read_seq2seq_config(path, hf: dict) -> tuple[Seq2SeqConfig, Seq2SeqFamily | None]:
