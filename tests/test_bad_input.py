@@ -294,6 +294,42 @@ def test_stale_partial_folders_are_removed_on_the_next_run(world, tmp_path, caps
     assert not (dest / ".gqa-owner").exists()
 
 
+def test_one_writer_per_destination(world, tmp_path, capsys, monkeypatch):
+    """Two conversions to one new destination, neither with --overwrite: the one that finishes second is refused
+    at its final rename (exit 2, one line) and the first one's output stays, with nothing of the second left;
+    with --overwrite the second replaces it. A GGUF file is published the same way."""
+    import gqa.checkpoints.files as files
+
+    dest, real_close, others = tmp_path / "dest", files.ShardWriter.close, []
+
+    def close_while_another_run_finishes(self):
+        real_close(self)
+        if not others:  # another run starts and finishes while this one is still writing
+            others.append(1)
+            gqa.convert(world / "model", dest, n_kv_heads=1, progress=False)
+
+    monkeypatch.setattr(files.ShardWriter, "close", close_while_another_run_finishes)
+    user_error(capsys, ["convert", world / "model", dest, "--kv-heads", "2"], f"{dest} appeared while this run was "
+               f"writing it (another run wrote it meanwhile); it is left as that run wrote it")
+    assert gqa.load(dest).config.n_kv_heads == [1, 1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dest"]
+    assert main(["convert", str(world / "model"), str(dest), "--kv-heads", "2", "--overwrite"]) == 0
+    assert gqa.load(dest).config.n_kv_heads == [2, 2]
+
+    import gguf
+
+    gguf_file, real_header = tmp_path / "m.gguf", gguf.GGUFWriter.write_header_to_file
+
+    def another_file_appears(self, *args, **kwargs):
+        gguf_file.write_bytes(b"the other run's file")
+        return real_header(self, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_header_to_file", another_file_appears)
+    user_error(capsys, ["export", world / "model", gguf_file, "--format", "gguf"], "appeared while this run was writing")
+    assert gguf_file.read_bytes() == b"the other run's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dest", "m.gguf"]
+
+
 def test_killed_conversion_is_cleaned_up_by_the_next(world, tmp_path):
     dest = tmp_path / "dest"
     script = f"""

@@ -8,6 +8,7 @@ interrupted write never leaves something that looks like a model.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -270,15 +271,15 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     """Yield a temporary folder beside `dest`; rename it to `dest` only if the block completes.
 
     The temporary folder names its owner, so a later write of the same destination can tell a folder left
-    by a killed run (removed, with a warning) from one another live run is writing.
+    by a killed run (removed, with a warning) from one another live run is writing. One writer per
+    destination: a `dest` that appeared while the block ran (another run wrote it) is replaced only with
+    `overwrite`; otherwise this run's output is discarded and the other's kept (`publish`).
     """
     dest = Path(dest)
     with partial_folder(dest, overwrite, "folder") as (tmp, _):
         yield tmp
         (tmp / PARTIAL_OWNER).unlink()
-        if dest.exists():
-            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
-        os.replace(tmp, dest)
+        publish(tmp, dest, overwrite)
 
 
 @contextlib.contextmanager
@@ -288,8 +289,48 @@ def atomic_file(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     dest = Path(dest)
     with partial_folder(dest, overwrite, "file") as (tmp, _):
         yield tmp / dest.name
-        os.replace(tmp / dest.name, dest)
+        publish(tmp / dest.name, dest, overwrite)
         shutil.rmtree(tmp)
+
+
+def publish(done: Path, dest: Path, overwrite: bool) -> None:
+    """Rename the finished `done` (a folder or a file) to `dest`. Without `overwrite` an existing `dest` is never
+    replaced, even one that appeared after the checks at the start: the rename itself refuses it (a folder
+    cannot be renamed over a non-empty one; a file is linked, which fails where one exists)."""
+    if overwrite and (dest.exists() or dest.is_symlink()):
+        shutil.rmtree(dest) if dest.is_dir() and not dest.is_symlink() else dest.unlink()
+    try:
+        if done.is_dir() or overwrite:
+            if not overwrite and (dest.exists() or dest.is_symlink()):
+                raise FileExistsError
+            os.rename(done, dest)
+        else:
+            link_or_rename(done, dest)
+    except (FileExistsError, IsADirectoryError, NotADirectoryError) as e:
+        raise appeared(dest) from e
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise appeared(dest) from None
+        raise
+
+
+def link_or_rename(done: Path, dest: Path) -> None:
+    """Move the file `done` to `dest`, failing where `dest` exists: a hard link where the file system has them."""
+    try:
+        os.link(done, dest)
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        if dest.exists() or dest.is_symlink():
+            raise FileExistsError from None
+        os.rename(done, dest)
+        return
+    done.unlink()
+
+
+def appeared(dest: Path) -> GQAError:
+    return GQAError(f"{dest} appeared while this run was writing it (another run wrote it meanwhile); it is left as "
+                    f"that run wrote it and this run's output is discarded: pass --overwrite to replace it")
 
 
 def copy_tokenizer(src: str | os.PathLike | None, dest: Path) -> None:
