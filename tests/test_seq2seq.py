@@ -343,6 +343,34 @@ def test_pairs_score_as_transformers_scores_labels(models, tmp_path, seq2seq_tok
     assert result["tokens"] == count and result["loss"] == pytest.approx(nll / count, rel=1e-5)
 
 
+def test_uptraining_on_pairs_counts_the_target_tokens_it_reads(models, tmp_path, seq2seq_tokenizer, capsys):
+    """Tokens and α of a run on pairs are the target tokens its steps read (padding is none): --steps reports
+    them; --alpha runs until α × --pretrain-tokens of them are read, and no step longer."""
+    from gqa.data import BlockOrder
+
+    _, folder = models["t5"]
+    rows = [{"input": f"question {i}: " + "the quick brown fox " * (i % 5), "target": "answer " * (1 + i % 7)}
+            for i in range(40)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    lengths = (prepare_seq2seq(data, seq2seq_tokenizer, 64).train.labels != -100).sum(-1).tolist()
+    order = BlockOrder(len(lengths), 0)
+    per_step = [sum(lengths[order[i]] for i in range(s * 4, s * 4 + 4)) for s in range(40)]
+    common = ["--data", data, "--seq-len", "64", "--batch-size", "4", "--no-teacher", "--eval-every", "100"]
+    assert main([str(a) for a in ["uptrain", folder, tmp_path / "a", "--steps", "3", *common]]) == 0
+    report = json.loads((tmp_path / "a" / "train" / "report.json").read_text())
+    assert report["tokens"] == sum(per_step[:3]) < 3 * 4 * 64
+    assert f"trained 3 steps, {sum(per_step[:3]):,} target tokens" in capsys.readouterr().out
+    log = [json.loads(line) for line in (tmp_path / "a" / "train" / "log.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in log] == [0, per_step[0], sum(per_step[:2]), sum(per_step[:3])]
+    assert main([str(a) for a in ["uptrain", folder, tmp_path / "b", "--alpha", "0.5", "--pretrain-tokens", "200",
+                                  *common]]) == 0
+    report = json.loads((tmp_path / "b" / "train" / "report.json").read_text())
+    steps = report["steps"]
+    assert sum(per_step[:steps - 1]) < 100 <= sum(per_step[:steps]) == report["tokens"]
+    assert report["alpha_effective"] == pytest.approx(report["tokens"] / 200)
+
+
 def test_uptraining_on_pairs_and_on_text_resumes_exactly(models, tmp_path, seq2seq_tokenizer):
     _, folder = models["t5"]
     gqa.convert(folder, tmp_path / "mqa", n_kv_heads=1, progress=False)

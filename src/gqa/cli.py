@@ -352,7 +352,9 @@ def print_train_report(report: dict, out: str) -> None:
         return
     alpha = f"α = {report['alpha_effective']:.4g} of {report['pretrain_tokens']:.3g} pre-training tokens; " \
         if report.get("alpha_effective") else ""
-    print(f"trained {report['steps']} steps, {report['tokens']:,} tokens ({alpha}{report['tokens_per_step']:,} per step)")
+    pairs = "tokens_counted" in report  # input/target pairs: the target tokens read, which differ step to step
+    print(f"trained {report['steps']} steps, {report['tokens']:,} {'target ' if pairs else ''}tokens ({alpha}"
+          f"{'about ' if pairs else ''}{report['tokens_per_step']:,} per step)")
     if report.get("val_loss_initial") is not None:
         print(f"validation perplexity {math.exp(report['val_loss_initial']):.3f} -> {report['val_perplexity']:.3f}")
     print(f"wrote {out} (log: {out}/train/log.jsonl)")

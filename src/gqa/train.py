@@ -3,6 +3,8 @@
 Uptraining (the GQA paper's second step) continues pre-training a converted model for a fraction α of its
 original budget: tokens to train = α × pretrain_tokens, and steps = tokens / (batch × seq_len × grad_accum),
 where `batch` is the number of sequences in one micro-batch across all ranks. `steps` overrides α.
+Encoder–decoders on text read `seq_len` tokens of text per example, as a decoder's block; on input/target
+pairs a step reads the target tokens of its examples (padding is no token), so tokens and α count those.
 
 The loop: AdamW (no decay on norms and biases), linear warm-up then cosine decay to `min_lr_ratio`,
 gradient clipping and accumulation, bf16 autocast on CUDA (fp32 on the CPU), optional torch.compile.
@@ -20,6 +22,7 @@ the model itself, written through the checkpoint layer in the format it came in.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -123,6 +126,29 @@ def plan_steps(cfg: TrainConfig) -> dict:
         "alpha_tokens": alpha_tokens,
         "alpha_effective": (steps * tokens_per_step / cfg.pretrain_tokens) if cfg.pretrain_tokens else None,
     }
+
+
+def plan_pairs(plan: dict, cfg: TrainConfig, data) -> tuple[dict, list[int]]:
+    """A run on input/target pairs counted in the target tokens its steps read (what the loss is taken over;
+    padding is no token): (the plan, the tokens of each step). --alpha runs the steps that reach α ×
+    --pretrain-tokens. Each step's examples are known before it runs (`BlockOrder` is seeded)."""
+    lengths = (data.train.labels != -100).sum(-1).tolist()
+    order, per_step = BlockOrder(len(lengths), cfg.seed), cfg.batch_size * cfg.grad_accum
+
+    def step_tokens(step: int) -> int:
+        return sum(lengths[order[i]] for i in range(step * per_step, (step + 1) * per_step))
+
+    if cfg.steps is not None or plan["alpha_tokens"] is None:
+        counts = [step_tokens(s) for s in range(plan["steps"])]
+    else:
+        counts, total = [], 0
+        while total < plan["alpha_tokens"]:
+            counts.append(step_tokens(len(counts)))
+            total += counts[-1]
+    tokens = sum(counts)
+    return {**plan, "steps": len(counts), "tokens_per_step": round(tokens / len(counts)), "tokens": tokens,
+            "tokens_counted": "target tokens of the pairs (padding excluded)",
+            "alpha_effective": tokens / cfg.pretrain_tokens if cfg.pretrain_tokens else None}, counts
 
 
 def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
@@ -407,8 +433,11 @@ class Trainer:
     """One run's model, optimizer and schedule, and the step that advances them."""
 
     def __init__(self, model: Transformer, cfg: TrainConfig, plan: dict, d: Dist, device: torch.device,
-                 teacher: Transformer | None, fingerprint: dict | None = None):
+                 teacher: Transformer | None, fingerprint: dict | None = None, step_tokens: list[int] | None = None):
         self.model, self.cfg, self.plan, self.d, self.device, self.teacher = model, cfg, plan, d, device, teacher
+        # tokens read by each step (pairs differ in length: `plan_pairs`); else every step reads tokens_per_step
+        self.step_tokens = step_tokens or [plan["tokens_per_step"]] * plan["steps"]
+        self.tokens_after = list(itertools.accumulate(self.step_tokens))  # tokens read once step i is done
         self.fingerprint = fingerprint  # what the run is trained from (`run_fingerprint`), saved with checkpoints
         self.tied = model.config.tie_embeddings
         self.save_dtype = model.dtype  # the final model is written in the dtype it came in; training keeps fp32
@@ -473,8 +502,8 @@ class Trainer:
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
-        tokens_per_s = self.plan["tokens_per_step"] / (time.time() - t0)
-        record = {"step": step + 1, "tokens": (step + 1) * self.plan["tokens_per_step"], "loss": loss_value, "lr": lr,
+        tokens_per_s = self.step_tokens[step] / (time.time() - t0)
+        record = {"step": step + 1, "tokens": self.tokens_after[step], "loss": loss_value, "lr": lr,
                   "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
         if self.teacher is not None:
             record["kl"] = d.mean(kl_sum / cfg.grad_accum).item()
@@ -599,9 +628,10 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, init_path: str | None
         shutil.rmtree(out)
     d.barrier()
     data = training_data(cfg, tokenizer, model, data)
+    plan, step_tokens = plan_pairs(plan, cfg, data) if getattr(data, "objective", None) == "pairs" else (plan, None)
     teacher = load_teacher(cfg, model, device)
     fingerprint = run_fingerprint(cfg, model, data, teacher) if resume_from or cfg.save_every else None
-    trainer = Trainer(model, cfg, plan, d, device, teacher, fingerprint)
+    trainer = Trainer(model, cfg, plan, d, device, teacher, fingerprint, step_tokens)
     start = trainer.restore(resume_from)
     log = RunLog(out, d.main, start if resume_from else None)
     val_blocks = data.val[: cfg.eval_blocks]
