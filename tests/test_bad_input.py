@@ -249,6 +249,161 @@ def test_bad_input(case, world, capsys, monkeypatch):
     assert snapshot(world) == before, "something was written"
 
 
+# ------------------------------------------------------------------------------------- encoder–decoders, serving
+
+def seq2seq_tokenizer():
+    tok = train_tokenizer()
+    tok.add_special_tokens({"pad_token": "<pad>", "mask_token": "<mask>",
+                            "additional_special_tokens": [f"<extra_id_{i}>" for i in range(8)]})
+    return tok
+
+
+def save_seq2seq(config, folder: Path, tok, **ids) -> None:
+    import transformers
+
+    torch.manual_seed(0)
+    ids = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id, "decoder_start_token_id":
+           tok.pad_token_id, **ids}
+    transformers.AutoModelForSeq2SeqLM.from_config(config(**ids)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def s2s(tmp_path_factory):
+    """Encoder–decoder inputs, good and bad: a T5 and a BART of 128 learned positions, with their mistakes."""
+    import transformers
+
+    root, tok = tmp_path_factory.mktemp("s2s"), seq2seq_tokenizer()
+    t5 = dict(vocab_size=336, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4, feed_forward_proj="relu")
+    save_seq2seq(lambda **ids: transformers.T5Config(**t5, **ids), root / "t5", tok)
+    bart = dict(vocab_size=336, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, max_position_embeddings=128)
+    save_seq2seq(lambda **ids: transformers.BartConfig(**bart, **ids), root / "bart", tok, decoder_start_token_id=
+                 tok.eos_token_id)
+    shutil.copytree(root / "t5", root / "t5-wide")  # config says 128 wide, the tensors are 64
+    config = json.loads((root / "t5-wide" / "config.json").read_text())
+    (root / "t5-wide" / "config.json").write_text(json.dumps({**config, "d_model": 128}))
+    (root / "text.txt").write_text(TEXT * 6)
+    (root / "binary.jsonl").write_bytes(b"\xff\xfe\x00binary\x80\x81\n" * 20)
+    rows = [{"input": f"question {i}: the quick brown fox", "target": f"answer {i} the lazy dog"} for i in range(8)]
+    (root / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (root / "afile").write_text("not a folder")
+    return root
+
+
+SEQ2SEQ_CASES = {  # as CASES, with {s} for the encoder–decoder world
+    "eval-seq2seq-binary-jsonl": (["eval", "{s}/t5", "--data", "{s}/binary.jsonl"], "binary.jsonl is not UTF-8 text",
+                                  True),
+    "uptrain-seq2seq-binary-jsonl": (["uptrain", "{s}/t5", "{s}/o", "--data", "{s}/binary.jsonl", "--steps", "1"],
+                                     "binary.jsonl is not UTF-8 text", True),
+    "convert-seq2seq-binary-calib": (["convert", "{s}/t5", "{s}/o", "--kv-heads", "2", "--method", "aligned", "--calib",
+                                      "{s}/binary.jsonl", "--calib-tokens", "64", "--calib-seq-len", "32"],
+                                     "binary.jsonl is not UTF-8 text", False),
+    "eval-bart-seq-len-beyond-positions": (["eval", "{s}/bart", "--data", "{s}/text.txt", "--seq-len", "128"],
+                                           "--seq-len 128: blocks of 128 tokens (the block plus eos: 129 tokens) exceed "
+                                           "the model's 128 learned positions; pass --seq-len 127 or less", True),
+    "eval-bart-pairs-beyond-positions": (["eval", "{s}/bart", "--data", "{s}/pairs.jsonl", "--seq-len", "200"],
+                                         "--seq-len 200: pairs cut to 200 tokens exceed the model's 128 learned "
+                                         "positions; pass --seq-len 128 or less", True),
+    "uptrain-bart-seq-len-at-positions": (["uptrain", "{s}/bart", "{s}/o", "--data", "{s}/text.txt", "--steps", "1",
+                                           "--seq-len", "128"], "(the block plus eos: 129 tokens) exceed the model's "
+                                           "128 learned positions", True),
+    "convert-bart-calib-seq-len": (["convert", "{s}/bart", "{s}/o", "--kv-heads", "2", "--method", "aligned", "--calib",
+                                    "{s}/text.txt", "--calib-seq-len", "128"],
+                                   "--calib-seq-len 128: blocks of 128 tokens (the block plus eos: 129 tokens)", True),
+    "generate-bart-long-prompt": (["generate", "{s}/bart", "--prompt", "the quick brown fox " * 60],
+                                  "a source of 662 tokens is longer than the model's 128 learned positions", False),
+    "generate-bart-max-new-tokens": (["generate", "{s}/bart", "--prompt", "hi", "--max-new-tokens", "200"],
+                                     "--max-new-tokens 200 is more than the model's 128 learned positions", False),
+    "convert-seq2seq-calib-tokens-below-a-block": (["convert", "{s}/t5", "{s}/o", "--kv-heads", "2", "--method",
+                                                    "aligned", "--calib", "{s}/text.txt", "--calib-tokens", "10",
+                                                    "--calib-seq-len", "32"],
+                                                   "--calib-tokens 10 is less than one block of --calib-seq-len 32", True),
+    "convert-seq2seq-format-hf-before-calibration": (["convert", "{s}/t5", "{s}/o", "--kv-heads", "2", "--method",
+                                                      "aligned", "--calib", "{s}/text.txt", "--format", "hf"],
+                                                     "t5 cannot hold fewer KV heads than query heads", True),
+    "info-seq2seq-config-disagrees": (["info", "{s}/t5-wide"], "t5-wide: tensor decoder.block.0.layer.0.SelfAttention",
+                                      True),
+    "bench-seq2seq-out-is-a-file": (["bench", "seq2seq", "--quick", "--out", "{s}/afile"],
+                                    "afile is a file; --out takes a folder to write the results into", True),
+    "bench-serve-out-is-a-file": (["bench", "serve", "{w}/model", "--out", "{s}/afile"],
+                                  "afile is a file; --out takes a folder", True),
+    "bench-serve-dtype": (["bench", "serve", "{w}/model", "--dtype", "int8", "--out", "{s}/serve"],
+                          "bench serve --dtype takes float32, bfloat16, float16 (vLLM's model dtype), got 'int8'", True),
+    "bench-serve-points-beyond-positions": (["bench", "serve", "{w}/model", "--points", "1x4096", "--out", "{s}/serve"],
+                                            "--points asks for 4096 tokens of context, but a model has 128", True),
+    "bench-serve-new-tokens-fill-context": (["bench", "serve", "{w}/model", "--points", "1x64", "--new-tokens", "64",
+                                             "--out", "{s}/serve"], "every point's context must exceed --new-tokens 64",
+                                            True),
+    "bench-serve-vocabularies": (["bench", "serve", "{w}/model", "{w}/small-vocab", "--points", "1x64", "--out",
+                                  "{s}/serve"], "the models have different vocabularies", True),
+    "convert-seed-with-mean": (["convert", "{w}/model", "{s}/o", "--kv-heads", "2", "--seed", "3"],
+                               "--seed draws --method random's heads and the calibration sample; --method mean without "
+                               "--calib draws nothing: drop --seed", True),
+    "uptrain-strategy-in-one-process": (["uptrain", "{w}/model", "{s}/o", "--data", "{w}/text.txt", "--steps", "1",
+                                         "--strategy", "fsdp"], "--strategy fsdp splits the work over the ranks of a "
+                                         "torchrun launch; this is one process", True),
+}
+
+
+@pytest.mark.parametrize("case", list(SEQ2SEQ_CASES))
+def test_bad_input_seq2seq_and_serving(case, world, s2s, capsys, monkeypatch):
+    argv, message, before_loading = SEQ2SEQ_CASES[case]
+    argv = [a.format(w=world, s=s2s) for a in argv]
+    if before_loading:
+        def no_loading(*args, **kwargs):
+            raise AssertionError(f"{case}: loaded something before finding the mistake")
+        monkeypatch.setattr(gqa.checkpoints, "load", no_loading)
+        monkeypatch.setattr(gqa.checkpoints.tokenizer, "load_tokenizer", no_loading)
+    before = snapshot(world), snapshot(s2s)
+    user_error(capsys, argv, message)
+    assert (snapshot(world), snapshot(s2s)) == before, "something was written"
+
+
+def test_bart_runs_at_its_defaults_within_its_positions(s2s, tmp_path, capsys):
+    """BART's text-infilling target is the block plus eos: the default lengths leave room for it (eval,
+    conversion, uptraining all ran into the table's end before), and a whole generation fits."""
+    assert main(["eval", str(s2s / "bart"), "--data", str(s2s / "text.txt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] > 0
+    assert main(["convert", str(s2s / "bart"), str(tmp_path / "c"), "--kv-heads", "2", "--method", "aligned",
+                 "--calib", str(s2s / "text.txt"), "--calib-tokens", "254"]) == 0
+    assert json.loads((tmp_path / "c" / "conversion.json").read_text())["calibration"]["seq_len"] == 127
+    assert main(["uptrain", str(s2s / "bart"), str(tmp_path / "u"), "--data", str(s2s / "text.txt"), "--steps", "1",
+                 "--batch-size", "2"]) == 0
+    assert main(["generate", str(s2s / "bart"), "--prompt", "hi", "--max-new-tokens", "128", "--ignore-eos"]) == 0
+
+
+def test_pretrain_takes_an_hf_encoder_decoder_config(s2s, tmp_path):
+    """--help says an HF config.json is accepted: a T5's or a BART's is, as a Llama's (it was refused as 'a file')."""
+    for name in ("t5", "bart"):
+        assert main(["pretrain", str(tmp_path / name), "--config", str(s2s / name / "config.json"), "--tokenizer",
+                     str(s2s / name), "--data", str(s2s / "text.txt"), "--steps", "1", "--seq-len", "32",
+                     "--batch-size", "2"]) == 0
+        assert gqa.load(tmp_path / name).config.n_heads == 4
+
+
+def test_serving_refusals_leave_no_output_folder(world, tmp_path, capsys, monkeypatch):
+    """Where vLLM is installed: a KV-cache size the machine lacks is refused before vLLM starts, naming
+    --kv-cache-gb; a head size vLLM's CPU build refuses is refused as such; GQA_VLLM_PYTHON naming a Python
+    without vllm says what to install. No output folder is made for any of them."""
+    from gqa.runtimes import vllm_runtime
+
+    out = tmp_path / "serve"
+    if os.environ.get("GQA_SKIP_VLLM"):
+        pytest.skip("GQA_SKIP_VLLM is set")
+    wide = tmp_path / "wide"
+    save(build("llama", hidden_size=128, intermediate_size=256), wide, train_tokenizer())
+    user_error(capsys, ["bench", "serve", wide, "--kv-cache-gb", "100000", "--points", "1x64", "--out", out],
+               "--kv-cache-gb 100000 is more than cpu memory has available now")
+    if vllm_runtime.runs_on_cpu(vllm_runtime.vllm_python()):
+        user_error(capsys, ["bench", "serve", world / "model", "--points", "1x64", "--out", out],
+                   "vLLM's CPU build cannot serve")
+    monkeypatch.setenv("GQA_VLLM_PYTHON", sys.executable)  # gqa's own Python: no vllm in it
+    user_error(capsys, ["bench", "serve", wide, "--points", "1x64", "--out", out],
+               f"GQA_VLLM_PYTHON={sys.executable} has no vllm: bash scripts/setup.sh installs")
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------------------- warnings
 
 def test_source_without_tokenizer_files_warns(world, tmp_path, capsys):
@@ -269,6 +424,58 @@ def test_alpha_above_one_warns(world, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "gqa: warning: --alpha 2 trains on more tokens than the model was pre-trained on" in err
     assert json.loads((tmp_path / "run" / "train" / "report.json").read_text())["tokens"] == 256  # 2 × 100, rounded up
+
+
+def test_encoder_decoder_warnings(s2s, tmp_path, capsys):
+    """Legal but suspicious encoder–decoder input gets one warning: a tokenizer whose eos is not config.json's
+    (the model's is used), pairs cut to --seq-len, a source without tokenizer files; --max-tokens says that
+    examples are scored whole."""
+    shutil.copytree(s2s / "t5", tmp_path / "eos")
+    config = json.loads((tmp_path / "eos" / "config.json").read_text())
+    (tmp_path / "eos" / "config.json").write_text(json.dumps({**config, "eos_token_id": 5}))
+    assert main(["eval", str(tmp_path / "eos"), "--data", str(s2s / "pairs.jsonl"), "--json"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("gqa: warning:") == 1 and "its tokenizer ends sequences with token id 0, but config.json's " \
+        "eos_token_id is 5; gqa uses 5" in err
+    from gqa.checkpoints.tokenizer import load_tokenizer
+    from gqa.seq2seq_data import eval_examples
+
+    examples = eval_examples(s2s / "pairs.jsonl", load_tokenizer(tmp_path / "eos"), 64)
+    assert all(row[row != -100][-1] == 5 for row in examples.labels)
+
+    assert main(["eval", str(s2s / "t5"), "--data", str(s2s / "pairs.jsonl"), "--seq-len", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "gqa: warning:" in err and "8 inputs and 8 targets of 8 pairs are longer than --seq-len 4 tokens (eos " \
+        "included) and were cut to it" in err
+    assert main(["uptrain", str(s2s / "t5"), str(tmp_path / "u"), "--data", str(s2s / "pairs.jsonl"), "--seq-len", "4",
+                 "--steps", "1", "--batch-size", "2"]) == 0
+    assert "were cut to it" in capsys.readouterr().err
+
+    assert main(["eval", str(s2s / "t5"), "--data", str(s2s / "pairs.jsonl"), "--max-tokens", "10"]) == 0
+    assert "over 14 target tokens of 1 example (examples are scored whole: --max-tokens 10 is reached within the " \
+        "first 1 example)" in capsys.readouterr().out
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(s2s / "t5" / name, bare / name)
+    assert main(["convert", str(bare), str(tmp_path / "out"), "--kv-heads", "2"]) == 0
+    assert "gqa: warning:" in capsys.readouterr().err
+
+
+def test_outputs_and_messages_name_what_the_user_has(world, s2s, tmp_path, capsys):
+    """An uptraining refusal is one line (the 'distilling from' line comes once the checks pass); info says
+    how to serve a gqa-format model that an HF class holds, and which head sizes vLLM's CPU build takes."""
+    gqa.convert(world / "model", tmp_path / "g2", n_kv_heads=2, format="native", progress=False)
+    user_error(capsys, ["uptrain", tmp_path / "g2", tmp_path / "u", "--data", world / "nope.txt", "--steps", "1"],
+               "no data at")
+    assert capsys.readouterr().out == ""
+    assert main(["info", str(tmp_path / "g2"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["vllm"] == (f"no: gqa's own format; `gqa export {tmp_path / 'g2'} OUT --format hf` writes it as "
+                            f"LlamaForCausalLM, which vLLM loads")
+    assert main(["info", str(world / "model"), "--json"]) == 0
+    assert "not vLLM's CPU build: its attention takes head sizes 32, 64" in json.loads(capsys.readouterr().out)["vllm"]
 
 
 # ------------------------------------------------------------------------------------- interrupted runs

@@ -218,7 +218,10 @@ def test_resume_refuses_a_checkpoint_trained_from_other_inputs(pretrained, corpu
     other.write_text(corpus.read_text().replace("fox", "cat"))
     base = ["uptrain", pretrained, out, "--steps", "4", "--save-every", "2", *TRAIN, "--resume"]
     user_error(capsys, [*base, "--data", other], "was trained from another data (its tokens) than this run is given")
-    user_error(capsys, [*base, "--data", corpus, "--seed", "1"], "was trained from another settings (--seq-len")
+    user_error(capsys, [*base, "--data", corpus, "--seed", "1"], "was trained with --seed 0 (this run: 1); resume "
+               "with the same settings")
+    user_error(capsys, [*base[:-1], "--seq-len", "16", "--resume", "--data", corpus],
+               "was trained with --seq-len 32 (this run: 16); resume")  # the data re-cut by it is not blamed
     moved = tmp_path / "new-weights"
     moved.mkdir()
     for f in Path(pretrained).iterdir():

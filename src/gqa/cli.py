@@ -113,6 +113,13 @@ def check_out(out: str, overwrite: bool, *sources: str | None, kind: str = "fold
     check_destination(out, overwrite, sources=[s for s in sources if s], kind=kind)
 
 
+def check_results_folder(out: str) -> None:
+    """A folder results are written into (created if need be; files already there stay): not a file."""
+    check_out(out, True)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise GQAError(f"{out} is a file; --out takes a folder to write the results into")
+
+
 # ------------------------------------------------------------------------------------------------ verbs
 
 def cmd_info(args) -> None:
@@ -138,14 +145,17 @@ def eval_seq2seq(args) -> None:
     from .checkpoints import check_reference, load
     from .checkpoints.tokenizer import load_tokenizer
     from .evaluate import compare_examples
-    from .seq2seq_data import eval_examples
+    from .seq2seq_data import check_seq_len, default_seq_len, eval_examples, is_pairs
 
     if args.data not in corpus.NAMES and not Path(args.data).is_file():
         raise GQAError(f"no data at {args.data} (and it is not a bundled corpus: {', '.join(corpus.NAMES)})")
     device = pick_device(args.device)
     config = model_config(args.model)
-    seq_len = args.seq_len or min(512, config.max_positions)
+    pairs = is_pairs(args.data)
+    seq_len = args.seq_len or default_seq_len(config, pairs)
+    check_seq_len(config, seq_len, pairs)
     if args.reference:
+        check_seq_len(model_config(args.reference), seq_len, pairs)
         check_reference(args.model, config, args.reference, "reference")
     examples = eval_examples(args.data, load_tokenizer(args.model), seq_len, args.max_tokens)
     if examples.max_id() >= config.vocab_size:
@@ -159,8 +169,10 @@ def eval_seq2seq(args) -> None:
         return print_json(result)
     agreement = f"; top-1 agreement with the reference {result['top1_agreement']:.3f}, KL {result['kl']:.4f}" \
         if reference is not None else ""
-    print(f"perplexity {result['perplexity']:.3f} over {result['tokens']:,} target tokens of {len(examples):,} "
-          f"examples{agreement}")
+    n = f"{len(examples):,} example{'s' if len(examples) > 1 else ''}"
+    whole = f" (examples are scored whole: --max-tokens {args.max_tokens:,} is reached within the first {n})" \
+        if args.max_tokens and result["tokens"] != args.max_tokens else ""
+    print(f"perplexity {result['perplexity']:.3f} over {result['tokens']:,} target tokens of {n}{whole}{agreement}")
 
 
 def cmd_eval(args) -> None:
@@ -204,8 +216,8 @@ def cmd_generate(args) -> None:
     from .checkpoints import load
     from .checkpoints.tokenizer import load_tokenizer
     from .errors import warn
-    from .generate import check_sampling, generate
-    from .seq2seq import Seq2SeqTransformer, generate_seq2seq
+    from .generate import check_generation_lengths, check_sampling, generate
+    from .seq2seq import Seq2SeqConfig, check_source_lengths, generate_seq2seq
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     if args.seed is not None and args.temperature == 0:
@@ -219,6 +231,9 @@ def cmd_generate(args) -> None:
     if args.cuda_graph and not device.startswith("cuda"):
         raise GQAError(f"--cuda-graph needs a CUDA device; this run is on {device}")
     config = model_config(args.model)
+    seq2seq = isinstance(config, Seq2SeqConfig)
+    if seq2seq and args.cuda_graph:
+        raise GQAError("--cuda-graph is for decoder-only models")
     bad = [t for t in args.stop_token or [] if not 0 <= t < config.vocab_size]
     if bad:
         raise GQAError(f"--stop-token {bad[0]} is not a token of this model (its vocabulary is 0..{config.vocab_size - 1})")
@@ -226,18 +241,16 @@ def cmd_generate(args) -> None:
     stop = set(args.stop_token or [])
     if tokenizer.eos_token_id is not None and not args.ignore_eos:
         stop.add(tokenizer.eos_token_id)
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    (check_source_lengths if seq2seq else check_generation_lengths)(config, ids, args.max_new_tokens)
     model = load(args.model, dtype=args.dtype, device=device)
-    seq2seq = isinstance(model, Seq2SeqTransformer)
-    if seq2seq and args.cuda_graph:
-        raise GQAError("--cuda-graph is for decoder-only models")
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, stop_tokens=sorted(stop), seed=args.seed)
     for start in range(0, len(prompts), args.batch_size):
-        batch = prompts[start : start + args.batch_size]
-        ids = [tokenizer(p)["input_ids"] for p in batch]
-        options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, stop_tokens=sorted(stop), seed=args.seed)
-        outs = generate_seq2seq(model, ids, **options) if seq2seq else \
-            generate(model, ids, cuda_graph=args.cuda_graph, **options)
-        for prompt, out in zip(batch, outs):
+        batch = ids[start : start + args.batch_size]
+        outs = generate_seq2seq(model, batch, **options) if seq2seq else \
+            generate(model, batch, cuda_graph=args.cuda_graph, **options)
+        for prompt, out in zip(prompts[start : start + args.batch_size], outs):
             completion = tokenizer.decode(out, skip_special_tokens=True)
             if args.json:
                 print(json.dumps({"prompt": prompt, "completion": completion, "tokens": out}))
@@ -290,9 +303,12 @@ def cmd_convert(args) -> None:
 
     per_layer = parse_heads_list(args.kv_heads_per_layer) if args.kv_heads_per_layer else None
     method_options = {name: getattr(args, name) for name in option_fields()}
+    if args.seed is not None and args.method != "random" and not args.calib:
+        raise GQAError(f"--seed draws --method random's heads and the calibration sample; --method {args.method} "
+                       f"without --calib draws nothing: drop --seed")
     report = convert(
         args.model, args.out, n_kv_heads=args.kv_heads, n_kv_heads_per_layer=per_layer, kv_budget=args.kv_budget,
-        method=args.method, seed=args.seed, calib=args.calib, calib_tokens=args.calib_tokens,
+        method=args.method, seed=0 if args.seed is None else args.seed, calib=args.calib, calib_tokens=args.calib_tokens,
         calib_seq_len=args.calib_seq_len, transfer_steps=args.transfer_steps, transfer_lr=args.transfer_lr,
         transfer_inputs=args.transfer_inputs, joint_steps=args.joint_steps, joint_lr=args.joint_lr,
         encoder=args.convert_encoder, format=args.format, overwrite=args.overwrite, **method_options,
@@ -322,7 +338,7 @@ def train_config(args):
         grad_clip=args.grad_clip, eval_every=args.eval_every, eval_blocks=args.eval_blocks,
         save_every=args.save_every, seed=args.seed, val_fraction=args.val_fraction,
         teacher=getattr(args, "teacher", None), distill_weight=getattr(args, "distill_weight", None),
-        strategy=args.strategy, compile=args.compile, device=args.device, overwrite=args.overwrite,
+        strategy=args.strategy or "ddp", compile=args.compile, device=args.device, overwrite=args.overwrite,
         resume=args.resume,
     )
 
@@ -338,6 +354,9 @@ def check_training(args, sources: list[str]):
     cfg = train_config(args)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # under torchrun, each rank picks its own device
         pick_device(cfg.device)
+        if args.strategy:
+            raise GQAError(f"--strategy {args.strategy} splits the work over the ranks of a torchrun launch; this is "
+                           f"one process: drop --strategy, or run under torchrun --nproc-per-node N")
     check_source(cfg.data)
     if cfg.alpha is not None and cfg.alpha > 1:
         warn(f"--alpha {cfg.alpha:g} trains on more tokens than the model was pre-trained on (α > 1)")
@@ -360,36 +379,41 @@ def print_train_report(report: dict, out: str) -> None:
     print(f"wrote {out} (log: {out}/train/log.jsonl)")
 
 
-def uptrain_teacher(args) -> None:
+def uptrain_teacher(args) -> str | None:
     """The teacher and step size of an uptraining run: a converted model distils from the source its
-    conversion.json names (unless --teacher names another or --no-teacher), at a continued-training --lr."""
+    conversion.json names (unless --teacher names another or --no-teacher), at a continued-training --lr.
+    Returns the line that says so, printed once every check has passed."""
     from .train import CONTINUED_DISTILL_WEIGHT, CONTINUED_LR, PRETRAIN_LR, conversion_source
 
     if args.no_teacher and (args.teacher or args.distill_weight is not None):
         raise GQAError("--no-teacher trains on the data alone: drop --teacher / --distill-weight, or --no-teacher")
+    note = None
     if args.teacher is None and not args.no_teacher:
         args.teacher = conversion_source(args.model)
         if args.teacher:
-            print(f"distilling from {args.teacher}, the model {args.model} was converted from (--no-teacher: the "
-                  f"data alone)", flush=True)
+            note = f"distilling from {args.teacher}, the model {args.model} was converted from (--no-teacher: the " \
+                   f"data alone)"
             if args.distill_weight is None:
                 args.distill_weight = CONTINUED_DISTILL_WEIGHT
     if args.lr is None:
         args.lr = CONTINUED_LR if args.teacher else PRETRAIN_LR
+    return note
 
 
 def cmd_uptrain(args) -> None:
     from .checkpoints import check_reference, load
     from .checkpoints.tokenizer import load_tokenizer
-    from .train import train
+    from .train import check_seq_len, default_seq_len, train
 
-    uptrain_teacher(args)
+    note = uptrain_teacher(args)
     cfg = check_training(args, [args.model, args.teacher])
     config = model_config(args.model)
-    if cfg.seq_len and cfg.seq_len > config.max_positions:
-        raise GQAError(f"--seq-len {cfg.seq_len} exceeds the model's {config.max_positions} positions")
-    if cfg.teacher:  # before the model loads (`train` checks again, for library callers)
-        check_reference(args.model, config, cfg.teacher, "teacher", cfg.seq_len or min(1024, config.max_positions))
+    seq_len = cfg.seq_len or default_seq_len(config, cfg.data)  # checked before the model loads (`train` again)
+    check_seq_len(config, seq_len, cfg.data)
+    if cfg.teacher:
+        check_reference(args.model, config, cfg.teacher, "teacher", seq_len)
+    if note:
+        print(note, flush=True)
     tokenizer = load_tokenizer(args.model)
     model = load(args.model)
     print_train_report(train(model, tokenizer, cfg, init_path=args.model), args.out)
@@ -473,7 +497,7 @@ def cmd_bench(args) -> None:
     device = pick_device(args.device)
     dtype = parse_dtype(args.dtype) or torch.bfloat16
     out = args.out or f"gqa-bench-{args.what}"
-    check_out(out, True)
+    check_results_folder(out)
     grid = bench.QUICK[args.what] if args.quick else {}
     {"decode": bench_decode_cmd, "generate": bench_generate_cmd, "capacity": bench_capacity_cmd}[args.what](
         args, out, device, dtype, grid)
@@ -526,9 +550,12 @@ def bench_capacity_cmd(args, out, device, dtype, grid) -> None:
     print(f"wrote {out / 'bench_capacity.json'}")
 
 
+SERVE_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def bench_serve_cmd(args, out: str) -> None:
-    from .runtimes.vllm_runtime import check_servable, vllm_python
-    from .serving import bench_serve, parse_points, table
+    from .runtimes.vllm_runtime import check_kv_cache_memory, check_servable, runs_on_cpu, vllm_python
+    from .serving import bench_serve, parse_points, serve_job, table
 
     if not args.models:
         raise GQAError("bench serve: give the model folders to compare, the source first (e.g. a model and its "
@@ -536,16 +563,21 @@ def bench_serve_cmd(args, out: str) -> None:
     if args.device or args.quick:
         raise GQAError("bench serve runs where vLLM runs (its CPU build here, CUDA where vLLM has it); "
                        "--device and --quick do not apply")
-    points = parse_points(args.points or "1x2048,8x2048,4x8192")
+    if args.dtype not in (None, *SERVE_DTYPES):
+        raise GQAError(f"bench serve --dtype takes {', '.join(SERVE_DTYPES)} (vLLM's model dtype), got {args.dtype!r}")
+    check_results_folder(out)
     for model in args.models:
         model_config(model)
         check_servable(model)
-    vllm_python()  # installed? (one line saying what to install, before anything is written)
-    check_out(out, True)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    result = bench_serve(args.models, points=points, kv_cache_gb=args.kv_cache_gb or 2.0,
-                         new_tokens=args.new_tokens or 32, rounds=args.rounds or 5, dtype=args.dtype or "float32",
-                         enforce_eager=args.enforce_eager, log=Path(out) / "vllm.log")
+    options = dict(points=parse_points(args.points or "1x2048,8x2048,4x8192"), kv_cache_gb=args.kv_cache_gb or 2.0,
+                   new_tokens=args.new_tokens or 32, rounds=args.rounds or 5, dtype=args.dtype or "float32",
+                   enforce_eager=args.enforce_eager)
+    serve_job(args.models, **options)  # every point and the vocabularies checked, before anything is written
+    python = vllm_python()  # installed? (one line saying what to install)
+    for model in args.models:
+        check_servable(model, cpu=runs_on_cpu(python))
+    check_kv_cache_memory(options["kv_cache_gb"], len(args.models), python)
+    result = bench_serve(args.models, **options, log=Path(out) / "vllm.log")  # OUT is made once vLLM has run
     result["command"] = invoked_as("gqa bench serve " + " ".join(args.models))
     out = write_result(result, out, "bench_serve.json")
     if args.json:
@@ -559,7 +591,7 @@ def bench_seq2seq_cmd(args, out: str) -> None:
 
     if args.device not in (None, "cpu") or args.dtype not in (None, "float32"):
         raise GQAError("bench seq2seq runs in float32 on the CPU (its transformers peer too)")
-    check_out(out, True)
+    check_results_folder(out)
     result = bench_seq2seq(**(QUICK if args.quick else {}))
     result["command"] = invoked_as("gqa bench seq2seq")
     out = write_result(result, out, "bench_seq2seq.json")
@@ -580,7 +612,7 @@ def cmd_experiment(args) -> None:
         rewrite_report(args.which, out)
         return print(f"rewrote {out}/README.md and figures from {out}/results.json")
     pick_device(args.device)
-    check_out(out, True)
+    check_results_folder(out)
     if args.which.startswith("paper"):
         results = run_paper(out, quick=args.quick, device=args.device, settings=args.settings, which=args.which)
     else:
@@ -695,7 +727,8 @@ def add_convert_verb(sub) -> None:
     p.add_argument("--convert-encoder", action="store_true",
                    help="encoder–decoder models: group the encoder's self-attention too (the decoder's self- and "
                         "cross-attention always are)")
-    p.add_argument("--seed", type=int, default=0, help="seed for --method random, calibration sampling and training")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed for --method random, calibration sampling and training (default 0)")
     p.add_argument("--format", default="auto", choices=["auto", "hf", "native"])
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_convert)
@@ -720,7 +753,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=COUNT, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=number(0, 1, low_open=True, high_open=True), default=0.05)
-    p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="with several ranks (torchrun)")
+    p.add_argument("--strategy", default=None, choices=["ddp", "fsdp"],
+                   help="with several ranks under torchrun (default ddp)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--device", default=None)
     p.add_argument("--overwrite", action="store_true")

@@ -102,6 +102,16 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None, m
         raise GQAError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
+def check_generation_lengths(config, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    """Prompts and the tokens to generate within the model's positions (from the config: before a model runs)."""
+    longest, limit = max(len(p) for p in prompts), config.max_positions
+    if longest > limit:
+        raise GQAError(f"a prompt of {longest} tokens is longer than the model's {limit} positions")
+    if longest + max_new_tokens > limit:
+        raise GQAError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's {limit} "
+                       f"positions")
+
+
 @torch.inference_mode()
 def generate(
     model: Transformer,
@@ -123,14 +133,8 @@ def generate(
     """
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     check_token_inputs(prompts, stop_tokens, model.config.vocab_size, "prompt")
+    check_generation_lengths(model.config, prompts, max_new_tokens)
     lengths = [len(p) for p in prompts]
-    limit = model.config.max_positions
-    if max(lengths) > limit:
-        raise GQAError(f"a prompt of {max(lengths)} tokens is longer than the model's {limit} positions")
-    if max(lengths) + max_new_tokens > limit:
-        raise GQAError(
-            f"prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's {limit} positions"
-        )
     device = model.device
     batch = len(prompts)
     generator = None

@@ -140,6 +140,13 @@ class RelativeBias(nn.Module):
         return F.embedding(bucket, self.weight).permute(2, 0, 1).contiguous()[None]
 
 
+def check_positions(config: Seq2SeqConfig, length: int, what: str) -> None:
+    """Learned positions (BART) end at the table's size: refuse a longer source or target in one line, where
+    the table lookup would fail (T5's relative position bias has no end)."""
+    if config.positions == "learned" and length > config.max_positions:
+        raise GQAError(f"{what} of {length} tokens is longer than the model's {config.max_positions} learned positions")
+
+
 def additive_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """0 where attention is allowed, the dtype's most negative number where not (finite: a fully masked
     padding row stays finite, as in transformers)."""
@@ -326,6 +333,7 @@ class Seq2SeqTransformer(TokenModel):
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Encoded:
         """Run the encoder over sources [B, S] (mask: 1 = token) and fill every layer's cross-attention cache."""
         batch, seq = input_ids.shape
+        check_positions(self.config, seq, "a source")
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         positions = torch.arange(seq, device=input_ids.device)
         x = self.encoder.embed(self.tok_embeddings, input_ids, positions[None].expand(batch, -1))
@@ -349,6 +357,7 @@ class Seq2SeqTransformer(TokenModel):
         batch, seq = decoder_ids.shape
         device = decoder_ids.device
         start = 0 if cache is None else int(cache.lengths[0])
+        check_positions(self.config, start + seq, "a target")
         positions = start + torch.arange(seq, device=device)
         total = seq if cache is None else cache.max_len
         keys = torch.arange(total, device=device)
@@ -389,6 +398,14 @@ class Seq2SeqTransformer(TokenModel):
 
 # ---------------------------------------------------------------------------------------------- generation
 
+def check_source_lengths(config: Seq2SeqConfig, sources: list[list[int]], max_new_tokens: int) -> None:
+    """Sources and the tokens to generate within learned positions (from the config: before a model runs)."""
+    check_positions(config, max(len(s) for s in sources), "a source")
+    if config.positions == "learned" and max_new_tokens > config.max_positions:
+        raise GQAError(f"--max-new-tokens {max_new_tokens} is more than the model's {config.max_positions} learned "
+                       f"positions (the decoder's); pass {config.max_positions} or less")
+
+
 @torch.inference_mode()
 def generate_seq2seq(model: Seq2SeqTransformer, sources: list[list[int]], max_new_tokens: int = 32,
                      temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
@@ -400,6 +417,7 @@ def generate_seq2seq(model: Seq2SeqTransformer, sources: list[list[int]], max_ne
 
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     check_token_inputs(sources, stop_tokens, model.config.vocab_size, "source")
+    check_source_lengths(model.config, sources, max_new_tokens)
     device = model.device
     width = max(len(s) for s in sources)
     ids = torch.tensor([s + [model.config.pad_token_id] * (width - len(s)) for s in sources], device=device)

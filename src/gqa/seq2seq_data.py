@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .data import is_validation, jsonl_rows, read_documents, tokenize
-from .errors import GQAError
+from .data import is_validation, jsonl_rows, read_documents, read_text, tokenize
+from .errors import GQAError, warn
 
 NOISE_DENSITY = 0.15
 MEAN_SPAN = 3.0
@@ -102,11 +102,57 @@ def is_pairs(source) -> bool:
     path = Path(str(source))
     if path.suffix.lower() not in (".jsonl", ".json") or not path.is_file():
         return False
-    first = next((line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()), "")
+    first = next((line for line in read_text(path).splitlines() if line.strip()), "")
     try:
         return "input" in json.loads(first)
     except (json.JSONDecodeError, TypeError):
         return False
+
+
+def example_length(seq_len: int, pairs: bool) -> int:
+    """The longest input or target of examples made with `seq_len`: a pair's sides are cut to seq_len tokens,
+    eos included; a span-corrupted block's input, and a text-infilled block's target, hold the block + eos."""
+    return seq_len if pairs else seq_len + 1
+
+
+def default_seq_len(config, pairs: bool, most: int = 512) -> int:
+    """The block length (or pair cut) when none is given: at most `most`, and within learned positions."""
+    if config.positions != "learned":
+        return min(most, config.max_positions)
+    return min(most, config.max_positions - example_length(0, pairs))
+
+
+def check_seq_len(config, seq_len: int, pairs: bool, option: str = "--seq-len") -> None:
+    """Learned positions (BART) end at the table's size: refuse a length whose examples would not fit, before
+    any model runs (T5's relative position bias has no end)."""
+    longest = example_length(seq_len, pairs)
+    if config.positions == "learned" and longest > config.max_positions:
+        what = "pairs cut to" if pairs else "blocks of"
+        fits = config.max_positions - example_length(0, pairs)
+        plus = "" if pairs else f" (the block plus eos: {longest} tokens)"
+        raise GQAError(f"{option} {seq_len}: {what} {seq_len} tokens{plus} exceed the model's {config.max_positions} "
+                       f"learned positions; pass {option} {fits} or less")
+
+
+def encode_pairs(rows: list[tuple[str, str]], tokenizer, seq_len: int, source) -> list[tuple[list[int], list[int]]]:
+    """Each side of each pair as token ids ending in eos, cut to seq_len tokens (with a warning naming how
+    many were cut: a cut target is scored and trained on its beginning only)."""
+    eos, cut = tokenizer.eos_token_id, {"input": 0, "target": 0}
+    pairs = []
+    for a, b in rows:
+        sides = []
+        for side, text in (("input", a), ("target", b)):
+            ids = with_eos(tokenizer(text)["input_ids"], eos)
+            if len(ids) > seq_len:
+                cut[side] += 1
+                ids = [*ids[:seq_len - 1], eos]
+            sides.append(ids)
+        pairs.append((sides[0], sides[1]))
+    if any(cut.values()):
+        which = " and ".join(f"{n} {side}{'s' if n > 1 else ''}" for side, n in cut.items() if n)
+        warn(f"{source}: {which} of {len(rows)} pairs are longer than --seq-len {seq_len} tokens (eos included) and "
+             f"were cut to it; pass a larger --seq-len to read them whole")
+    return pairs
 
 
 def sentinels(tokenizer) -> tuple[str, list[int]]:
@@ -159,8 +205,10 @@ def text_examples(docs: list[str], tokenizer, seq_len: int, seed: int, first_ind
     return examples(pairs, tokenizer.pad_token_id or 0), len(stream)
 
 
-def prepare_seq2seq(source, tokenizer, seq_len: int, val_fraction: float = 0.05, seed: int = 0) -> Seq2SeqData:
-    """Pairs or span-corrupted text of `source`, split into training and validation examples."""
+def prepare_seq2seq(source, tokenizer, seq_len: int, val_fraction: float = 0.05, seed: int = 0,
+                    length_option: str = "--seq-len") -> Seq2SeqData:
+    """Pairs or span-corrupted text of `source`, split into training and validation examples. `length_option`:
+    the option that set `seq_len`, named where the text is too short for it."""
     if not 0 < val_fraction < 1:
         raise GQAError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     eos = tokenizer.eos_token_id
@@ -169,12 +217,10 @@ def prepare_seq2seq(source, tokenizer, seq_len: int, val_fraction: float = 0.05,
     pad_id = tokenizer.pad_token_id or 0
     if is_pairs(source):
         rows = read_pairs(Path(source))
-        encoded = {side: [with_eos(tokenizer(t)["input_ids"][:seq_len - 1], eos) for t in texts]
-                   for side, texts in (("input", [r[0] for r in rows]), ("target", [r[1] for r in rows]))}
         split = [is_validation(a + "\t" + b, val_fraction) for a, b in rows]
         if all(split) or not any(split):  # too few pairs for the hash split: the last one validates
             split = [i == len(rows) - 1 for i in range(len(rows))]
-        pairs = list(zip(encoded["input"], encoded["target"]))
+        pairs = encode_pairs(rows, tokenizer, seq_len, source)
         train = examples([p for p, v in zip(pairs, split) if not v], pad_id)
         val = examples([p for p, v in zip(pairs, split) if v], pad_id)
         if len(train) == 0:
@@ -193,7 +239,7 @@ def prepare_seq2seq(source, tokenizer, seq_len: int, val_fraction: float = 0.05,
         val, val_tokens = text_examples([], tokenizer, seq_len, seed, 10**9, stream[cut:])
     if len(train) == 0 or len(val) == 0:
         raise GQAError(f"{source} has too little text for training and validation blocks of {seq_len} tokens; give more "
-                       f"text or a smaller --seq-len")
+                       f"text or a smaller {length_option}")
     return Seq2SeqData(train, val, len(docs), train_tokens, val_tokens, objective, seq_len)
 
 
@@ -207,10 +253,7 @@ def eval_examples(source, tokenizer, seq_len: int, max_tokens: int | None = None
     if eos is None:
         raise GQAError("the tokenizer has no end-of-sequence token, which encoder–decoder inputs and targets end with")
     if is_pairs(source):
-        def ids(text: str) -> list[int]:
-            return with_eos(tokenizer(text)["input_ids"][:seq_len - 1], eos)
-        pairs = [(ids(a), ids(b)) for a, b in read_pairs(Path(source))]
-        out = examples(pairs, pad_id)
+        out = examples(encode_pairs(read_pairs(Path(source)), tokenizer, seq_len, source), pad_id)
     else:
         docs = read_documents(source)
         if str(source) in corpus.NAMES:

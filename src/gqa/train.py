@@ -43,8 +43,10 @@ from .errors import GQAError, warn
 from .fingerprint import digest, tensors_digest
 from .jsonfiles import append_jsonl, write_json
 from .model import Transformer
-from .seq2seq import Seq2SeqTransformer
-from .seq2seq_data import Examples, prepare_seq2seq
+from .seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+from .seq2seq_data import Examples, is_pairs, prepare_seq2seq
+from .seq2seq_data import check_seq_len as seq2seq_check_seq_len
+from .seq2seq_data import default_seq_len as seq2seq_default_seq_len
 
 PRETRAIN_LR = 3e-4  # the default from scratch, and for uptraining without a teacher
 # Uptraining a converted model next to the model it came from: distil from it, at a step size for continued
@@ -333,14 +335,16 @@ def write_final_model(model: Transformer, out: Path) -> None:
 # ------------------------------------------------------------------------------------------- what a run is made of
 
 RUN_DEFINING = ("seq_len", "batch_size", "grad_accum", "seed", "val_fraction", "distill_weight")
+DATA_DEFINING = ("seq_len", "val_fraction", "seed")  # these re-cut the data: its tokens differ with them
 
 
 def run_fingerprint(cfg: TrainConfig, model: Transformer, data: TokenData, teacher: Transformer | None) -> dict:
-    """What a checkpoint was trained from, part by part: the starting model's and the teacher's weights, the
-    data's tokens, and the settings that fix which tokens each step reads and what it minimises. The learning
-    rate, schedule and the rest may change on a resume (a lower --lr after a divergence); these may not."""
+    """What a checkpoint was trained from, part by part: the settings that fix which tokens each step reads and
+    what it minimises (as values, so a refusal names the one that changed), the data's tokens, and the
+    starting model's and the teacher's weights. The learning rate, schedule and the rest may change on a
+    resume (a lower --lr after a divergence); these may not."""
     return {
-        "settings": digest({name: getattr(cfg, name) for name in RUN_DEFINING}),
+        "settings": {name: getattr(cfg, name) for name in RUN_DEFINING},
         "data": tensors_digest(data_tensors(data)),
         "model": tensors_digest(model.state_dict()),
         "teacher": tensors_digest(teacher.state_dict()) if teacher is not None else None,
@@ -354,20 +358,38 @@ def data_tensors(data) -> dict[str, torch.Tensor]:
     return {"train": data.train, "val": data.val}
 
 
-PARTS = {"settings": f"settings ({', '.join('--' + n.replace('_', '-') for n in RUN_DEFINING)})",
-         "data": "data (its tokens)", "model": "starting model (its weights)", "teacher": "teacher (its weights)"}
+PARTS = {"data": "data (its tokens)", "model": "starting model (its weights)", "teacher": "teacher (its weights)"}
+
+
+def changed_settings(saved, now: dict) -> list[str]:
+    """The run-defining settings that differ from a checkpoint's, as '--name THEN (this run: NOW)'."""
+    if not isinstance(saved, dict):  # an older gqa kept one digest of them all: which one differs is unknown
+        return [] if saved == digest(now) else [f"settings ({', '.join(option(n) for n in RUN_DEFINING)})"]
+    return [f"{option(n)} {saved.get(n)} (this run: {now[n]})" for n in RUN_DEFINING if saved.get(n) != now[n]]
+
+
+def option(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def check_resume(path: Path, fingerprint: dict) -> None:
-    """Refuse to continue a checkpoint trained from other inputs than this run's (see `run_fingerprint`)."""
+    """Refuse to continue a checkpoint trained from other inputs than this run's (see `run_fingerprint`),
+    naming what differs: a setting by its value then and now; the data only where no setting re-cut it."""
     saved = json.loads((path / "trainer.json").read_text()).get("fingerprint")
     if saved is None:
         return warn(f"{path} was written by a gqa that recorded no fingerprint: cannot check it was trained from "
                     f"this run's model and data")
-    changed = [PARTS[k] for k in PARTS if saved.get(k) != fingerprint[k]]
-    if changed:
-        raise GQAError(f"--resume: {path} was trained from another {' and another '.join(changed)} than this run "
-                       f"is given; resume with the same ones, or start again with --overwrite")
+    settings = changed_settings(saved.get("settings"), fingerprint["settings"])
+    recut = isinstance(saved.get("settings"), dict) and any(
+        saved["settings"].get(n) != fingerprint["settings"][n] for n in DATA_DEFINING)
+    parts = [PARTS[k] for k in PARTS if saved.get(k) != fingerprint[k] and not (k == "data" and recut)]
+    if settings:
+        raise GQAError(f"--resume: {path} was trained with {', '.join(settings)}"
+                       f"{' and from another ' + ' and another '.join(parts) if parts else ''}; resume with the same "
+                       f"settings, or start again with --overwrite")
+    if parts:
+        raise GQAError(f"--resume: {path} was trained from another {' and another '.join(parts)} than this run is "
+                       f"given; resume with the same ones, or start again with --overwrite")
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -550,15 +572,29 @@ class Trainer:
         return final.to(self.save_dtype).eval()
 
 
+def default_seq_len(config, data) -> int:
+    """--seq-len when none is given: the model's positions, at most 1024 (an encoder–decoder's examples
+    within its learned positions: `seq2seq_data.default_seq_len`)."""
+    if isinstance(config, Seq2SeqConfig):
+        return seq2seq_default_seq_len(config, is_pairs(data), 1024)
+    return min(1024, config.max_positions)
+
+
+def check_seq_len(config, seq_len: int, data) -> None:
+    """Windows (or an encoder–decoder's examples) of `seq_len` tokens within the model's positions."""
+    if isinstance(config, Seq2SeqConfig):
+        return seq2seq_check_seq_len(config, seq_len, is_pairs(data))
+    if seq_len > config.max_positions:
+        raise GQAError(f"--seq-len {seq_len} exceeds the model's {config.max_positions} positions")
+
+
 def settle(cfg: TrainConfig, model: Transformer, d: Dist) -> TrainConfig:
     """The run's own copy of the config, with defaults that depend on the model filled in, checked against
     the model and the ranks (the caller's config is not changed)."""
-    seq_len = cfg.seq_len if cfg.seq_len is not None else min(1024, model.config.max_positions)
-    cfg = replace(cfg, seq_len=seq_len)
+    cfg = replace(cfg, seq_len=cfg.seq_len if cfg.seq_len is not None else default_seq_len(model.config, cfg.data))
     if cfg.batch_size % d.world:
         raise GQAError(f"--batch-size {cfg.batch_size} does not split over {d.world} ranks")
-    if cfg.seq_len > model.config.max_positions:
-        raise GQAError(f"--seq-len {cfg.seq_len} exceeds the model's {model.config.max_positions} positions")
+    check_seq_len(model.config, cfg.seq_len, cfg.data)
     if cfg.teacher:
         if model.source_dir is None:
             raise GQAError("distilling needs to know the student's tokenizer: set model.source_dir to its folder")

@@ -127,6 +127,7 @@ def check_layout(path, config: ModelConfig, family: Family | None) -> None:
     read: every tensor the config implies is there, with the shape it implies, and nothing else is."""
     expected = expected_shapes(config)
     found: dict[str, tuple[int, ...]] = {}
+    origin: dict[str, tuple[str, tuple, int]] = {}  # gqa name -> (the file's tensor, its shape, parts it gave)
     for name, (shape, _) in files.tensor_shapes(path).items():
         placeholder = torch.empty(shape, device="meta")
         try:
@@ -135,6 +136,7 @@ def check_layout(path, config: ModelConfig, family: Family | None) -> None:
             raise GQAError(f"{path}: tensor {name} of shape {tuple(shape)} does not fit config.json "
                            f"({files.one_line(e)})") from None
         found.update({k: tuple(v.shape) for k, v in imported.items()})
+        origin.update({k.split("#")[0]: (name, tuple(shape), len(imported)) for k in imported})
     found.update(stack_shapes(found))
     if config.tie_embeddings and "tok_embeddings.weight" in found:
         found.setdefault("output.weight", found["tok_embeddings.weight"])
@@ -145,7 +147,20 @@ def check_layout(path, config: ModelConfig, family: Family | None) -> None:
         raise GQAError(f"{path}: the checkpoint {what} for its config ({len(missing)} missing, {len(unexpected)} unexpected)")
     for name, shape in found.items():
         if shape != expected[name]:
-            raise GQAError(f"{path}: tensor {name} has shape {shape}, but config.json implies {expected[name]}")
+            raise GQAError(shape_error(path, origin.get(name, (name, shape, 1)), name, shape, expected[name]))
+
+
+def shape_error(path, origin: tuple[str, tuple, int], name: str, shape: tuple, expected: tuple) -> str:
+    """A tensor whose shape config.json does not imply, named and shaped as the file holds it (a fused tensor
+    by the part of it that disagrees; a transposed one, GPT-2's Conv1D, in its own layout)."""
+    file_name, file_shape, parts = origin
+    if parts > 1:
+        part = name.removesuffix(".weight").removesuffix(".bias").rsplit(".", 1)[-1]
+        return (f"{path}: tensor {file_name} of shape {file_shape} does not fit config.json: its {part} part has shape "
+                f"{shape}, where config.json implies {expected}")
+    if file_shape != shape and file_shape == shape[::-1]:
+        expected = expected[::-1]
+    return f"{path}: tensor {file_name} has shape {file_shape}, but config.json implies {expected}"
 
 
 def stack_shapes(found: dict[str, tuple]) -> dict[str, tuple]:
@@ -312,7 +327,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         "kv_bytes_per_token": kv,
         "kv_bytes_per_token_if_mha": mha,
         "kv_reduction": mha / kv,
-        "vllm": vllm_support(path, hf, family),
+        "vllm": vllm_support(path, hf, family, config),
     }
 
 

@@ -67,6 +67,14 @@ class Seq2SeqFamily:
                 raise GQAError(f"{self.name} has no place for gqa tensor {name}")
         return out
 
+    def file_name(self, name: str, config: Seq2SeqConfig) -> str:
+        """The name a gqa tensor has in this family's files."""
+        for _, hf, ours in self.rules(config):
+            m = template_regex(ours).fullmatch(name)
+            if m:
+                return hf.format(**m.groupdict())
+        return name
+
     def can_express(self, config: Seq2SeqConfig) -> bool:
         heads = config.encoder_kv_heads + config.self_kv_heads + config.cross_kv_heads
         return all(g == config.n_heads for g in heads)
@@ -247,9 +255,11 @@ def read_seq2seq_config(path, hf: dict) -> tuple[Seq2SeqConfig, Seq2SeqFamily | 
     try:
         fields = Seq2SeqConfig.from_dict(hf["gqa_config"]).to_dict() if family is None else family.read(hf)
     except KeyError as e:
-        raise GQAError(f"{Path(path) / 'config.json'} lacks the field {e.args[0]!r}") from None
+        where = Path(path) / "config.json" if Path(path).is_dir() else path
+        raise GQAError(f"{where} lacks the field {e.args[0]!r}") from None
     config = Seq2SeqConfig(**fields)
-    if family is not None and config.tie_embeddings and head_differs(path, family, config):
+    # a folder's weights may untie a head its config calls tied; a config.json alone (`gqa pretrain --config`) has none
+    if family is not None and config.tie_embeddings and Path(path).is_dir() and head_differs(path, family, config):
         config = replace(config, tie_embeddings=False)
     return config, family
 
@@ -291,19 +301,27 @@ def import_state(path, config: Seq2SeqConfig, family: Seq2SeqFamily | None, read
     from . import check_finite
 
     state: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}  # gqa name -> the file's: what errors name
     for name, tensor in (read or files.iter_tensors)(path):
         if tensor.device.type != "meta":
             check_finite(path, name, tensor)
-        state.update(family.import_tensor(name, tensor, config) if family else {name: tensor})
+        imported = family.import_tensor(name, tensor, config) if family else {name: tensor}
+        state.update(imported)
+        origin.update({k: name for k in imported})
     if config.tie_embeddings:
         state.setdefault("output.weight", state.get("tok_embeddings.weight"))
     expected = expected_shapes(config)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise GQAError(f"{path}: the checkpoint misses {missing[:3]} / has unexpected {unexpected[:3]} for its config")
+        missing = [family.file_name(n, config) if family else n for n in missing]  # as the file would name them
+        raise GQAError(f"{path}: the checkpoint misses {missing[:3]} / has unexpected "
+                       f"{[origin.get(n, n) for n in unexpected[:3]]} for its config")
     for name, tensor in state.items():
         if tuple(tensor.shape) != expected[name]:
-            raise GQAError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, but config.json implies "
+            shape = tuple(tensor.shape)
+            if name == "output.bias":  # BART's final_logits_bias is [1, vocab] in the file
+                shape, expected[name] = (1, *shape), (1, *expected[name])
+            raise GQAError(f"{path}: tensor {origin.get(name, name)} has shape {shape}, but config.json implies "
                            f"{expected[name]}")
     return state
 
@@ -393,6 +411,7 @@ def describe_seq2seq(path, hf: dict) -> dict:
     """What `gqa info` prints for an encoder–decoder: heads of each attention kind, and the KV bytes per
     generated token (the decoder's self-attention cache) and per source token (its cross-attention cache)."""
     config, family = read_seq2seq_config(path, hf)
+    check_seq2seq_layout(path, config, family)  # a config that disagrees with the weights describes nothing
     shapes = files.tensor_shapes(path)
     params = sum(math.prod(shape) for name, (shape, _) in shapes.items()
                  if not (family and any(re.fullmatch(p, name) for p in family.ignore)))

@@ -5,10 +5,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import GQAError
-from .files import model_dir
+from ..errors import GQAError, warn
+from .files import model_dir, read_config
 
 TOKENIZER_MARKERS = ("tokenizer.json", "vocab.json", "tokenizer.model")
+
+
+def warn_without_tokenizer(src) -> None:
+    """A conversion's source without tokenizer files converts, but its output cannot be read as text: say so."""
+    if not any((Path(src) / name).is_file() for name in TOKENIZER_MARKERS):
+        warn(f"{src} has no tokenizer files ({', '.join(TOKENIZER_MARKERS)}); the converted model cannot be "
+             f"evaluated or generated from until they are copied next to it")
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -26,6 +33,45 @@ def load_tokenizer(path: str | os.PathLike):
             raise GQAError(f"cannot read the tokenizer in {path}") from None
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
     tokenizer.model_max_length = 1 << 60  # we window long texts ourselves; silence the length warning
+    return with_model_eos(tokenizer, path)
+
+
+def model_eos(path: Path) -> list[int]:
+    """The end-of-sequence ids config.json gives the model, wherever its format keeps them ([] if none)."""
+    try:
+        hf = read_config(path)
+    except GQAError:
+        return []
+    for fields in (hf, hf.get("gqa_config"), hf.get("hf_config")):
+        eos = fields.get("eos_token_id") if isinstance(fields, dict) else None
+        ids = eos if isinstance(eos, list) else [eos]
+        if ids and all(isinstance(i, int) for i in ids):
+            return ids
+    return []
+
+
+warned_eos: set[str] = set()
+
+
+def with_model_eos(tokenizer, path: Path):
+    """The tokenizer of an encoder–decoder, ending sequences as the model does: every input and target ends
+    with eos, so where config.json's eos_token_id differs from the tokenizer's, gqa scores, trains and stops
+    generating with config.json's (the id the model was trained to end with), and says so once per folder.
+    (A decoder-only model reads eos only between documents; its tokenizer's is kept.)"""
+    from .seq2seq import is_seq2seq
+
+    ids = model_eos(path)
+    if not ids or tokenizer.eos_token_id in ids or not is_seq2seq(read_config(path)):
+        return tokenizer
+    usable = 0 <= ids[0] < len(tokenizer)
+    if str(path) not in warned_eos:
+        warned_eos.add(str(path))
+        used = f"gqa uses {ids[0]} (what the model ends sequences with)" if usable else \
+            f"that is not a token of the tokenizer, so gqa uses {tokenizer.eos_token_id}"
+        warn(f"{path}: its tokenizer ends sequences with token id {tokenizer.eos_token_id}, but config.json's "
+             f"eos_token_id is {ids[0]}; {used}: correct whichever is wrong")
+    if usable:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(ids[0])
     return tokenizer
 
 

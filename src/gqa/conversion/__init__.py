@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 from ..checkpoints import check_layout, config_json, export_tensors, files, read_model_config, target_family
+from ..checkpoints.tokenizer import warn_without_tokenizer
 from ..devices import keep_freed_memory
-from ..errors import GQAError, warn
+from ..errors import GQAError
 from ..fingerprint import tensors_digest
 from ..model import ModelConfig
 from ..runtimes import write_remote_code
@@ -132,9 +133,9 @@ def plan_calibration(config: ModelConfig, method: Method, calib, calib_tokens: i
     seq_len = calib_seq_len or min(512, config.max_positions)
     if not 2 <= seq_len <= config.max_positions:
         raise GQAError(f"--calib-seq-len must be in [2, {config.max_positions}], got {seq_len}")
-    if calib_tokens < seq_len:
-        raise GQAError(f"--calib-tokens {calib_tokens} is less than one block of --calib-seq-len {seq_len}")
-    return CalibrationSettings(str(calib), calib_tokens, seq_len)
+    calibration = CalibrationSettings(str(calib), calib_tokens, seq_len)
+    calibration.check()
+    return calibration
 
 
 def require_calibration(calib, wanted: dict[str, bool]) -> bool:
@@ -225,6 +226,8 @@ def convert(
                calib_tokens=CALIB_TOKENS if calib_tokens is None else calib_tokens, calib_seq_len=calib_seq_len,
                transfer=transfer, joint=joint_settings, n_kv_heads=n_kv_heads, per_layer=n_kv_heads_per_layer,
                kv_budget=kv_budget, overwrite=overwrite)
+    if job.new_heads is not None:  # a format that cannot hold the result is refused before any work
+        target_family(replace(job.config, n_kv_heads=job.new_heads), job.source_hf, format)
     warn_without_tokenizer(src)
     blocks = calibration_for(job) if job.calibration else None
     budget_record = choose_heads(job, blocks, progress) if job.kv_budget is not None else None
@@ -348,11 +351,3 @@ def storage_dtype(shapes: dict) -> torch.dtype:
     for shape, dt in shapes.values():
         counts[dt] = counts.get(dt, 0) + math.prod(shape)
     return TORCH_DTYPES.get(max(counts, key=counts.get), torch.float32)
-
-
-def warn_without_tokenizer(src) -> None:
-    from ..checkpoints.tokenizer import TOKENIZER_MARKERS
-
-    if not any((Path(src) / name).is_file() for name in TOKENIZER_MARKERS):
-        warn(f"{src} has no tokenizer files ({', '.join(TOKENIZER_MARKERS)}); the converted model cannot be "
-             f"evaluated or generated from until they are copied next to it")

@@ -9,8 +9,9 @@ as a keyword argument), whether it needs calibration text, and its `merge`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -27,6 +28,19 @@ class CalibrationSettings:
     data: str
     tokens: int = CALIB_TOKENS
     seq_len: int = 512
+
+    def check(self) -> None:
+        if self.tokens < self.seq_len:
+            raise GQAError(f"--calib-tokens {self.tokens} is less than one block of --calib-seq-len {self.seq_len}")
+
+    @property
+    def tokens_used(self) -> int:
+        """What the calibration reads: whole blocks, ⌈tokens / seq_len⌉ of them."""
+        return math.ceil(self.tokens / self.seq_len) * self.seq_len
+
+    def record(self) -> dict:
+        """As conversion.json records it: the settings and the tokens read."""
+        return {**asdict(self), "tokens_used": self.tokens_used}
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ def conversion_report(job, new_config: ModelConfig, out_family, counts, layers, 
     if asdict(job.settings):
         report["method_settings"] = asdict(job.settings)
     if job.calibration:
-        report["calibration"] = asdict(job.calibration)
+        report["calibration"] = job.calibration.record()
         report["transfer"] = asdict(job.transfer) if job.transfer.steps else None
         report["layers"] = layers
     if joint_record:
@@ -70,7 +70,7 @@ def method_line(report: dict) -> str:
     if not report.get("calibration"):
         return how
     c = report["calibration"]
-    how += f"; calibrated on {c['tokens']:,} tokens of {c['data']}"
+    how += f"; calibrated on {c.get('tokens_used', c['tokens']):,} tokens of {c['data']}"
     if report.get("transfer"):
         errors = [(r["relative_error_before"], r["relative_error_after"]) for r in report["layers"]
                   if "relative_error_after" in r]

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoints import files
 from ..checkpoints.seq2seq import import_state, model_from_state, read_seq2seq_config, save_seq2seq_state, target_seq2seq_family
+from ..checkpoints.tokenizer import warn_without_tokenizer
 from ..errors import GQAError
 from ..seq2seq import Attention, Seq2SeqConfig, Seq2SeqTransformer
 from ..version import __version__
@@ -75,11 +76,13 @@ def convert_seq2seq(src, dst, *, n_kv_heads: int | None, method: str, seed: int,
     hf = files.read_config(src)
     config, family = read_seq2seq_config(src, hf)
     kinds = check_kv_heads(config, n_kv_heads, encoder)
+    new_config = replace(config, **{KINDS[k][2]: [n_kv_heads] * len(getattr(config, KINDS[k][2])) for k in kinds})
+    out_family = target_seq2seq_family(new_config, hf if family else hf.get("hf_config"), format)  # before any work
     calibration = calibration_settings(config, calib, calib_tokens, calib_seq_len)
     files.check_destination(dst, overwrite, sources=[src])
+    warn_without_tokenizer(src)
     state = import_state(src, config, family)
     dtype = state["tok_embeddings.weight"].dtype
-    new_config = replace(config, **{KINDS[k][2]: [n_kv_heads] * len(getattr(config, KINDS[k][2])) for k in kinds})
     todo = [(kind, layer) for kind in kinds for layer, g_now in enumerate(getattr(config, KINDS[kind][2]))
             if g_now != n_kv_heads]
     source = model_from_state(config, state, torch.float32) if calibration else None  # the source's own tensors
@@ -90,9 +93,8 @@ def convert_seq2seq(src, dst, *, n_kv_heads: int | None, method: str, seed: int,
                tqdm(todo, desc=f"converting ({method})", unit="attention", disable=not progress)]
     joint_record = joint_stage(source, new_config, state, blocks, todo, joint_settings, progress) \
         if joint_settings.steps else None
-    out_family = target_seq2seq_family(new_config, hf if family else hf.get("hf_config"), format)
     report = seq2seq_report(src, dst, method, seed, settings, config, new_config, out_family, kinds, dtype, start)
-    report.update(calibration=asdict(calibration) if calibration else None,
+    report.update(calibration=calibration.record() if calibration else None,
                   transfer=asdict(transfer) if transfer.steps else None, joint=joint_record, layers=records)
     save_seq2seq_state(state, new_config, hf if family else hf.get("hf_config"), out_family, dst, dtype,
                        source_dir=src, overwrite=overwrite, extra_files={"conversion.json": report})
@@ -114,13 +116,18 @@ def check_kv_heads(config: Seq2SeqConfig, n_kv_heads: int | None, encoder: bool)
 
 def calibration_settings(config: Seq2SeqConfig, calib, calib_tokens: int | None,
                          calib_seq_len: int | None) -> CalibrationSettings | None:
+    """The calibration of the source: blocks of text (span-corrupted), within its positions."""
+    from ..seq2seq_data import check_seq_len, default_seq_len
+
     if not calib:
         return None
     calibration = CalibrationSettings(str(calib), CALIB_TOKENS if calib_tokens is None else calib_tokens,
-                                      calib_seq_len or min(512, config.max_positions))
+                                      calib_seq_len or default_seq_len(config, pairs=False))
     if not 16 <= calibration.seq_len <= config.max_positions:
         raise GQAError(f"--calib-seq-len must be in [16, {config.max_positions}] (span corruption needs a few "
                        f"spans), got {calibration.seq_len}")
+    check_seq_len(config, calibration.seq_len, pairs=False, option="--calib-seq-len")
+    calibration.check()
     return calibration
 
 

@@ -40,7 +40,7 @@ def calibration_examples(source, tokenizer, n_tokens: int, seq_len: int, seed: i
     if is_pairs(source):
         raise GQAError(f"--calib {source}: an encoder–decoder is calibrated on text (span-corrupted as in "
                        f"pre-training), not on input/target pairs; give a text file, folder or bundled corpus")
-    data = prepare_seq2seq(source, tokenizer, seq_len, seed=seed).train
+    data = prepare_seq2seq(source, tokenizer, seq_len, seed=seed, length_option="--calib-seq-len").train
     chosen = data[drawn_blocks(len(data), n_tokens, seq_len, seed, source)]
     source_len = int(chosen.input_mask.sum(-1).min())
     target_len = int((chosen.labels != -100).sum(-1).min())
