@@ -337,6 +337,10 @@ SEQ2SEQ_CASES = {  # as CASES, with {s} for the encoder–decoder world
                                             True),
     "bench-serve-vocabularies": (["bench", "serve", "{w}/model", "{w}/small-vocab", "--points", "1x64", "--out",
                                   "{s}/serve"], "the models have different vocabularies", True),
+    "convert-seq2seq-calib-text-too-short": (["convert", "{s}/t5", "{s}/o", "--kv-heads", "2", "--method", "aligned",
+                                              "--calib", "{w}/short.txt", "--calib-seq-len", "32",
+                                              "--calib-tokens", "64"], "give more text or a smaller --calib-seq-len",
+                                             False),
     "convert-seed-with-mean": (["convert", "{w}/model", "{s}/o", "--kv-heads", "2", "--seed", "3"],
                                "--seed draws --method random's heads and the calibration sample; --method mean without "
                                "--calib draws nothing: drop --seed", True),
@@ -358,6 +362,19 @@ def test_bad_input_seq2seq_and_serving(case, world, s2s, capsys, monkeypatch):
     before = snapshot(world), snapshot(s2s)
     user_error(capsys, argv, message)
     assert (snapshot(world), snapshot(s2s)) == before, "something was written"
+
+
+def test_vllm_errors_come_back_as_one_readable_line():
+    from gqa.runtimes.vllm_runtime import short
+
+    pydantic = ("1 validation error for ModelConfig dtype Input should be 'auto', 'half', 'float16', 'bfloat16', "
+                "'float' or 'float32' [type=literal_error, input_value='int8', input_type=str]\n    For further "
+                "information visit https://errors.pydantic.dev/2.11/v/literal_error")
+    assert short(pydantic) == ("1 validation error for ModelConfig dtype Input should be 'auto', 'half', 'float16', "
+                               "'bfloat16', 'float' or 'float32' [type=literal_error, input_value='int8', "
+                               "input_type=str]")
+    cut = short("word " * 200 + "https://example.org/a/very/long/address")
+    assert cut.endswith("word …") and len(cut) <= 502 and "https" not in cut
 
 
 def test_bart_runs_at_its_defaults_within_its_positions(s2s, tmp_path, capsys):
@@ -561,7 +578,7 @@ def test_serving_without_vllm_says_what_to_install(world, tmp_path, capsys, monk
     monkeypatch.delenv("GQA_VLLM_PYTHON", raising=False)
     monkeypatch.setattr(vllm_runtime, "DEFAULT_ENV", tmp_path / "no-vllm-here")
     monkeypatch.setattr(vllm_runtime.importlib.util, "find_spec", lambda name: None)
-    argv = ["bench", "serve", world / "model", "--out", tmp_path / "out"]
+    argv = ["bench", "serve", world / "model", "--points", "1x64", "--out", tmp_path / "out"]
     user_error(capsys, argv, "vLLM is not installed: bash scripts/setup.sh installs vLLM's CPU build into")
     monkeypatch.setenv("GQA_VLLM_PYTHON", str(tmp_path / "python-nowhere"))
     user_error(capsys, argv, "python-nowhere is not a file")
@@ -655,3 +672,54 @@ def test_library_refuses_out_of_vocabulary_tokens(world):
     with pytest.raises(gqa.GQAError, match="token ids must be in 0..319"):
         gqa.generate(model, [[1, 2]], max_new_tokens=2, stop_tokens=[99999])
     assert torch.isfinite(model(torch.tensor([[1, 2]]))).all()
+
+
+# ------------------------------------------------------------------------------------- model cards
+
+def card(folder: Path) -> tuple[dict, str]:
+    import yaml
+
+    text = (folder / "README.md").read_text()
+    assert text.startswith("---\n")
+    head, body = text[4:].split("\n---\n", 1)
+    return yaml.safe_load(head), body
+
+
+def test_every_output_has_a_model_card(world, s2s, tmp_path, capsys):
+    """convert, uptrain and export write README.md: front matter in the Hub's conventions that parses, names the
+    base model (the original through a chain of steps) and no path of this machine; the body says what was
+    done, what it costs and how to run it. A source's own README is not copied."""
+    (world.parent / "with-readme").mkdir(exist_ok=True)
+    source = world.parent / "with-readme" / "llama"
+    shutil.copytree(world / "model", source, dirs_exist_ok=True)
+    (source / "README.md").write_text("---\nlicense: apache-2.0\n---\n# The original model's own card\n")
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "_name_or_path": "someone/tiny-llama"}))
+    argv = [["convert", source, tmp_path / "mqa", "--kv-heads", "1", "--method", "aligned", "--calib", world / "text.txt",
+             "--calib-tokens", "256", "--calib-seq-len", "32", "--transfer-steps", "2"],
+            ["uptrain", tmp_path / "mqa", tmp_path / "up", "--data", world / "text.txt", "--steps", "2", "--seq-len", "32",
+             "--batch-size", "2"],
+            ["export", tmp_path / "up", tmp_path / "exported", "--format", "native"],
+            ["convert", s2s / "t5", tmp_path / "t5-mqa", "--kv-heads", "1"]]
+    for a in argv:
+        assert main([str(x) for x in a]) == 0
+    capsys.readouterr()
+    for name, steps in (("mqa", ["convert"]), ("up", ["convert", "uptrain"]), ("exported", ["convert", "uptrain", "export"])):
+        meta, body = card(tmp_path / name)
+        assert meta["base_model"] == "someone/tiny-llama" and meta["license"] == "apache-2.0"
+        assert meta["pipeline_tag"] == "text-generation" and "multi-query-attention" in meta["tags"]
+        assert [s["step"] for s in meta["gqa_steps"]] == steps
+        assert str(tmp_path) not in (tmp_path / name / "README.md").read_text()
+        assert str(world) not in (tmp_path / name / "README.md").read_text()
+        assert "The original model's own card" not in body
+        assert f"| this model (F32) | {gqa.load(tmp_path / name).kv_bytes_per_token():,} |" in body
+    assert meta["library_name"] == "gqa" and "no transformers class holds this KV-head layout" in body
+    meta, body = card(tmp_path / "up")
+    assert meta["library_name"] == "transformers" and 'AutoModelForCausalLM.from_pretrained("up")' in body
+    assert "calibrated on 256 tokens of text.txt in blocks of 32" in body and "distilled from mqa" not in body
+    train = json.loads((tmp_path / "up" / "train" / "report.json").read_text())
+    assert f"{train['val_perplexity']:.3f} after" in body and "(never trained on;" in body
+    meta, body = card(tmp_path / "t5-mqa")
+    assert meta["base_model"] == "t5" and meta["pipeline_tag"] == "text2text-generation"
+    assert meta["gqa_steps"][0]["kv_heads"] == {"self": [1, 1], "cross": [1, 1], "encoder": [4, 4]}
+    assert "vLLM: gqa serves encoder–decoder outputs itself" in body

@@ -26,7 +26,7 @@ def test_quick_demo_writes_results_and_plot(tmp_path, capsys):
     # and the calibrated conversion closer still, even with the --quick calibration (1,024 tokens, 2 steps)
     assert by_name["MQA aligned"]["val_perplexity_alpha0"] < by_name["MQA mean"]["val_perplexity_alpha0"]
     conversion = json.loads((out / "g1-aligned" / "converted" / "conversion.json").read_text())
-    assert conversion["calibration"] == {"data": "bundled", "tokens": 1024, "seq_len": 256}
+    assert conversion["calibration"] == {"data": "bundled", "tokens": 1024, "seq_len": 256, "tokens_used": 1024}
     assert conversion["transfer"]["steps"] == 2
     assert all(r["tokens_trained"] > 0 for r in rows[1:])
     png = (out / "perplexity_vs_kv_bytes.png").read_bytes()

@@ -109,7 +109,7 @@ def test_round_trip_at_g_equals_h_is_exact(models, tmp_path, name):
     assert back["architectures"] == json.loads((folder / "config.json").read_text())["architectures"]
 
 
-def test_t5_layouts_are_written_as_their_own_class(models, tmp_path):
+def test_t5_layouts_are_written_as_their_own_class(models, tmp_path, capsys):
     """Each T5 layout is read as the installed transformers reads it and written back as its own class; an
     mT5 config gets no scale_decoder_outputs (its class has none), and a model it cannot hold is refused."""
     from dataclasses import replace
@@ -124,6 +124,8 @@ def test_t5_layouts_are_written_as_their_own_class(models, tmp_path):
         written = json.loads((tmp_path / name / "config.json").read_text())
         assert written["architectures"] == [architecture]
         assert ("scale_decoder_outputs" in written) == (name != "mt5")
+    assert main(["export", str(models["mt5"][1]), str(tmp_path / "exported")]) == 0
+    assert f"wrote {tmp_path / 'exported'} as MT5ForConditionalGeneration" in capsys.readouterr().out
     mt5 = gqa.load(models["mt5"][1])
     assert mt5.config.tie_embeddings and mt5.config.output_scale == (64 ** -0.5 if mt5_scales_tied_output() else 1.0)
     scaled = replace(mt5.config, output_scale=1.0 if mt5_scales_tied_output() else 64 ** -0.5)
@@ -291,7 +293,7 @@ def test_aligned_stays_closer_to_the_source_than_mean_pooling(models, tmp_path, 
     gqa.convert(folder, tmp_path / "mean", n_kv_heads=1, progress=False)
     report = gqa.convert(folder, tmp_path / "aligned", n_kv_heads=1, method="aligned", calib="wiki",
                          calib_tokens=2048, calib_seq_len=64, progress=False)
-    assert report["calibration"] == {"data": "wiki", "tokens": 2048, "seq_len": 64}
+    assert report["calibration"] == {"data": "wiki", "tokens": 2048, "seq_len": 64, "tokens_used": 2048}
     decoder_layers = range(gqa.load(folder).config.n_decoder_layers)
     assert [(r["attention"], r["layer"]) for r in report["layers"]] == \
         [(kind, i) for kind in ("self", "cross") for i in decoder_layers]

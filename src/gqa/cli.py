@@ -261,6 +261,7 @@ def cmd_generate(args) -> None:
 def cmd_export(args) -> None:
     import torch
 
+    from .card import write_card
     from .checkpoints import load, parse_dtype, save, target_family
     from .checkpoints.seq2seq import target_seq2seq_family
     from .seq2seq import Seq2SeqConfig
@@ -284,7 +285,8 @@ def cmd_export(args) -> None:
         return print(f"wrote {out} (GGUF, architecture {gguf_architecture(config)})")
     model = load(args.model, dtype=args.dtype)
     family = (target_seq2seq_family if seq2seq else target_family)(config, model.hf_config, args.format)
-    save(model, args.out, format=args.format, overwrite=args.overwrite)
+    save(model, args.out, format=args.format, overwrite=args.overwrite,
+         card=lambda folder: write_card(folder, source=args.model, step={"step": "export"}, name=Path(args.out).name))
     native = "GQASeq2SeqLM" if seq2seq else "GQAForCausalLM"
     print(f"wrote {args.out} as {family.architectures[0] if family else native + ' (gqa format)'}")
 

@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .card import training_step, write_card
 from .checkpoints import check_reference, load, save
 from .data import BlockOrder, TokenData, check_token_ids, prepare
 from .devices import keep_freed_memory
@@ -321,11 +322,12 @@ def load_checkpoint(path: Path, model, optimizer, schedule, tied: bool) -> int:
     return json.loads((path / "trainer.json").read_text())["step"]
 
 
-def write_final_model(model: Transformer, out: Path) -> None:
-    """Write the model files into OUT (which also holds train/): via a temporary folder, config.json last."""
+def write_final_model(model: Transformer, out: Path, report: dict, source: str | None) -> None:
+    """Write the model files and its card into OUT (which also holds train/): via a temporary folder, config.json
+    last."""
     tmp = out / ".model.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    save(model, tmp)
+    save(model, tmp, card=lambda folder: write_card(folder, source=source, step=training_step(report), name=out.name))
     names = sorted(p.name for p in tmp.iterdir())
     for name in [n for n in names if n != "config.json"] + ["config.json"]:
         os.replace(tmp / name, out / name)
@@ -701,7 +703,7 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, init_path: str | None
     }
     final = trainer.final_model()
     if d.main:
-        write_final_model(final, out)
+        write_final_model(final, out, report, init_path)
         write_json(out / "train" / "report.json", report)
     d.barrier()
     return report

@@ -12,6 +12,7 @@ import collections
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -265,11 +266,13 @@ def save(
     dtype: str | torch.dtype | None = None,
     shard_bytes: int = files.SHARD_BYTES,
     extra_files: dict[str, Any] | None = None,
+    card: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write `model` to folder `dest` atomically; returns the path. Tokenizer files travel with it."""
+    """Write `model` to folder `dest` atomically; returns the path. Tokenizer files travel with it. `card`, if
+    given, writes the model card into the finished folder before it is renamed (`gqa.card.write_card`)."""
     dtype = parse_dtype(dtype) or model.dtype
     if isinstance(model, Seq2SeqTransformer):
-        return save_seq2seq(model, dest, format=format, overwrite=overwrite, dtype=dtype)
+        return save_seq2seq(model, dest, format=format, overwrite=overwrite, dtype=dtype, card=card)
     family = target_family(model.config, model.hf_config, format)
     state = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     state = export_tensors(state, model.config, family)
@@ -284,6 +287,8 @@ def save(
         write_remote_code(family, tmp)
         for name, obj in (extra_files or {}).items():
             files.write_json(tmp / name, obj)
+        if card:
+            card(tmp)
     return Path(dest)
 
 
@@ -328,7 +333,16 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         "kv_bytes_per_token_if_mha": mha,
         "kv_reduction": mha / kv,
         "vllm": vllm_support(path, hf, family, config),
+        "llama_cpp": llama_cpp_support(config),
     }
+
+
+def llama_cpp_support(config: ModelConfig) -> str:
+    """Whether `gqa export --format gguf` writes the model for llama.cpp, and why not."""
+    from .gguf import gguf_support
+
+    why = gguf_support(config)
+    return f"no: {why}" if why else "yes: gqa export MODEL FILE.gguf --format gguf"
 
 
 def attention_kind(config: ModelConfig) -> str:

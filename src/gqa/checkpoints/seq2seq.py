@@ -381,8 +381,9 @@ def target_seq2seq_family(config: Seq2SeqConfig, hf_config: dict | None, format:
 
 def save_seq2seq_state(state: dict[str, torch.Tensor], config: Seq2SeqConfig, hf_config: dict | None,
                        family: Seq2SeqFamily | None, dest, dtype: torch.dtype, source_dir=None, overwrite: bool = False,
-                       extra_files: dict | None = None) -> Path:
-    """Write gqa tensors as `family`'s folder (None: gqa's own format), atomically, tokenizer beside them."""
+                       extra_files: dict | None = None, card=None) -> Path:
+    """Write gqa tensors as `family`'s folder (None: gqa's own format), atomically, tokenizer beside them, and
+    the model card `card(folder)` writes."""
     state = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v for k, v in state.items()}
     if family is not None:
         tensors = family.export_state(state, config)
@@ -397,14 +398,16 @@ def save_seq2seq_state(state: dict[str, torch.Tensor], config: Seq2SeqConfig, hf
         for name, obj in (extra_files or {}).items():
             files.write_json(tmp / name, obj)
         files.write_json(tmp / "config.json", seq2seq_config_json(config, hf_config, family, dtype))
+        if card:
+            card(tmp)
     return Path(dest)
 
 
 def save_seq2seq(model: Seq2SeqTransformer, dest, format: str = "auto", overwrite: bool = False,
-                 dtype: torch.dtype | None = None) -> Path:
+                 dtype: torch.dtype | None = None, card=None) -> Path:
     family = target_seq2seq_family(model.config, model.hf_config, format)
     return save_seq2seq_state(model.state_dict(), model.config, model.hf_config, family, dest, dtype or model.dtype,
-                              source_dir=model.source_dir, overwrite=overwrite)
+                              source_dir=model.source_dir, overwrite=overwrite, card=card)
 
 
 def describe_seq2seq(path, hf: dict) -> dict:
@@ -437,4 +440,5 @@ def describe_seq2seq(path, hf: dict) -> dict:
         "kv_bytes_per_source_token": config.kv_bytes_per_source_token(element),
         "kv_bytes_per_token_if_mha": mha, "kv_reduction": mha / config.kv_bytes_per_token(element),
         "vllm": "no: gqa serves encoder–decoder outputs itself (gqa.load, generate, eval, bench)",
+        "llama_cpp": "no: gqa writes GGUF for decoder-only Llama-style models",
     }

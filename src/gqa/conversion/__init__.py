@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..card import conversion_step, write_card
 from ..checkpoints import check_layout, config_json, export_tensors, files, read_model_config, target_family
 from ..checkpoints.tokenizer import warn_without_tokenizer
 from ..devices import keep_freed_memory
@@ -292,6 +293,7 @@ def write_conversion(job: Job, new_config: ModelConfig, out_family, blocks, budg
             raise
         report = conversion_report(job, new_config, out_family, counts, layers, budget_record, joint_record, start)
         files.write_json(tmp / "conversion.json", report)
+        write_card(tmp, source=job.src, step=conversion_step(report), name=job.dst.name)
     if state:
         state.remove()
     # the destination is replaced: work on it that a killed run left is of no use any more

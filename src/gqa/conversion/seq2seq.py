@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..card import conversion_step, write_card
 from ..checkpoints import files
 from ..checkpoints.seq2seq import import_state, model_from_state, read_seq2seq_config, save_seq2seq_state, target_seq2seq_family
 from ..checkpoints.tokenizer import warn_without_tokenizer
@@ -97,7 +98,9 @@ def convert_seq2seq(src, dst, *, n_kv_heads: int | None, method: str, seed: int,
     report.update(calibration=calibration.record() if calibration else None,
                   transfer=asdict(transfer) if transfer.steps else None, joint=joint_record, layers=records)
     save_seq2seq_state(state, new_config, hf if family else hf.get("hf_config"), out_family, dst, dtype,
-                       source_dir=src, overwrite=overwrite, extra_files={"conversion.json": report})
+                       source_dir=src, overwrite=overwrite, extra_files={"conversion.json": report},
+                       card=lambda folder: write_card(folder, source=src, step=conversion_step(report),
+                                                      name=Path(dst).name))
     return report
 
 
