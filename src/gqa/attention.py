@@ -110,3 +110,42 @@ def attention(
         q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, scale=scale,
         enable_gqa=n_kv_heads != n_heads,
     )
+
+
+KV_TILE = 512  # cache slots dequantized at a time by `attend_quantized`
+
+
+def attend_quantized(q: torch.Tensor, cache, layer: int, mask: torch.Tensor | None, scale: float | None = None,
+                     tile: int = KV_TILE) -> torch.Tensor:
+    """Attention of q [B, H, S, D] over a `QuantizedKVCache` layer, reading it as the runtimes do: dequantized
+    where it is read. Decode (S ≤ DECODE_MAX_QUERY_LEN) goes over the written slots `tile` at a time with an
+    online softmax (float32), so no more than a tile of K and V is ever in float at once; a prefill block
+    reads the written slots of this one layer and runs as `attention` does. mask: [B, 1, S, max_len] bool."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    written = int(cache.lengths.max()) + q.shape[2]  # slots past every sequence's end hold nothing yet
+    if q.shape[2] > DECODE_MAX_QUERY_LEN:
+        k, v = cache.read(layer, 0, written)
+        return attention(q, k.to(q.dtype), v.to(q.dtype), None if mask is None else mask[..., :written], scale)
+    batch, n_heads, q_len, head_dim = q.shape
+    n_kv_heads = next(iter(cache.keys[layer].values())).shape[1]
+    rows = n_heads // n_kv_heads * q_len
+    qg = q.float().reshape(batch, n_kv_heads, rows, head_dim)
+    best = torch.full((batch, n_kv_heads, rows, 1), float("-inf"), device=q.device)
+    total = torch.zeros_like(best)
+    out = torch.zeros(batch, n_kv_heads, rows, head_dim, device=q.device)
+    for start in range(0, written, tile):
+        end = min(start + tile, written)
+        k, v = cache.read(layer, start, end)
+        scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, G, (H/G)·S, tile]
+        if mask is not None:  # [B, 1, S, T] -> the rows of each group: (H/G) copies of the S queries
+            allowed = mask[:, :, :, start:end].expand(batch, n_heads // n_kv_heads, q_len, end - start)
+            scores = scores.masked_fill(~allowed.reshape(batch, 1, rows, end - start), float("-inf"))
+        new_best = torch.maximum(best, scores.amax(-1, keepdim=True))
+        seen = torch.isfinite(new_best)  # a row whose keys all lie in later tiles has nothing yet
+        correction = torch.where(seen, torch.exp(best - new_best), torch.zeros_like(best))
+        probs = torch.where(seen, torch.exp(scores - new_best), torch.zeros_like(scores))
+        total = total * correction + probs.sum(-1, keepdim=True)
+        out = out * correction + torch.matmul(probs, v)
+        best = new_best
+    return (out / total).reshape(batch, n_heads, q_len, head_dim).to(q.dtype)

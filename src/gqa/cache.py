@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .kv_formats import KVStorage
+
 
 def kv_bytes_per_token(n_kv_heads: list[int], head_dim: int, bytes_per_element: int) -> int:
     """Bytes the cache grows by per token: sum over layers of 2 (K and V) * G * head_dim * bytes."""
@@ -60,6 +62,57 @@ class KVCache:
 
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+@dataclass
+class QuantizedKVCache:
+    """A static cache that stores codes of a quantized format (`gqa.kv_formats`): per layer and field (codes,
+    scales, ...) a [B, G_layer, max_len, ...] tensor; its bytes are the format's. K and V are stored as the
+    attention computes them (after RoPE, and rotated where the storage rotates); `read` dequantizes a range
+    of slots, which attention asks for tile by tile (`gqa.attention.attend_quantized`)."""
+    storage: KVStorage
+    keys: list[dict[str, torch.Tensor]]
+    values: list[dict[str, torch.Tensor]]
+    lengths: torch.Tensor
+
+    @classmethod
+    def allocate(cls, storage: KVStorage, n_kv_heads: list[int], head_dim: int, batch_size: int, max_len: int,
+                 device: torch.device | str = "cpu") -> QuantizedKVCache:
+        fields = storage.format.fields(head_dim)
+
+        def layer(g: int) -> dict[str, torch.Tensor]:
+            return {name: torch.zeros((batch_size, g, max_len, *shape), dtype=dtype, device=device)
+                    for name, (shape, dtype) in fields.items()}
+
+        return cls(storage, [layer(g) for g in n_kv_heads], [layer(g) for g in n_kv_heads],
+                   torch.zeros(batch_size, dtype=torch.long, device=device))
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return next(iter(self.keys[0].values())).shape[2]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """Quantize k/v [B, G, S, D] and store the codes at per-sequence slots [B, S]."""
+        for store, x in ((self.keys[layer], k), (self.values[layer], v)):
+            for name, codes in self.storage.format.quantize(x).items():
+                index = slots[:, None, :, None].expand(-1, codes.shape[1], -1, codes.shape[3])
+                if codes.element_size() == 1:  # as bytes: scatter has no 8-bit float kernels
+                    store[name].view(torch.uint8).scatter_(2, index, codes.view(torch.uint8))
+                else:
+                    store[name].scatter_(2, index, codes)
+
+    def read(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of slots [start, end), dequantized to float32 [B, G, end - start, D]."""
+        fmt = self.storage.format
+        return tuple(fmt.dequantize({name: t[:, :, start:end] for name, t in store.items()})
+                     for store in (self.keys[layer], self.values[layer]))
+
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for store in self.keys + self.values for t in store.values())
 
 
 class PageAllocator:

@@ -136,6 +136,8 @@ def cmd_info(args) -> None:
             value = f"{value[0]} in all {len(value)} layers"
         elif key == "kv_reduction":
             value = f"{value:.2f}x vs MHA"
+        elif key == "kv_bytes_per_token_by_cache_dtype":
+            value = ", ".join(f"{name} {n:,}" for name, n in value.items())
         print(f"{key:<{width}}  {value}")
 
 
@@ -151,6 +153,7 @@ def eval_seq2seq(args) -> None:
         raise GQAError(f"no data at {args.data} (and it is not a bundled corpus: {', '.join(corpus.NAMES)})")
     device = pick_device(args.device)
     config = model_config(args.model)
+    kv_cache_option(args, config)
     pairs = is_pairs(args.data)
     seq_len = args.seq_len or default_seq_len(config, pairs)
     check_seq_len(config, seq_len, pairs)
@@ -190,6 +193,7 @@ def cmd_eval(args) -> None:
     text = None if args.data in corpus.NAMES else read_text(args.data)  # check the data before loading anything
     device = pick_device(args.device)
     config = model_config(args.model)
+    kv_cache = kv_cache_option(args, config)
     if args.seq_len and args.seq_len > config.max_positions:
         raise GQAError(f"--seq-len {args.seq_len} exceeds the model's {config.max_positions} positions")
     if args.reference:
@@ -202,14 +206,18 @@ def cmd_eval(args) -> None:
     if args.max_tokens:
         tokens = tokens[: args.max_tokens + 1]  # + 1: the first token of a window is context, not scored
     check_token_ids(tokens, config.vocab_size, args.data)
-    model = load(args.model, dtype=args.dtype, device=device)
+    model = load(args.model, dtype=args.dtype, device=device, kv_cache_dtype=kv_cache,
+                 kv_rotation=not args.no_kv_rotation)
     reference = load(args.reference, dtype=args.dtype, device=device) if args.reference else None
     result = perplexity(model, tokens, seq_len=args.seq_len, batch_size=args.batch_size, reference=reference)
+    if kv_cache:
+        result["kv_cache"] = model.kv_cache_storage.name
     if args.json:
         return print_json(result)
     agreement = f"; top-1 agreement with the reference {result['top1_agreement']:.3f}, KL {result['kl']:.4f}" \
         if reference is not None else ""
-    print(f"perplexity {result['perplexity']:.3f} over {result['tokens']:,} tokens{agreement}")
+    cache = f" with a {result['kv_cache']} KV cache" if kv_cache else ""
+    print(f"perplexity {result['perplexity']:.3f} over {result['tokens']:,} tokens{cache}{agreement}")
 
 
 def cmd_generate(args) -> None:
@@ -234,6 +242,9 @@ def cmd_generate(args) -> None:
     seq2seq = isinstance(config, Seq2SeqConfig)
     if seq2seq and args.cuda_graph:
         raise GQAError("--cuda-graph is for decoder-only models")
+    kv_cache = kv_cache_option(args, config)
+    if kv_cache and args.cuda_graph and kv_cache.startswith(("q", "fp8")):
+        raise GQAError(f"--cuda-graph replays a float cache; a {kv_cache} cache decodes without it")
     bad = [t for t in args.stop_token or [] if not 0 <= t < config.vocab_size]
     if bad:
         raise GQAError(f"--stop-token {bad[0]} is not a token of this model (its vocabulary is 0..{config.vocab_size - 1})")
@@ -243,7 +254,8 @@ def cmd_generate(args) -> None:
         stop.add(tokenizer.eos_token_id)
     ids = [tokenizer(p)["input_ids"] for p in prompts]
     (check_source_lengths if seq2seq else check_generation_lengths)(config, ids, args.max_new_tokens)
-    model = load(args.model, dtype=args.dtype, device=device)
+    model = load(args.model, dtype=args.dtype, device=device, kv_cache_dtype=kv_cache,
+                 kv_rotation=not args.no_kv_rotation)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, stop_tokens=sorted(stop), seed=args.seed)
     for start in range(0, len(prompts), args.batch_size):
@@ -635,6 +647,34 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
+def add_kv_cache_args(p: argparse.ArgumentParser) -> None:
+    from .kv_formats import ALIASES, names
+
+    p.add_argument("--kv-cache-dtype", default=None, choices=[*names(), *ALIASES], metavar="DTYPE",
+                   help="what the KV cache stores: float32 / bfloat16 / float16, llama.cpp's q8_0 / q5_1 / q5_0 / "
+                        "q4_1 / q4_0 (Hadamard-rotated as llama.cpp does), vLLM's fp8_e4m3 (fp8) / fp8_e5m2 "
+                        "(default: the model's dtype)")
+    p.add_argument("--no-kv-rotation", action="store_true",
+                   help="llama.cpp's formats without its Hadamard rotation (as LLAMA_ATTN_ROT_DISABLE=1)")
+
+
+def kv_cache_option(args, config) -> str | None:
+    """--kv-cache-dtype checked against the model's config before it loads (None: the model's dtype)."""
+    from .kv_formats import kv_storage
+    from .seq2seq import Seq2SeqConfig
+
+    if args.no_kv_rotation and (args.kv_cache_dtype is None or not args.kv_cache_dtype.startswith("q")):
+        raise GQAError("--no-kv-rotation turns off llama.cpp's rotation of its quantized formats: give one of them "
+                       "with --kv-cache-dtype (q8_0, q5_1, q5_0, q4_1, q4_0)")
+    if args.kv_cache_dtype is None:
+        return None
+    if isinstance(config, Seq2SeqConfig):
+        raise GQAError("--kv-cache-dtype is for decoder-only models for now (an encoder–decoder's caches get it "
+                       "when they share the decoder's cache code)")
+    kv_storage(args.kv_cache_dtype, config.head_dim)
+    return args.kv_cache_dtype
+
+
 def add_model_verbs(sub) -> None:
     p = sub.add_parser("info", help="architecture, heads per layer, parameters, KV bytes per token")
     p.add_argument("model")
@@ -652,6 +692,7 @@ def add_model_verbs(sub) -> None:
                    help="a model folder (e.g. the original): also report top-1 agreement with it and KL(ref || model)")
     p.add_argument("--json", action="store_true")
     add_device_args(p)
+    add_kv_cache_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="continue prompts (batched, with a KV cache of G heads)")
@@ -669,6 +710,7 @@ def add_model_verbs(sub) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
     p.add_argument("--cuda-graph", action="store_true", help="replay decode steps from a CUDA graph (CUDA only)")
     add_device_args(p)
+    add_kv_cache_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="write a model as an HF folder (or gqa's own format), or as a GGUF file")

@@ -124,13 +124,24 @@ def generate(
     seed: int | None = None,
     page_size: int | None = None,
     cuda_graph: bool = False,
+    kv_cache_dtype: str | None = None,
+    kv_rotation: bool = True,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids); returns the new tokens of each, up to and including a stop token.
 
     page_size: use a paged cache holding exactly the pages each sequence needs (its prompt plus
     max_new_tokens), instead of max(prompt) + max_new_tokens slots for every sequence.
     cuda_graph: on CUDA, replay each decode step from a CUDA graph (not yet measured on a GPU: opt-in).
+    kv_cache_dtype: what the cache stores (`gqa.kv_formats`: "q8_0", "q4_0", "fp8_e4m3", ...; default what
+    `model.set_kv_cache_dtype` set, else the model's dtype); kv_rotation=False drops llama.cpp's rotation.
     """
+    if kv_cache_dtype is not None:  # for this call only
+        with model.storing_kv_as(kv_cache_dtype, kv_rotation):
+            return generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, stop_tokens=stop_tokens, seed=seed, page_size=page_size, cuda_graph=cuda_graph)
+    storage = model.kv_cache_storage
+    if cuda_graph and storage is not None and storage.format.quantized:
+        raise GQAError(f"--cuda-graph replays a float cache; a {storage.format.name} cache decodes without it")
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     check_token_inputs(prompts, stop_tokens, model.config.vocab_size, "prompt")
     check_generation_lengths(model.config, prompts, max_new_tokens)

@@ -7,6 +7,7 @@ group its heads differently in every layer. Hugging Face parameter names live on
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -15,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention, build_mask, check_heads
-from .cache import KVCache, PagedKVCache, kv_bytes_per_token
+from .attention import attend_quantized, attention, build_mask, check_heads
+from .cache import KVCache, PagedKVCache, QuantizedKVCache, kv_bytes_per_token
 from .errors import GQAError
 from .kernels import decode_kernel_available, gqa_decode
+from .kv_formats import KVStorage, kv_storage, rotate
 
 BLOCKS = ("sequential", "parallel", "parallel_shared", "post_norm")
 ROPE_STYLES = ("half", "interleaved")
@@ -214,6 +216,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=config.out_bias)
         self.qk_norm = config.qk_norm
+        self.kv_storage: KVStorage | None = None  # set by Transformer.set_kv_cache_dtype: what forward stores K/V as
         if config.qk_norm:
             self.q_norm = make_qk_norm(config, self.n_heads)
             self.k_norm = make_qk_norm(config, self.n_kv_heads)
@@ -234,6 +237,12 @@ class Attention(nn.Module):
         v = self.project(x, self.wv, self.n_kv_heads, None)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        storage = cache.storage if isinstance(cache, QuantizedKVCache) else self.kv_storage if cache is None else None
+        if storage is not None and storage.format.kind != "float" or isinstance(cache, QuantizedKVCache):
+            y = self.attend_stored(q, k, v, storage, mask, is_causal, cache, slots)
+            return self.wo(y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
+        if storage is not None:  # a float format other than the model's: K and V as that cache would hold them
+            k, v = storage.format.roundtrip(k), storage.format.roundtrip(v)
         fast = kv_lengths is not None  # the model decided once per forward that the kernel runs this step
         if isinstance(cache, PagedKVCache) and fast:
             # CUDA decode over pages: the kernel follows the block table; nothing is gathered
@@ -243,11 +252,28 @@ class Attention(nn.Module):
         else:
             if cache is not None:
                 k, v = cache.write(self.layer, k, v, slots)
+                if k.dtype != q.dtype:  # a float cache in another dtype than the model's (--kv-cache-dtype float16)
+                    k, v = k.to(q.dtype), v.to(q.dtype)
             if fast:  # CUDA decode: the Triton kernel reads each KV head once for its query group
                 y = gqa_decode(q[:, :, 0], k, v, kv_lengths)[:, :, None]
             else:
                 y = attention(q, k, v, mask, is_causal=is_causal)
         return self.wo(y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
+
+
+    def attend_stored(self, q, k, v, storage: KVStorage, mask, is_causal, cache, slots) -> torch.Tensor:
+        """Attention over K and V as a quantized cache stores them (`gqa.kv_formats`): Q, K and V rotated
+        where the format rotates (K after RoPE), then K and V stored in the cache, or, without one,
+        quantized and dequantized in place (so a full forward scores as cached decoding does); the output
+        rotated back."""
+        q, k, v = rotate(q, storage.k_rotation), rotate(k, storage.k_rotation), rotate(v, storage.v_rotation)
+        if cache is not None:
+            cache.write(self.layer, k, v, slots)
+            y = attend_quantized(q, cache, self.layer, mask)
+        else:
+            fmt = storage.format
+            y = attention(q, fmt.roundtrip(k), fmt.roundtrip(v), mask, is_causal=is_causal)
+        return rotate(y, storage.v_rotation)
 
 
 class MLP(nn.Module):
@@ -370,18 +396,57 @@ class Transformer(TokenModel):
         c = self.config
         return 6 * self.num_parameters() + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
 
+    def set_kv_cache_dtype(self, name: str | None, rotation: bool = True) -> None:
+        """Store K and V as `name` says (`gqa.kv_formats`: the model's dtype, a float dtype, llama.cpp's q8_0 /
+        q5_1 / q5_0 / q4_1 / q4_0, vLLM's fp8_e4m3 / fp8_e5m2; None: the model's dtype, unchanged). Caches
+        this model makes hold that format, and a forward without a cache quantizes K and V as they would
+        (`rotation=False`: llama.cpp's formats without its Hadamard rotation)."""
+        self.use_kv_storage(None if name is None else kv_storage(name, self.config.head_dim, self.dtype, rotation))
+
+    def use_kv_storage(self, storage: KVStorage | None) -> None:
+        for block in self.layers:
+            block.attention.kv_storage = storage
+
+    @contextlib.contextmanager
+    def storing_kv_as(self, name: str | None, rotation: bool = True):
+        """`set_kv_cache_dtype` for the duration of a with-block."""
+        before = self.kv_cache_storage
+        self.set_kv_cache_dtype(name, rotation)
+        try:
+            yield self
+        finally:
+            self.use_kv_storage(before)
+
+    @property
+    def kv_cache_storage(self) -> KVStorage | None:
+        return self.layers[0].attention.kv_storage
+
     def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        """KV bytes a token adds: in `dtype`, else as the model's cache stores it (`set_kv_cache_dtype`)."""
+        storage = self.kv_cache_storage
+        if dtype is None and storage is not None:
+            return storage.bytes_per_token(self.config.n_kv_heads, self.config.head_dim)
         element = torch.empty((), dtype=dtype or self.dtype).element_size()
         return self.config.kv_bytes_per_token(element)
 
     def new_cache(
         self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
         num_pages: int | None = None, page_size: int = 16,
-    ) -> KVCache | PagedKVCache:
+    ) -> KVCache | PagedKVCache | QuantizedKVCache:
         """A static cache of max_len slots per sequence, or, with num_pages, a paged cache of that many
-        pages shared by the batch (each sequence reserves pages with `cache.reserve`)."""
+        pages shared by the batch (each sequence reserves pages with `cache.reserve`). It stores what the
+        model's KV cache dtype says (`set_kv_cache_dtype`), unless `dtype` names a float dtype."""
         if max_len > self.config.max_positions:
             raise GQAError(f"a cache of {max_len} tokens exceeds the model's {self.config.max_positions} positions")
+        storage = self.kv_cache_storage if dtype is None else None
+        if storage is not None and storage.format.quantized:
+            if num_pages is not None:
+                raise GQAError(f"a paged cache holds float values; --kv-cache-dtype {storage.format.name} takes the "
+                               f"static cache (no page size)")
+            return QuantizedKVCache.allocate(storage, self.config.n_kv_heads, self.config.head_dim, batch_size,
+                                             max_len, self.device)
+        if storage is not None:
+            dtype = storage.format.dtype
         dtype = dtype or self.dtype
         if num_pages is not None:
             return PagedKVCache.allocate(self.config.n_kv_heads, self.config.head_dim, batch_size, max_len,

@@ -178,14 +178,20 @@ def load(
     path: str | os.PathLike,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    kv_cache_dtype: str | None = None,
+    kv_rotation: bool = True,
 ) -> Transformer:
     """Load a model folder (any supported HF family, or gqa's own format) as a `gqa` Transformer (an
     encoder–decoder folder as a `gqa.seq2seq.Seq2SeqTransformer`).
 
     dtype: None keeps the checkpoint's dtype; otherwise "float32", "bfloat16", "float16" or a torch dtype.
+    kv_cache_dtype: what its KV cache stores ("q8_0", "q4_0", "fp8_e4m3", ...: `Transformer.set_kv_cache_dtype`).
     """
     dtype = parse_dtype(dtype)
     if is_seq2seq(raw := files.read_config(path)):  # an encoder–decoder (T5, BART): its own model class
+        if kv_cache_dtype is not None:
+            raise GQAError("--kv-cache-dtype is for decoder-only models for now: an encoder–decoder's caches get it "
+                           "when they share the decoder's cache code")
         return load_seq2seq(path, raw, dtype, device)
     config, family, hf = read_model_config(path)
     check_layout(path, config, family)
@@ -202,6 +208,8 @@ def load(
     model.eval()
     model.hf_config = hf.get("hf_config") if family is None else hf
     model.source_dir = Path(path)
+    if kv_cache_dtype is not None:
+        model.set_kv_cache_dtype(kv_cache_dtype, kv_rotation)
     return model
 
 
@@ -332,9 +340,19 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         "kv_bytes_per_token": kv,
         "kv_bytes_per_token_if_mha": mha,
         "kv_reduction": mha / kv,
+        "kv_bytes_per_token_by_cache_dtype": kv_bytes_by_cache_dtype(config),
         "vllm": vllm_support(path, hf, family, config),
         "llama_cpp": llama_cpp_support(config),
     }
+
+
+def kv_bytes_by_cache_dtype(config: ModelConfig) -> dict[str, int]:
+    """KV bytes per token with each cache dtype the model's head size takes (`--kv-cache-dtype`)."""
+    from ..kv_formats import kv_format, names
+
+    formats = [kv_format(name) for name in names()]
+    return {f.name: round(config.kv_bytes_per_token(1) * f.bytes_per_value) for f in formats
+            if not (f.kind == "llama" and config.head_dim % 32)}
 
 
 def llama_cpp_support(config: ModelConfig) -> str:

@@ -1,0 +1,286 @@
+"""How a KV cache stores its values: the model's dtype, llama.cpp's block formats, vLLM's fp8.
+
+Runtimes offer fewer KV bytes without touching the weights, and it stacks with fewer KV heads; gqa stores
+its cache in the same formats, value for value as the runtimes define them, so that what it measures is
+what a user gets there:
+
+- llama.cpp's `q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1` (`-ctk/-ctv`): blocks of 32 consecutive values of one
+  head's row, each with an fp16 scale d (and an fp16 minimum m for the `_1` kinds) and a 4-, 5- or 8-bit
+  code per value: x ≈ d·q (`_0`) or d·q + m (`_1`). The codes are computed exactly as ggml's reference
+  quantizers (`quantize_row_*_ref`, and the `gguf` package's `gguf.quants`, which tests compare against):
+  the scale from the block's largest magnitude (or its range), its reciprocal in fp32, codes by
+  truncation after an offset (round-half-away-from-zero for q8_0), the scale stored as fp16 afterwards.
+  The bytes per value are the format's own (q8_0 34 / 32, q4_0 18 / 32, ...).
+- llama.cpp rotates Q and K (after RoPE), and V, by an orthonormal Walsh–Hadamard matrix before a quantized
+  cache, wherever the head size is a multiple of 64 (`attn_rot_k` / `attn_rot_v` in its
+  `src/llama-kv-cache.cpp`; `LLAMA_ATTN_ROT_DISABLE=1` turns it off): K in blocks of the largest power of
+  two ≥ 64 dividing the head size, V in blocks of 64, and the attention output is rotated back. Scores
+  are unchanged by the rotation; what changes is which values share a block, and outliers are spread, so
+  the quantization error is smaller. `rotation=False` is the unrotated variant.
+- vLLM's `fp8_e4m3` / `fp8_e5m2` (`kv_cache_dtype="fp8"`): each value divided by a per-tensor scale (1.0 by
+  default, as vLLM's) and cast to 8-bit floating point, saturating at the format's largest finite value.
+
+A cache of one of these formats stores the codes (`QuantizedKVCache`), and attention dequantizes the
+part of it each step reads, tile by tile (`gqa.attention.attend_quantized`); a full forward without a
+cache (perplexity) quantizes K and V exactly as the cache would store them (`roundtrip`), so the two agree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from .errors import GQAError
+
+BLOCK = 32  # values per llama.cpp block (QK4_0 = QK4_1 = QK5_0 = QK5_1 = QK8_0 = 32)
+
+
+def roundf(x: torch.Tensor) -> torch.Tensor:
+    """C's roundf (half away from zero), exactly: floor(|x|) + floor(2·frac(|x|)), as `gguf.quants.np_roundf`
+    (adding 0.5 before flooring rounds 0.49999997 up in float32)."""
+    a = x.abs()
+    floored = torch.floor(a)
+    return torch.sign(x) * (floored + torch.floor(2 * (a - floored)))
+
+
+def reciprocal(d: torch.Tensor) -> torch.Tensor:
+    """1 / d in float32, 0 where d is 0 (a block of zeros)."""
+    return torch.where(d == 0, torch.zeros_like(d), 1.0 / torch.where(d == 0, torch.ones_like(d), d))
+
+
+def signed_max(blocks: torch.Tensor) -> torch.Tensor:
+    """The value of largest magnitude in each block, its sign kept (the first one on ties, as ggml)."""
+    return blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """Codes [..., 32] in 0..15 -> bytes [..., 16]: value j in the low nibble, value j + 16 in the high one."""
+    return (q[..., :16] | (q[..., 16:] << 4)).to(torch.uint8)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.cat([packed & 15, packed >> 4], dim=-1)
+
+
+def pack_high_bits(q: torch.Tensor) -> torch.Tensor:
+    """The fifth bit of 32 codes -> 4 bytes, value j at bit j (little-endian `qh` of q5_0 / q5_1)."""
+    bits = ((q >> 4) & 1).view(*q.shape[:-1], 4, 8).to(torch.uint8)
+    return (bits << torch.arange(8, dtype=torch.uint8, device=q.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_high_bits(qh: torch.Tensor) -> torch.Tensor:
+    bits = (qh[..., None] >> torch.arange(8, dtype=torch.uint8, device=qh.device)) & 1
+    return bits.reshape(*qh.shape[:-1], 32) << 4
+
+
+# ------------------------------------------------------------------------------------------------ formats
+
+@dataclass(frozen=True)
+class KVFormat:
+    """A KV storage format: `quantize` maps float values [..., D] to named code tensors, `dequantize` back;
+    `fields` says their trailing shapes and dtypes (what a cache allocates), `bytes_per_value` what they
+    cost. Float formats (the model's dtype) store values as they are."""
+    name: str
+    kind: str  # "float" | "llama" (a llama.cpp block format) | "fp8" (vLLM's)
+    bytes_per_value: float
+    runtime: str  # where users meet it: the flag that gives it
+
+    @property
+    def quantized(self) -> bool:
+        return self.kind != "float"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """What a float format stores its values as."""
+        return FLOATS[self.name]
+
+    def check_head_dim(self, head_dim: int) -> None:
+        if self.kind == "llama" and head_dim % BLOCK:
+            raise GQAError(f"--kv-cache-dtype {self.name} stores blocks of {BLOCK} values of a head; this model's heads "
+                           f"are {head_dim} wide (llama.cpp refuses it too)")
+
+    def fields(self, head_dim: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        blocks = head_dim // BLOCK
+        if self.kind == "fp8":
+            return {"values": ((head_dim,), FP8[self.name][0])}
+        out = {"scale": ((blocks,), torch.float16)}
+        if self.name.endswith("_1"):
+            out["min"] = ((blocks,), torch.float16)
+        if self.name == "q8_0":
+            out["codes"] = ((head_dim,), torch.int8)
+        else:
+            out["codes"] = ((head_dim // 2,), torch.uint8)
+        if self.name.startswith("q5"):
+            out["high"] = ((blocks * 4,), torch.uint8)
+        return out
+
+    def quantize(self, x: torch.Tensor, scale: float = 1.0) -> dict[str, torch.Tensor]:
+        """Codes of float values x [..., D] (checked finite: a NaN has no code)."""
+        if not bool(torch.isfinite(x).all()):
+            raise GQAError(f"cannot store NaN or Inf in a {self.name} KV cache")
+        if self.kind == "fp8":
+            dtype, largest = FP8[self.name]
+            return {"values": (x.float() / scale).clamp(-largest, largest).to(dtype)}
+        return QUANTIZERS[self.name](x.float().reshape(*x.shape[:-1], -1, BLOCK))
+
+    def dequantize(self, codes: dict[str, torch.Tensor], scale: float = 1.0) -> torch.Tensor:
+        """Float32 values [..., D] of codes."""
+        if self.kind == "fp8":
+            return codes["values"].float() * scale
+        values = DEQUANTIZERS[self.name](codes)
+        return values.reshape(*values.shape[:-2], -1)
+
+    def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the cache returns it after storing it, in x's dtype."""
+        if self.kind == "float":
+            return x.to(FLOATS[self.name]).to(x.dtype)
+        return self.dequantize(self.quantize(x)).to(x.dtype)
+
+
+def q8_0(blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    codes = roundf(blocks * reciprocal(d)).to(torch.int8)
+    return {"scale": d[..., 0].half(), "codes": codes.flatten(-2)}
+
+
+def q4_0(blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+    d = signed_max(blocks) / -8
+    q = torch.trunc(blocks * reciprocal(d) + 8.5).clamp(0, 15).to(torch.uint8)
+    return {"scale": d[..., 0].half(), "codes": pack_nibbles(q).flatten(-2)}
+
+
+def q5_0(blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+    d = signed_max(blocks) / -16
+    q = torch.trunc(blocks * reciprocal(d) + 16.5).clamp(0, 31).to(torch.uint8)
+    return {"scale": d[..., 0].half(), "codes": pack_nibbles(q & 15).flatten(-2), "high": pack_high_bits(q).flatten(-2)}
+
+
+def with_min(levels: int):
+    """q4_1 / q5_1: codes over the block's range [min, max] in `levels` steps."""
+    def quantize(blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+        low, high = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+        d = (high - low) / levels
+        q = torch.trunc((blocks - low) * reciprocal(d) + 0.5).clamp(0, levels).to(torch.uint8)
+        out = {"scale": d[..., 0].half(), "min": low[..., 0].half(), "codes": pack_nibbles(q & 15).flatten(-2)}
+        if levels == 31:
+            out["high"] = pack_high_bits(q).flatten(-2)
+        return out
+    return quantize
+
+
+def blockwise(codes: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """Integer codes [..., blocks, 32] of a 4- or 5-bit format (the fifth bit joined)."""
+    packed = codes["codes"].unflatten(-1, (-1, 16))
+    q = unpack_nibbles(packed).to(torch.int32)
+    if name.startswith("q5"):
+        q = q | unpack_high_bits(codes["high"].unflatten(-1, (-1, 4))).to(torch.int32)
+    return q
+
+
+def dequantize_0(offset: int, name: str):
+    def dequantize(codes: dict[str, torch.Tensor]) -> torch.Tensor:
+        q = codes["codes"].unflatten(-1, (-1, BLOCK)).float() if name == "q8_0" else (blockwise(codes, name) - offset).float()
+        return q * codes["scale"].float()[..., None]
+    return dequantize
+
+
+def dequantize_1(name: str):
+    def dequantize(codes: dict[str, torch.Tensor]) -> torch.Tensor:
+        return blockwise(codes, name).float() * codes["scale"].float()[..., None] + codes["min"].float()[..., None]
+    return dequantize
+
+
+QUANTIZERS = {"q8_0": q8_0, "q4_0": q4_0, "q5_0": q5_0, "q4_1": with_min(15), "q5_1": with_min(31)}
+DEQUANTIZERS = {"q8_0": dequantize_0(0, "q8_0"), "q4_0": dequantize_0(8, "q4_0"), "q5_0": dequantize_0(16, "q5_0"),
+                "q4_1": dequantize_1("q4_1"), "q5_1": dequantize_1("q5_1")}
+FP8 = {"fp8_e4m3": (torch.float8_e4m3fn, 448.0), "fp8_e5m2": (torch.float8_e5m2, 57344.0)}
+
+FORMATS = {
+    "q8_0": KVFormat("q8_0", "llama", 34 / 32, "llama.cpp -ctk q8_0 -ctv q8_0 -fa on"),
+    "q5_1": KVFormat("q5_1", "llama", 24 / 32, "llama.cpp -ctk q5_1 -ctv q5_1 -fa on"),
+    "q5_0": KVFormat("q5_0", "llama", 22 / 32, "llama.cpp -ctk q5_0 -ctv q5_0 -fa on"),
+    "q4_1": KVFormat("q4_1", "llama", 20 / 32, "llama.cpp -ctk q4_1 -ctv q4_1 -fa on"),
+    "q4_0": KVFormat("q4_0", "llama", 18 / 32, "llama.cpp -ctk q4_0 -ctv q4_0 -fa on"),
+    "fp8_e4m3": KVFormat("fp8_e4m3", "fp8", 1.0, 'vLLM kv_cache_dtype="fp8" (or "fp8_e4m3")'),
+    "fp8_e5m2": KVFormat("fp8_e5m2", "fp8", 1.0, 'vLLM kv_cache_dtype="fp8_e5m2"'),
+}
+FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ALIASES = {"fp8": "fp8_e4m3", "fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16",
+           "f16": "float16"}
+
+
+def kv_format(name: str | None, model_dtype: torch.dtype = torch.float32) -> KVFormat:
+    """The format called `name` (None: the model's own dtype)."""
+    if name is None:
+        name = str(model_dtype).removeprefix("torch.")
+    name = ALIASES.get(name, name)
+    if name in FORMATS:
+        return FORMATS[name]
+    if name in FLOATS:
+        return KVFormat(name, "float", torch.empty((), dtype=FLOATS[name]).element_size(), "the model's dtype")
+    raise GQAError(f"unknown KV cache dtype {name!r}; choose one of {', '.join([*FLOATS, *FORMATS])}")
+
+
+def names() -> list[str]:
+    return [*FLOATS, *FORMATS]
+
+
+# ------------------------------------------------------------------------------------------------ rotation
+
+@lru_cache(maxsize=None)
+def hadamard(n: int) -> torch.Tensor:
+    """llama.cpp's orthonormal Walsh–Hadamard matrix of order n (Sylvester's construction; H·H = I)."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(n)
+
+
+def rotation_sizes(fmt: KVFormat, head_dim: int, enabled: bool = True) -> tuple[int | None, int | None]:
+    """(K's rotation block, V's) where llama.cpp rotates (its quantized types, head size a multiple of 64)."""
+    if not enabled or fmt.kind != "llama" or head_dim % 64:
+        return None, None
+    k = 64
+    while head_dim % (k * 2) == 0:
+        k *= 2
+    return k, 64
+
+
+def rotate(x: torch.Tensor, n: int | None) -> torch.Tensor:
+    """x [..., D] times the order-n Hadamard matrix in consecutive blocks of n (its own inverse)."""
+    if n is None:
+        return x
+    h = hadamard(n).to(device=x.device, dtype=x.dtype)
+    return (x.unflatten(-1, (-1, n)) @ h).flatten(-2)
+
+
+# ------------------------------------------------------------------------------------------------ storage
+
+@dataclass(frozen=True)
+class KVStorage:
+    """How one model's KV cache stores K and V: a format, and llama.cpp's rotations where they apply."""
+    format: KVFormat
+    k_rotation: int | None = None
+    v_rotation: int | None = None
+
+    @property
+    def name(self) -> str:
+        rotated = self.k_rotation is not None or self.v_rotation is not None
+        unrotated = self.format.kind == "llama" and not rotated
+        return self.format.name + (" (Hadamard-rotated)" if rotated else " (unrotated)" if unrotated else "")
+
+    def bytes_per_token(self, n_kv_heads: list[int], head_dim: int) -> int:
+        """KV bytes a token adds over all layers (K and V)."""
+        return round(sum(2 * g * head_dim for g in n_kv_heads) * self.format.bytes_per_value)
+
+
+def kv_storage(name: str | None, head_dim: int, model_dtype: torch.dtype = torch.float32,
+               rotation: bool = True) -> KVStorage:
+    """The storage `--kv-cache-dtype name` asks for, checked against the head size; `rotation=False`:
+    llama.cpp's formats without its Hadamard rotation (`LLAMA_ATTN_ROT_DISABLE=1`)."""
+    fmt = kv_format(name, model_dtype)
+    fmt.check_head_dim(head_dim)
+    return KVStorage(fmt, *rotation_sizes(fmt, head_dim, rotation))
