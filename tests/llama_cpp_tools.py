@@ -114,3 +114,36 @@ def gpt2_tokenizer(dest: Path) -> Path:
     shutil.copy(data / "vocab.bpe", raw / "merges.txt")
     GPT2TokenizerFast.from_pretrained(str(raw)).save_pretrained(str(dest))
     return dest
+
+
+def gguf_layout(codes: dict):
+    """gqa's code tensors of a llama.cpp format ([..., values]) as llama.cpp lays out a row: per block of 32,
+    its d (fp16), m, qh, then its codes."""
+    import torch
+
+    n = codes["scale"].shape[-1]
+    parts = [codes["scale"].contiguous().view(torch.uint8).unflatten(-1, (n, 2))]
+    if "min" in codes:
+        parts.append(codes["min"].contiguous().view(torch.uint8).unflatten(-1, (n, 2)))
+    if "high" in codes:
+        parts.append(codes["high"].unflatten(-1, (n, 4)))
+    parts.append(codes["codes"].contiguous().view(torch.uint8).unflatten(-1, (n, -1)))
+    return torch.cat(parts, -1).flatten(-2).numpy()
+
+
+def llama_cpp_kv_rows(llm, n_layers: int, n_tokens: int) -> tuple[list[bytes], list[bytes]]:
+    """The K and V cache rows of each layer (one row per token: every KV head's blocks) as llama.cpp holds them,
+    read from its saved state (`llama_kv_cache::state_write_data`: v_trans, n_layer, then per layer the K
+    type, row size and rows; then the same for V)."""
+    import struct
+
+    state = bytes(llm.save_state().llama_state)
+    start = state.index(struct.pack("<II", 0, n_layers))  # v_trans = 0 (flash attention), n_layer
+    at, rows = start + 8, {"k": [], "v": []}
+    for kind in ("k", "v"):
+        for _ in range(n_layers):
+            _, row = struct.unpack_from("<iQ", state, at)
+            at += 12
+            rows[kind].append(state[at:at + row * n_tokens])
+            at += row * n_tokens
+    return rows["k"], rows["v"]

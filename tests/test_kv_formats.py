@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import user_error
 from families import build, save
+from llama_cpp_tools import gguf_layout
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
@@ -21,18 +22,6 @@ from gqa.kv_formats import FORMATS, hadamard, kv_format, kv_storage, rotate, rot
 LLAMA_FORMATS = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0,
                  "q4_1": GGMLQuantizationType.Q4_1, "q5_0": GGMLQuantizationType.Q5_0,
                  "q5_1": GGMLQuantizationType.Q5_1}
-
-
-def gguf_layout(codes: dict) -> np.ndarray:
-    """gqa's code tensors as llama.cpp lays a row out: per block d (fp16), m, qh, then the codes."""
-    n = codes["scale"].shape[-1]
-    parts = [codes["scale"].view(torch.uint8).unflatten(-1, (n, 2))]
-    if "min" in codes:
-        parts.append(codes["min"].view(torch.uint8).unflatten(-1, (n, 2)))
-    if "high" in codes:
-        parts.append(codes["high"].unflatten(-1, (n, 4)))
-    parts.append(codes["codes"].view(torch.uint8).unflatten(-1, (n, -1)))
-    return torch.cat(parts, -1).flatten(-2).numpy()
 
 
 def hard_rows() -> torch.Tensor:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from families import build, save
-from llama_cpp_tools import convert_with_llama_cpp, gpt2_tokenizer, llama_cpp_module
+from llama_cpp_tools import convert_with_llama_cpp, gguf_layout, gpt2_tokenizer, llama_cpp_kv_rows, llama_cpp_module
 
 import gqa
 from gqa.cli import main
@@ -127,6 +127,96 @@ def test_smollm2_per_layer_and_mqa(llama_cpp, tmp_path, capsys):
     compare(llama_cpp, tmp_path / "var.gguf", tmp_path / "var", prompt=ids)
     gqa.convert(source, tmp_path / "mqa", n_kv_heads=1, progress=False)
     compare(llama_cpp, convert_with_llama_cpp(tmp_path / "mqa", tmp_path / "mqa.gguf"), tmp_path / "mqa", prompt=ids)
+
+
+GGML_TYPES = {"q8_0": 8, "q4_0": 2}
+
+
+def llama_cpp_logits(llama_cpp, gguf_file: Path, prompt, kv: str, steps: int) -> tuple[np.ndarray, list[int]]:
+    """llama.cpp's logits over the prompt and its greedy continuation, K and V cached as `kv` (flash
+    attention on: llama.cpp quantizes V only with it)."""
+    llm = llama_cpp.Llama(str(gguf_file), n_ctx=128, n_batch=128, logits_all=True, n_threads=2, verbose=False,
+                          type_k=GGML_TYPES[kv], type_v=GGML_TYPES[kv], flash_attn=True)
+    llm.eval(prompt)
+    logits, tokens = np.asarray(llm.scores[: len(prompt)]).copy(), []
+    for _ in range(steps):
+        tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([tokens[-1]])
+    llm.close()
+    return logits, tokens
+
+
+def compare_quantized_cache(llama_cpp, gguf_file: Path, folder: Path, prompt, kv: str, rotation: bool, steps: int = 12):
+    """llama.cpp's quantized KV cache against gqa's of the same dtype: llama.cpp's logits at least 10x closer
+    to gqa's at that dtype than to gqa's float cache, and the same greedy tokens."""
+    model = gqa.load(folder, dtype="float32")
+    with torch.no_grad():
+        plain = model(torch.tensor([prompt]))[0].numpy()
+        with model.storing_kv_as(kv, rotation):
+            same = model(torch.tensor([prompt]))[0].numpy()
+    theirs, tokens = llama_cpp_logits(llama_cpp, gguf_file, prompt, kv, steps)
+    to_same, to_plain = np.abs(theirs - same).max(), np.abs(theirs - plain).max()
+    assert to_same * 10 <= to_plain, (kv, rotation, to_same, to_plain)
+    assert tokens == gqa.generate(model, [prompt], max_new_tokens=steps, kv_cache_dtype=kv, kv_rotation=rotation)[0]
+    return to_same, to_plain
+
+
+@pytest.mark.parametrize("kv,rotation", [("q8_0", True), ("q4_0", True), ("q4_0", False)])
+def test_quantized_kv_cache_is_llama_cpps(llama_cpp, tokenizer_dir, tmp_path, monkeypatch, kv, rotation):
+    """Heads of 64, where llama.cpp rotates Q/K/V by a Hadamard matrix before its quantized cache (unless
+    LLAMA_ATTN_ROT_DISABLE=1): gqa's cache of the same dtype, rotated or not, is what llama.cpp computes."""
+    if not rotation:
+        monkeypatch.setenv("LLAMA_ATTN_ROT_DISABLE", "1")
+    source = tiny("llama", tokenizer_dir, tmp_path / "mha", hidden_size=128, num_attention_heads=2,
+                  num_key_value_heads=2, intermediate_size=192)
+    gqa.convert(source, tmp_path / "mqa", n_kv_heads=1, progress=False)
+    prompt = [int(t) for t in np.random.RandomState(0).randint(100, 50000, 48)]
+    compare_quantized_cache(llama_cpp, convert_with_llama_cpp(tmp_path / "mqa", tmp_path / "mqa.gguf"),
+                            tmp_path / "mqa", prompt, kv, rotation)
+
+
+def gqa_kv_rows(cache, layer: int, n_tokens: int) -> tuple[bytes, bytes]:
+    """gqa's cache of one layer as llama.cpp's rows: token by token, every KV head's blocks."""
+    rows = []
+    for store in (cache.keys[layer], cache.values[layer]):
+        codes = {name: t[0, :, :n_tokens].transpose(0, 1) for name, t in store.items()}  # [T, G, ...]
+        rows.append(gguf_layout(codes).tobytes())
+    return rows[0], rows[1]
+
+
+def test_smollm2_quantized_kv_cache_is_llama_cpps(llama_cpp, tmp_path, capsys):
+    """The real checkpoint, as gqa's GGUF export runs in llama.cpp with a q4_0 and a q8_0 cache: its first
+    layers' caches are byte for byte llama.cpp's (the blocks of Q/K in llama.cpp's dim order, its Hadamard
+    rotation, the format's codes).
+
+    q8_0 is gguf's reference quantizer (llama.cpp's portable C and CUDA kernels); llama.cpp's x86 CPU kernel
+    rounds half to even, x·(127/amax), so a value in a few thousand lands on the neighbouring code: the first
+    layer's bytes are 99.9 % the same. Deeper layers drift apart for both: SmolLM2's large activations turn
+    the float rounding the two sides differ in into other codes, layer after layer (gqa's own float32 and
+    float64 forwards differ as much through a q8_0 cache: 0.21 in the logits), so neither its logits nor its
+    greedy tokens (the same for 5 tokens with q4_0, then not) are compared here; the tiny Llama's are, above."""
+    from gqa.checkpoints.gguf import gguf_to_hf, packaged_smollm2
+    from gqa.checkpoints.tokenizer import load_tokenizer
+
+    source = gguf_to_hf(packaged_smollm2(), tmp_path / "smollm2")
+    assert main(["export", str(source), str(tmp_path / "smollm2.gguf"), "--format", "gguf"]) == 0
+    text = "The Eiffel Tower is a wrought-iron lattice tower in Paris. It is named after the engineer whose"
+    ids = load_tokenizer(source)(text)["input_ids"]
+    model = gqa.load(source, dtype="float32")
+    for kv, exact_layers in (("q4_0", 3), ("q8_0", 0)):
+        model.set_kv_cache_dtype(kv)
+        cache = model.new_cache(1, len(ids))
+        with torch.no_grad():
+            model(torch.tensor([ids]), cache=cache)
+        llm = llama_cpp.Llama(str(tmp_path / "smollm2.gguf"), n_ctx=128, n_batch=128, n_threads=2, verbose=False,
+                              type_k=GGML_TYPES[kv], type_v=GGML_TYPES[kv], flash_attn=True)
+        llm.eval(ids)
+        k_rows, v_rows = llama_cpp_kv_rows(llm, model.config.n_layers, len(ids))
+        llm.close()
+        for layer in range(exact_layers):
+            assert gqa_kv_rows(cache, layer, len(ids)) == (k_rows[layer], v_rows[layer]), (kv, layer)
+        for ours, theirs in zip(gqa_kv_rows(cache, 0, len(ids)), (k_rows[0], v_rows[0])):
+            assert np.mean(np.frombuffer(ours, np.uint8) == np.frombuffer(theirs, np.uint8)) >= 0.999, kv
 
 
 def test_gguf_export_refuses_what_llama_cpp_cannot_hold(tmp_path, capsys):

@@ -265,6 +265,20 @@ class KVStorage:
     format: KVFormat
     k_rotation: int | None = None
     v_rotation: int | None = None
+    key_order: torch.Tensor | None = None  # the order llama.cpp holds Q/K dims in (None: the model's own)
+
+    def order_keys(self, x: torch.Tensor) -> torch.Tensor:
+        """Q or K [..., D] in the dim order llama.cpp holds them in: its `llama` / `deci` models take RoPE over
+        adjacent pairs (the converter reorders HF's rotate-half rows), so a block of 32 values holds other
+        dims than in HF's order. Scores are unchanged; which values share a quantization block is not."""
+        return x if self.key_order is None else x[..., self.key_order.to(x.device)]
+
+    @property
+    def query_format(self) -> KVFormat | None:
+        """llama.cpp's attention over a quantized K takes the dot products in 8-bit integers: each query is
+        quantized to q8_0 blocks first (its CPU flash attention, `q_to_vec_dot`; q8_1 for the _1 kinds, whose
+        codes are q8_0's; CUDA's vector kernels likewise). Scores are then those of the dequantized q8_0 query."""
+        return FORMATS["q8_0"] if self.format.kind == "llama" else None
 
     @property
     def name(self) -> str:
@@ -278,9 +292,25 @@ class KVStorage:
 
 
 def kv_storage(name: str | None, head_dim: int, model_dtype: torch.dtype = torch.float32,
-               rotation: bool = True) -> KVStorage:
+               rotation: bool = True, pairs_adjacent: bool = False) -> KVStorage:
     """The storage `--kv-cache-dtype name` asks for, checked against the head size; `rotation=False`:
-    llama.cpp's formats without its Hadamard rotation (`LLAMA_ATTN_ROT_DISABLE=1`)."""
+    llama.cpp's formats without its Hadamard rotation (`LLAMA_ATTN_ROT_DISABLE=1`); `pairs_adjacent`: a
+    model whose rotate-half RoPE llama.cpp runs over adjacent pairs (`llama_cpp_pairs_adjacent`)."""
     fmt = kv_format(name, model_dtype)
     fmt.check_head_dim(head_dim)
-    return KVStorage(fmt, *rotation_sizes(fmt, head_dim, rotation))
+    order = None
+    if fmt.kind == "llama" and pairs_adjacent:
+        order = torch.stack([torch.arange(head_dim // 2), torch.arange(head_dim // 2) + head_dim // 2], -1).flatten()
+    return KVStorage(fmt, *rotation_sizes(fmt, head_dim, rotation), key_order=order)
+
+
+def llama_cpp_pairs_adjacent(config) -> bool:
+    """Whether llama.cpp runs this decoder's rotate-half RoPE over adjacent pairs, holding Q/K in that order:
+    what gqa exports as GGUF `llama` / `deci` (Llama, Mistral and what shares their layout), as llama.cpp's
+    own converter does; `qwen2` and the other NEOX-style architectures keep HF's order, as do models
+    without RoPE."""
+    from .checkpoints.gguf import gguf_architecture, gguf_support
+
+    if config.positions != "rope" or config.rope_style != "half" or gguf_support(config) is not None:
+        return False
+    return gguf_architecture(config) in ("llama", "deci")

@@ -20,7 +20,7 @@ from .attention import attend_quantized, attention, build_mask, check_heads
 from .cache import KVCache, PagedKVCache, QuantizedKVCache, kv_bytes_per_token
 from .errors import GQAError
 from .kernels import decode_kernel_available, gqa_decode
-from .kv_formats import KVStorage, kv_storage, rotate
+from .kv_formats import KVStorage, kv_storage, llama_cpp_pairs_adjacent, rotate
 
 BLOCKS = ("sequential", "parallel", "parallel_shared", "post_norm")
 ROPE_STYLES = ("half", "interleaved")
@@ -266,7 +266,10 @@ class Attention(nn.Module):
         where the format rotates (K after RoPE), then K and V stored in the cache, or, without one,
         quantized and dequantized in place (so a full forward scores as cached decoding does); the output
         rotated back."""
+        q, k = storage.order_keys(q), storage.order_keys(k)
         q, k, v = rotate(q, storage.k_rotation), rotate(k, storage.k_rotation), rotate(v, storage.v_rotation)
+        if storage.query_format is not None:
+            q = storage.query_format.roundtrip(q)
         if cache is not None:
             cache.write(self.layer, k, v, slots)
             y = attend_quantized(q, cache, self.layer, mask)
@@ -401,7 +404,8 @@ class Transformer(TokenModel):
         q5_1 / q5_0 / q4_1 / q4_0, vLLM's fp8_e4m3 / fp8_e5m2; None: the model's dtype, unchanged). Caches
         this model makes hold that format, and a forward without a cache quantizes K and V as they would
         (`rotation=False`: llama.cpp's formats without its Hadamard rotation)."""
-        self.use_kv_storage(None if name is None else kv_storage(name, self.config.head_dim, self.dtype, rotation))
+        self.use_kv_storage(None if name is None else kv_storage(
+            name, self.config.head_dim, self.dtype, rotation, pairs_adjacent=llama_cpp_pairs_adjacent(self.config)))
 
     def use_kv_storage(self, storage: KVStorage | None) -> None:
         for block in self.layers:
