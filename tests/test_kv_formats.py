@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import user_error
 from families import build, save
-from llama_cpp_tools import gguf_layout
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
+from llama_cpp_tools import gguf_layout
 
 import gqa
 from gqa.cache import QuantizedKVCache
