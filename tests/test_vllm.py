@@ -16,6 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from families import build, save
@@ -130,6 +131,44 @@ def test_vllm_capacity_follows_the_kv_bytes(vllm_runs):
         assert blocks == KV_CACHE // (config.kv_bytes_per_token(4) * block), name
     assert served["smollm2-mqa"]["kv_tokens"] == 3 * served["smollm2"]["kv_tokens"]
     assert served["smollm2-per-layer"]["kv_tokens"] * 2 == pytest.approx(3 * served["smollm2"]["kv_tokens"], rel=1e-2)
+
+
+def fp8_machine() -> str | None:
+    """Why vLLM's CPU build cannot store an fp8 KV cache here (None where it can)."""
+    if not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()):
+        return "vLLM's CPU build stores an fp8 KV cache only on x86 machines with AVX-512 or AMX; this one has neither"
+    return None
+
+
+@pytest.mark.skipif(fp8_machine() is not None, reason=str(fp8_machine()))
+def test_vllm_fp8_kv_cache_is_gqas(vllm_runs, tmp_path):
+    """vLLM with kv_cache_dtype="fp8" against gqa's fp8_e4m3_cpu cache (vLLM's CPU build rounds toward zero;
+    its CUDA kernels, and gqa's fp8_e4m3, to nearest): the same greedy tokens, and log-probabilities at
+    least 10x closer to gqa's at that dtype than to gqa's float cache."""
+    folders, _ = vllm_runs
+    names = ["llama-mqa", "smollm2"]
+    job = {"task": "generate", "models": [str(folders[n]) for n in names], "prompts": PROMPTS,
+           "max_tokens": NEW_TOKENS, "engine": {"dtype": "float32", "max_model_len": 128, "enforce_eager": True,
+                                                 "kv_cache_memory_bytes": KV_CACHE, "seed": 0,
+                                                 "kv_cache_dtype": "fp8"}}
+    for name, result in zip(names, run_job(job, log=tmp_path / "vllm.log")["results"]):
+        assert "error" not in result, result["error"]
+        model = gqa.load(folders[name], dtype="float32")
+        logprobs = {}
+        for kv in (None, "fp8_e4m3_cpu"):
+            with model.storing_kv_as(kv):
+                logprobs[kv] = np.concatenate([chosen_logprobs(model, p, t) for p, t in zip(PROMPTS, result["tokens"])])
+        theirs = np.concatenate([np.asarray(x) for x in result["logprobs"]])
+        to_same, to_plain = np.abs(theirs - logprobs["fp8_e4m3_cpu"]).max(), np.abs(theirs - logprobs[None]).max()
+        assert to_same * 10 <= to_plain, (name, to_same, to_plain)
+        assert result["tokens"] == gqa.generate(model, PROMPTS, max_new_tokens=NEW_TOKENS, kv_cache_dtype="fp8_e4m3_cpu")
+
+
+def chosen_logprobs(model, prompt: list[int], new: list[int]) -> np.ndarray:
+    """The model's log-probability of each token of `new` after `prompt`, from one full forward."""
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([prompt + new[:-1]]))[0, len(prompt) - 1:].float(), -1)
+    return lp[torch.arange(len(new)), torch.tensor(new)].numpy()
 
 
 def free_port() -> int:

@@ -118,9 +118,12 @@ KV_TILE = 512  # cache slots dequantized at a time by `attend_quantized`
 def attend_quantized(q: torch.Tensor, cache, layer: int, mask: torch.Tensor | None, scale: float | None = None,
                      tile: int = KV_TILE) -> torch.Tensor:
     """Attention of q [B, H, S, D] over a `QuantizedKVCache` layer, reading it as the runtimes do: dequantized
-    where it is read. Decode (S ≤ DECODE_MAX_QUERY_LEN) goes over the written slots `tile` at a time with an
-    online softmax (float32), so no more than a tile of K and V is ever in float at once; a prefill block
-    reads the written slots of this one layer and runs as `attention` does. mask: [B, 1, S, max_len] bool."""
+    where it is read. Decode (S ≤ DECODE_MAX_QUERY_LEN) reads the written slots `tile` at a time, twice: the
+    scores of every slot (a [B, H, S, T] row of numbers, small), one softmax, then the weighted values; the
+    codes of a tile are converted to float32 once per pass and scaled through the scores and the
+    probabilities, never value by value (`KVFormat.affine`), so no more than a tile of K or V is ever in
+    float. A prefill block reads the written slots of this one layer and runs as `attention` does.
+    mask: [B, 1, S, max_len] bool."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     written = int(cache.lengths.max()) + q.shape[2]  # slots past every sequence's end hold nothing yet
@@ -131,21 +134,42 @@ def attend_quantized(q: torch.Tensor, cache, layer: int, mask: torch.Tensor | No
     n_kv_heads = next(iter(cache.keys[layer].values())).shape[1]
     rows = n_heads // n_kv_heads * q_len
     qg = q.float().reshape(batch, n_kv_heads, rows, head_dim)
-    best = torch.full((batch, n_kv_heads, rows, 1), float("-inf"), device=q.device)
-    total = torch.zeros_like(best)
+    scores = torch.empty(batch, n_kv_heads, rows, written, device=q.device)
+    for start in range(0, written, tile):
+        end = min(start + tile, written)
+        scores[..., start:end] = affine_scores(qg, *cache.read_affine(layer, start, end))
+    scores *= scale
+    if mask is not None:  # [B, 1, S, T] -> the rows of each group: (H/G) copies of the S queries
+        allowed = mask[..., :written].expand(batch, n_heads // n_kv_heads, q_len, written)
+        scores.masked_fill_(~allowed.reshape(batch, 1, rows, written), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
     out = torch.zeros(batch, n_kv_heads, rows, head_dim, device=q.device)
     for start in range(0, written, tile):
         end = min(start + tile, written)
-        k, v = cache.read(layer, start, end)
-        scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, G, (H/G)·S, tile]
-        if mask is not None:  # [B, 1, S, T] -> the rows of each group: (H/G) copies of the S queries
-            allowed = mask[:, :, :, start:end].expand(batch, n_heads // n_kv_heads, q_len, end - start)
-            scores = scores.masked_fill(~allowed.reshape(batch, 1, rows, end - start), float("-inf"))
-        new_best = torch.maximum(best, scores.amax(-1, keepdim=True))
-        seen = torch.isfinite(new_best)  # a row whose keys all lie in later tiles has nothing yet
-        correction = torch.where(seen, torch.exp(best - new_best), torch.zeros_like(best))
-        probs = torch.where(seen, torch.exp(scores - new_best), torch.zeros_like(scores))
-        total = total * correction + probs.sum(-1, keepdim=True)
-        out = out * correction + torch.matmul(probs, v)
-        best = new_best
-    return (out / total).reshape(batch, n_heads, q_len, head_dim).to(q.dtype)
+        out += affine_values(probs[..., start:end], *cache.read_affine(layer, start, end, values=True))
+    return out.reshape(batch, n_heads, q_len, head_dim).to(q.dtype)
+
+
+def affine_scores(q: torch.Tensor, c: torch.Tensor, d: torch.Tensor | None, m: torch.Tensor | None) -> torch.Tensor:
+    """q [B, G, R, D] against keys stored as c·d + m per block (c [B, G, n, T, D/n], d and m [B, G, n, T]):
+    Σ_blocks d·(q_b · c_b) + m·Σ q_b, scores [B, G, R, T]."""
+    n = c.shape[2]
+    qb = q.unflatten(-1, (n, -1)).transpose(2, 3)  # [B, G, n, R, D/n]
+    partial = torch.matmul(qb, c.transpose(-1, -2))  # [B, G, n, R, T]
+    if d is None:
+        return partial.sum(2)
+    scores = (partial * d.unsqueeze(3)).sum(2)
+    if m is not None:
+        scores += torch.matmul(qb.sum(-1).transpose(2, 3), m)  # [B, G, R, n] @ [B, G, n, T]
+    return scores
+
+
+def affine_values(p: torch.Tensor, c: torch.Tensor, d: torch.Tensor | None, m: torch.Tensor | None) -> torch.Tensor:
+    """Probabilities p [B, G, R, T] times values stored as c·d + m per block: [B, G, R, D]."""
+    if d is None:
+        return torch.matmul(p.unsqueeze(2), c).transpose(2, 3).flatten(-2)
+    weighted = p.unsqueeze(2) * d.unsqueeze(3)  # [B, G, n, R, T]: each block's scale folded into p
+    out = torch.matmul(weighted, c)  # [B, G, n, R, D/n]
+    if m is not None:
+        out = out + torch.matmul(p.unsqueeze(2), m.unsqueeze(-1))  # Σ_t p·m, the same for a block's dims
+    return out.transpose(2, 3).flatten(-2)

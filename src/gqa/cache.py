@@ -111,6 +111,11 @@ class QuantizedKVCache:
         return tuple(fmt.dequantize({name: t[:, :, start:end] for name, t in store.items()})
                      for store in (self.keys[layer], self.values[layer]))
 
+    def read_affine(self, layer: int, start: int, end: int, values: bool = False):
+        """Slots [start, end) of K (or V) as the format's (codes, scale, offset) in float32: `KVFormat.affine`."""
+        store = (self.values if values else self.keys)[layer]
+        return self.storage.format.affine({name: t[:, :, start:end] for name, t in store.items()})
+
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for store in self.keys + self.values for t in store.values())
 

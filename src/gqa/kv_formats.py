@@ -18,7 +18,9 @@ what a user gets there:
   are unchanged by the rotation; what changes is which values share a block, and outliers are spread, so
   the quantization error is smaller. `rotation=False` is the unrotated variant.
 - vLLM's `fp8_e4m3` / `fp8_e5m2` (`kv_cache_dtype="fp8"`): each value divided by a per-tensor scale (1.0 by
-  default, as vLLM's) and cast to 8-bit floating point, saturating at the format's largest finite value.
+  default, as vLLM's) and cast to 8-bit floating point, saturating at the format's largest finite value,
+  rounded to nearest as vLLM's CUDA kernels do; `fp8_e4m3_cpu` / `fp8_e5m2_cpu` round toward zero, as
+  vLLM's CPU build does (`csrc/cpu/cpu_attn_fp8.hpp`).
 
 A cache of one of these formats stores the codes (`QuantizedKVCache`), and attention dequantizes the
 part of it each step reads, tile by tile (`gqa.attention.attend_quantized`); a full forward without a
@@ -105,7 +107,7 @@ class KVFormat:
     def fields(self, head_dim: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         blocks = head_dim // BLOCK
         if self.kind == "fp8":
-            return {"values": ((head_dim,), FP8[self.name][0])}
+            return {"values": ((head_dim,), FP8[self.name.removesuffix("_cpu")][0])}
         out = {"scale": ((blocks,), torch.float16)}
         if self.name.endswith("_1"):
             out["min"] = ((blocks,), torch.float16)
@@ -122,8 +124,9 @@ class KVFormat:
         if not bool(torch.isfinite(x).all()):
             raise GQAError(f"cannot store NaN or Inf in a {self.name} KV cache")
         if self.kind == "fp8":
-            dtype, largest = FP8[self.name]
-            return {"values": (x.float() / scale).clamp(-largest, largest).to(dtype)}
+            dtype, largest = FP8[self.name.removesuffix("_cpu")]
+            x = (x.float() / scale).clamp(-largest, largest)
+            return {"values": truncated_fp8(x, dtype) if self.name.endswith("_cpu") else x.to(dtype)}
         return QUANTIZERS[self.name](x.float().reshape(*x.shape[:-1], -1, BLOCK))
 
     def dequantize(self, codes: dict[str, torch.Tensor], scale: float = 1.0) -> torch.Tensor:
@@ -132,6 +135,26 @@ class KVFormat:
             return codes["values"].float() * scale
         values = DEQUANTIZERS[self.name](codes)
         return values.reshape(*values.shape[:-2], -1)
+
+    def affine(self, codes: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Codes [B, G, T, ...] as value = c·d + m per block of 32: (c [B, G, blocks, T, 32] float32, d and m
+        [B, G, blocks, T] float32, m None where it is 0); fp8: (values [B, G, 1, T, D], None, None).
+        Attention takes its dot products with the small integer codes and applies d and m to the few
+        scores and probabilities instead of to every value (`gqa.attention.attend_quantized`)."""
+        if self.kind == "fp8":
+            return codes["values"].float().unsqueeze(2), None, None
+        if self.name == "q8_0":
+            q = codes["codes"].unflatten(-1, (-1, BLOCK))
+        else:
+            q = blockwise(codes, self.name)
+        c = q.permute(0, 1, 3, 2, 4).to(torch.float32, memory_format=torch.contiguous_format)
+        d = codes["scale"].permute(0, 1, 3, 2).float()
+        if self.name.endswith("_1"):
+            m = codes["min"].permute(0, 1, 3, 2).float()
+        else:
+            offset = {"q8_0": 0, "q4_0": 8, "q5_0": 16}[self.name]
+            m = d * -offset if offset else None
+        return c, d, m
 
     def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
         """x as the cache returns it after storing it, in x's dtype."""
@@ -193,6 +216,19 @@ def dequantize_1(name: str):
     return dequantize
 
 
+def truncated_fp8(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x (finite, within range) to 8-bit floats rounded toward zero, as vLLM's CPU build stores its fp8 cache
+    (`float_to_fp8e4m3_scalar`: the float32 bits of x·2^(bias − 127) cut to the 8-bit format's; its CUDA
+    kernels round to nearest instead). Scaling by 2^(bias − 127) makes float32's own subnormals the 8-bit
+    format's, so they are cut the same way."""
+    e4m3 = dtype == torch.float8_e4m3fn
+    bits = (x * 2.0 ** (-120 if e4m3 else -112)).view(torch.int32)
+    payload = (bits >> (20 if e4m3 else 21)) & 0x7F
+    if e4m3:
+        payload = payload.clamp(max=0x7E)  # 0x7F is NaN in e4m3
+    return (((bits >> 24) & 0x80) | payload).to(torch.uint8).view(dtype)
+
+
 QUANTIZERS = {"q8_0": q8_0, "q4_0": q4_0, "q5_0": q5_0, "q4_1": with_min(15), "q5_1": with_min(31)}
 DEQUANTIZERS = {"q8_0": dequantize_0(0, "q8_0"), "q4_0": dequantize_0(8, "q4_0"), "q5_0": dequantize_0(16, "q5_0"),
                 "q4_1": dequantize_1("q4_1"), "q5_1": dequantize_1("q5_1")}
@@ -206,6 +242,9 @@ FORMATS = {
     "q4_0": KVFormat("q4_0", "llama", 18 / 32, "llama.cpp -ctk q4_0 -ctv q4_0 -fa on"),
     "fp8_e4m3": KVFormat("fp8_e4m3", "fp8", 1.0, 'vLLM kv_cache_dtype="fp8" (or "fp8_e4m3")'),
     "fp8_e5m2": KVFormat("fp8_e5m2", "fp8", 1.0, 'vLLM kv_cache_dtype="fp8_e5m2"'),
+    # vLLM's CPU build stores the same formats rounded toward zero, where its CUDA kernels round to nearest
+    "fp8_e4m3_cpu": KVFormat("fp8_e4m3_cpu", "fp8", 1.0, 'vLLM\'s CPU build, kv_cache_dtype="fp8"'),
+    "fp8_e5m2_cpu": KVFormat("fp8_e5m2_cpu", "fp8", 1.0, 'vLLM\'s CPU build, kv_cache_dtype="fp8_e5m2"'),
 }
 FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ALIASES = {"fp8": "fp8_e4m3", "fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16",
