@@ -19,7 +19,7 @@ def ratio(row: dict, results: dict, s: str) -> float:
 def pareto(points: list[tuple[float, float, dict]]) -> list[dict]:
     """The points no other point beats on both KV bytes and quality (fewer bytes, lower ratio)."""
     front, best = [], float("inf")
-    for kv, q, row in sorted(points, key=lambda p: (p[0], p[1])):
+    for _, q, row in sorted(points, key=lambda p: (p[0], p[1])):
         if q < best:
             front.append(row)
             best = q
