@@ -52,6 +52,14 @@ def parts(out: Path, dry: bool) -> dict[str, list[list[str]]]:
         "smollm2": [[*GQA, "experiment", "smollm2", "--out", str(out / "smollm2"), *quick]],
         # the GQA paper's own setting, at its full default size (a 6+6-layer T5 of width 512)
         "paper-t5": [[*GQA, "experiment", "paper-t5", "--out", str(out / "paper-t5"), *quick]],
+        # the quantized KV cache on the device: decode attention and whole-model decode beside the float cache
+        "kv-cache": [[*GQA, "bench", "decode", "--out", str(out / "kv-cache" / "decode"), "--kv-cache-dtype", "q8_0",
+                      *quick],
+                     [*GQA, "bench", "generate", "--out", str(out / "kv-cache" / "generate"), "--kv-cache-dtype", "q8_0",
+                      "--peers", "", *quick]],
+        # vLLM's fp8 KV cache (rounded to nearest by its CUDA kernels) against gqa's fp8_e4m3, where vLLM imports
+        "vllm-fp8": [[sys.executable, "benchmarks/vllm_fp8.py", "--if-installed", "--workdir", str(out / "vllm-fp8-work"),
+                      "--out", str(out / "vllm-fp8" / "fp8.json")]],
         # vLLM's engine, where a carried wheel installed it; else the part records "not installed"
         "vllm": [[sys.executable, "benchmarks/vllm_serving.py", "--if-installed", "--workdir", str(out / "vllm-work"),
                   "--out", str(out / "vllm" / "serve.json"),

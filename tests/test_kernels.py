@@ -140,17 +140,39 @@ def test_bench_generate_harness_on_cpu(tmp_path):
 
     from gqa.cli import main
 
-    assert main(["bench", "generate", "--quick", "--device", "cpu", "--dtype", "float32", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "generate", "--quick", "--device", "cpu", "--dtype", "float32", "--out", str(tmp_path),
+                 "--kv-cache-dtype", "q8_0"]) == 0
     result = json.loads((tmp_path / "bench_generate.json").read_text())
     assert [(r["kv_heads"], r["batch"]) for r in result["rows"]] == [(4, 1), (4, 2), (1, 1), (1, 2)]
     for r in result["rows"]:
-        assert set(r["tokens_per_s"]) == {"gqa", "transformers generate (static cache)",
+        assert set(r["tokens_per_s"]) == {"gqa", "gqa, q8_0 cache", "transformers generate (static cache)",
                                           "plain PyTorch + eager (K/V repeat_interleave)",
                                           "plain PyTorch + eager (SDPA enable_gqa)"}
-        assert r["kv_bytes"] == r["batch"] * (r["prompt"] + 2) * 2 * 2 * r["kv_heads"] * 16 * 4
+        tokens = r["batch"] * (r["prompt"] + 2)
+        assert r["kv_bytes"] == tokens * 2 * 2 * r["kv_heads"] * 32 * 4
+        q8_bytes = tokens * 2 * 2 * r["kv_heads"] * 32 * 34 / 32  # 34 bytes per block of 32
+        bandwidth = result["bandwidth_bytes_per_s"]
+        assert r["kv_rooflines"]["gqa, q8_0 cache"] == pytest.approx(r["batch"] * bandwidth / (r["weight_bytes"] + q8_bytes))
     assert [s["kv_heads"] for s in result["speedups"]] == [1, 1]
     assert all(s["roofline_ratio"] > 1 for s in result["speedups"])
     assert result["command"] == "gqa bench generate"
+
+
+def test_bench_capacity_counts_a_quantized_caches_bytes(tmp_path):
+    """At one memory budget a q8_0 cache (34 bytes per 32 values) holds 3.76x the sequences of a float32 one."""
+    import json
+
+    from gqa.cli import main
+
+    counts = {}
+    for kv in ("float32", "q8_0"):
+        assert main(["bench", "capacity", "--quick", "--device", "cpu", "--dtype", "float32", "--memory-gb", "0.05",
+                     "--context", "64", "--kv-cache-dtype", kv, "--out", str(tmp_path / kv)]) == 0
+        rows = json.loads((tmp_path / kv / "bench_capacity.json").read_text())["rows"]
+        counts[kv] = {r["kv_heads"]: (r["max_sequences"], r["kv_bytes_per_sequence"]) for r in rows}
+    for g in counts["q8_0"]:
+        assert counts["q8_0"][g][1] * 4 * 32 == counts["float32"][g][1] * 34
+        assert counts["q8_0"][g][0] == pytest.approx(counts["float32"][g][0] * 4 * 32 / 34, rel=0.01)
 
 
 def test_bench_generate_rejects_unknown_peer(tmp_path, capsys):
@@ -172,7 +194,7 @@ def test_bench_capacity_on_cpu(tmp_path):
     assert main(argv) == 0
     rows = json.loads((tmp_path / "bench_capacity.json").read_text())["rows"]
     mha, mqa = rows
-    assert mha["kv_bytes_per_sequence"] == 4 * mqa["kv_bytes_per_sequence"] == 64 * 2 * 2 * 4 * 16 * 4
+    assert mha["kv_bytes_per_sequence"] == 4 * mqa["kv_bytes_per_sequence"] == 64 * 2 * 2 * 4 * 32 * 4
     for r in rows:  # what is left beside the weights (MQA's are smaller: fewer K/V rows), in whole sequences
         assert r["max_sequences"] == int((0.01 * 1024**3 * 0.9 - r["weight_bytes"]) // r["kv_bytes_per_sequence"])
     assert mqa["max_sequences"] >= 4 * mha["max_sequences"]

@@ -131,6 +131,18 @@ def decode_peers(device: torch.device) -> dict:
     return peers
 
 
+def quantized_decode(storage, q, k, v):
+    """gqa's decode attention over k/v stored in `storage`'s format (stored once, untimed)."""
+    from .attention import attend_quantized
+    from .cache import QuantizedKVCache
+
+    b, g, t, d = k.shape
+    cache = QuantizedKVCache.allocate(storage, [g], d, b, t, k.device)
+    cache.write(0, k.float(), v.float(), torch.arange(t, device=k.device).expand(b, t))
+    cache.lengths.fill_(t - 1)  # the query is the last token: every slot is read
+    return lambda: attend_quantized(q[:, :, None], cache, 0, None)
+
+
 def flashinfer_decode(flashinfer, q, k, v, page_size: int = 16):
     """FlashInfer's batch decode over a paged NHD cache holding the same K/V (converted once, untimed)."""
     b, g, t, d = k.shape
@@ -156,8 +168,11 @@ def bench_decode(
     device: str | torch.device = "cuda",
     memory_fraction: float = 0.4,
     repeats: int = 20,
+    kv_cache_dtype: str | None = None,
 ) -> dict:
     """Decode attention for one query per sequence over a full cache: every peer, every grid point, one run.
+    `kv_cache_dtype`: also gqa's attention over the same K/V stored in that format (`attend_quantized`),
+    its bandwidth counted in the format's bytes.
 
     Points whose K/V would exceed `memory_fraction` of the device memory are skipped (and listed; a peer may
     hold a second copy in its own layout). When the
@@ -168,6 +183,13 @@ def bench_decode(
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 2 * 1024**3
     l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 32 * 1024**2
     peers = decode_peers(device)
+    stored_bytes = {}  # peer -> bytes a value costs it, where not `dtype`'s
+    if kv_cache_dtype:
+        from .kv_formats import kv_storage
+
+        name = f"gqa, {kv_cache_dtype} cache"
+        peers[name] = functools.partial(quantized_decode, kv_storage(kv_cache_dtype, head_dim))
+        stored_bytes[name] = kv_storage(kv_cache_dtype, head_dim).format.bytes_per_value
     rows, skipped = [], []
     element = torch.empty((), dtype=dtype).element_size()
     for g in n_kv_heads:
@@ -198,8 +220,9 @@ def bench_decode(
                         continue
                     finally:
                         calls = None
-                    row["peers"][name] = {"us": seconds * 1e6, "gb_per_s": kv_bytes / seconds / 1e9,
-                                          "fraction_of_bandwidth": kv_bytes / seconds / bandwidth}
+                    read = kv_bytes * stored_bytes.get(name, element) / element
+                    row["peers"][name] = {"us": seconds * 1e6, "gb_per_s": read / seconds / 1e9,
+                                          "fraction_of_bandwidth": read / seconds / bandwidth, "kv_bytes": read}
                 rows.append(row)
                 sets = None  # free this point's buffers before the next is allocated
     return {"device": device_name(device), "bandwidth_bytes_per_s": bandwidth, "n_heads": n_heads,
@@ -277,7 +300,7 @@ def plot_decode(result: dict, path) -> None:
 
 # ------------------------------------------------------------------------------------------ whole-model decode
 
-TINY_LLAMA = dict(layers=2, dim=64, n_heads=4, head_dim=16, hidden=128, vocab=320)
+TINY_LLAMA = dict(layers=2, dim=128, n_heads=4, head_dim=32, hidden=128, vocab=320)  # heads of 32: a block
 QUICK = {  # `gqa bench ... --quick`: tiny grids that check the harness on any machine, not the speed
     "decode": dict(batch_sizes=(1, 2), lengths=(64, 200), n_kv_heads=(1, 4), n_heads=8, head_dim=64, repeats=3),
     "generate": dict(n_kv_heads=(4, 1), shapes=((1, 16), (2, 24)), new_tokens=4, compile_plain=False,
@@ -318,10 +341,14 @@ def greedy_seconds_per_step(step, tokens: torch.Tensor, device: torch.device, ne
 
 @torch.inference_mode()
 def decode_seconds_per_step(model: Transformer, batch: int, prompt_len: int, new_tokens: int,
-                            cuda_graph: bool = False, warmup: int = 3) -> float:
-    """Seconds per greedy decode step after a prefill of `prompt_len` random tokens (the prefill is not timed)."""
+                            cuda_graph: bool = False, warmup: int = 3, kv_cache_dtype: str | None = None) -> float:
+    """Seconds per greedy decode step after a prefill of `prompt_len` random tokens (the prefill is not timed),
+    over a cache of `kv_cache_dtype` where given."""
     from .generate import DecodeStep
 
+    if kv_cache_dtype:
+        with model.storing_kv_as(kv_cache_dtype):
+            return decode_seconds_per_step(model, batch, prompt_len, new_tokens, warmup=warmup)
     cache = model.new_cache(batch, prompt_len + new_tokens + warmup + 2)
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=model.device)
     tokens = model(prompt, cache=cache)[:, -1].argmax(-1)
@@ -392,12 +419,14 @@ def bench_generate(
     config_kwargs: dict | None = None,
     peers=tuple(GENERATE_PEERS),
     compile_plain: bool = True,
+    kv_cache_dtype: str | None = None,
 ) -> dict:
     """Whole-model decode tokens/s for each G and (batch, prompt), with the roofline of each point:
     a step must read every weight and the whole KV cache once, so tokens/s <= batch · bandwidth / bytes.
 
     peers: which of GENERATE_PEERS run beside ours (the plain decoders compile once per point);
-    compile_plain=False runs them eagerly (a harness check: compiling costs ~40 s a point on a CPU)."""
+    compile_plain=False runs them eagerly (a harness check: compiling costs ~40 s a point on a CPU);
+    kv_cache_dtype: ours also decodes over a cache of that format (its roofline in `kv_rooflines`)."""
     unknown = set(peers) - set(GENERATE_PEERS)
     if unknown:
         raise GQAError(f"unknown generate peers {sorted(unknown)}; known: {', '.join(GENERATE_PEERS)}")
@@ -414,6 +443,9 @@ def bench_generate(
             runs = {"gqa": functools.partial(decode_seconds_per_step, *point)}
             if device.type == "cuda":
                 runs["gqa + CUDA graph"] = functools.partial(decode_seconds_per_step, *point, cuda_graph=True)
+            if kv_cache_dtype:  # the same decoder over a cache of that format, beside the float one
+                runs[f"gqa, {kv_cache_dtype} cache"] = functools.partial(decode_seconds_per_step, *point,
+                                                                         kv_cache_dtype=kv_cache_dtype)
             if "transformers" in wanted:
                 runs[GENERATE_PEERS["transformers"]] = functools.partial(transformers_seconds_per_step, *point)
             for name, expand_kv in (("plain", True), ("plain-gqa", False)):
@@ -431,7 +463,12 @@ def bench_generate(
                         torch.cuda.empty_cache()
                 finally:
                     torch._dynamo.reset()  # the next run's module is new: start compiling from a clean cache
+            if kv_cache_dtype:
+                with model.storing_kv_as(kv_cache_dtype):
+                    quantized_bytes = batch * (prompt + new_tokens // 2) * model.kv_bytes_per_token()
+                rooflines = {f"gqa, {kv_cache_dtype} cache": batch * bandwidth / (weight_bytes + quantized_bytes)}
             rows.append({
+                **({"kv_rooflines": rooflines} if kv_cache_dtype else {}),
                 "kv_heads": g, "batch": batch, "prompt": prompt, "new_tokens": new_tokens,
                 "weight_bytes": weight_bytes, "kv_bytes": kv_bytes, "roofline_tokens_per_s": roofline,
                 "tokens_per_s": peers, "fraction_of_roofline": {k: v / roofline for k, v in peers.items()},
@@ -498,9 +535,11 @@ def bench_capacity(
     device: str | torch.device = "cuda",
     config_kwargs: dict | None = None,
     reserve_fraction: float = 0.1,
+    kv_cache_dtype: str | None = None,
 ) -> dict:
     """At a memory budget, how many sequences of `context` tokens fit beside the weights for each G, and the
     decode tokens/s of that batch. `reserve_fraction` of the budget is kept for activations and workspace.
+    `kv_cache_dtype`: the cache stores that format (`gqa.kv_formats`), its bytes counted as the format's.
 
     The cache is filled with random K/V rather than prefilled (a prefill of hundreds of long sequences would
     need far more activation memory than decoding them; decode speed does not depend on the values).
@@ -513,21 +552,42 @@ def bench_capacity(
     rows = []
     for g in n_kv_heads:
         model, weight_bytes = random_llama(g, dtype, device, **({"max_positions": context} | (config_kwargs or {})))
+        model.set_kv_cache_dtype(kv_cache_dtype)
         per_sequence = context * model.kv_bytes_per_token()
         sequences = int((budget * (1 - reserve_fraction) - weight_bytes) // per_sequence)
         row = {"kv_heads": g, "weight_bytes": weight_bytes, "kv_bytes_per_sequence": per_sequence,
                "max_sequences": max(0, sequences)}
         if sequences >= 1:
             cache = model.new_cache(sequences, context)
-            for k, v in zip(cache.keys, cache.values):
-                k.normal_()
-                v.normal_()
+            fill_random(cache)
             cache.lengths.fill_(context - new_tokens - 4)
-            step = DecodeStep(model, cache, cuda_graph=device.type == "cuda")
+            step = DecodeStep(model, cache, cuda_graph=device.type == "cuda" and not quantized(model))
             tokens = torch.zeros(sequences, dtype=torch.long, device=device)
             row["tokens_per_s"] = sequences / greedy_seconds_per_step(step, tokens, device, new_tokens, warmup=2)
             del cache, step
         rows.append(row)
         del model
     return {"device": device_name(device), "memory_gb": memory_gb, "context": context,
-            "dtype": str(dtype).removeprefix("torch."), "rows": rows}
+            "dtype": str(dtype).removeprefix("torch."), "kv_cache_dtype": kv_cache_dtype or "the model's", "rows": rows}
+
+
+def quantized(model: Transformer) -> bool:
+    storage = model.kv_cache_storage
+    return storage is not None and storage.format.quantized
+
+
+def fill_random(cache) -> None:
+    """Random contents for a cache that is timed, not read for meaning: values, or codes and scales."""
+    from .cache import QuantizedKVCache
+
+    if not isinstance(cache, QuantizedKVCache):
+        for k, v in zip(cache.keys, cache.values):
+            k.normal_()
+            v.normal_()
+        return
+    for store in cache.keys + cache.values:
+        for t in store.values():
+            if t.is_floating_point() and t.element_size() > 1:  # scales and minimums
+                t.uniform_(-0.05, 0.05)
+            else:  # codes (8-bit floats as their bytes, small ones: no NaN patterns)
+                t.view(torch.uint8).random_(0, 120)

@@ -502,6 +502,10 @@ def cmd_bench(args) -> None:
                                    ("--enforce-eager", args.enforce_eager or None, "serve")):
         if value is not None and args.what != used_by:
             raise GQAError(f"{option} is an option of `gqa bench {used_by}`; `gqa bench {args.what}` does not use it")
+    if args.kv_cache_dtype and args.what in ("serve", "seq2seq"):
+        raise GQAError(f"--kv-cache-dtype is an option of `gqa bench decode / generate / capacity`; `gqa bench "
+                       f"{args.what}` does not use it" + (" (vLLM's own is --kv-cache-dtype of vllm serve)"
+                                                           if args.what == "serve" else ""))
     if args.what == "serve":
         return bench_serve_cmd(args, args.out or "gqa-bench-serve")
     if args.what == "seq2seq":
@@ -510,6 +514,10 @@ def cmd_bench(args) -> None:
     args.context = 4096 if args.context is None else args.context
     device = pick_device(args.device)
     dtype = parse_dtype(args.dtype) or torch.bfloat16
+    if args.kv_cache_dtype:
+        from .kv_formats import kv_storage
+
+        kv_storage(args.kv_cache_dtype, 64 if args.quick and args.what == "decode" else 32 if args.quick else 128)
     out = args.out or f"gqa-bench-{args.what}"
     check_results_folder(out)
     grid = bench.QUICK[args.what] if args.quick else {}
@@ -520,7 +528,7 @@ def cmd_bench(args) -> None:
 def bench_decode_cmd(args, out, device, dtype, grid) -> None:
     from .bench import bench_decode, plot_decode, summarize_decode
 
-    result = bench_decode(dtype=dtype, device=device, **grid)
+    result = bench_decode(dtype=dtype, device=device, kv_cache_dtype=args.kv_cache_dtype, **grid)
     result["command"] = invoked_as("gqa bench decode")
     result["summary"] = summarize_decode(result)
     out = write_result(result, out, "bench_decode.json")
@@ -537,7 +545,7 @@ def bench_generate_cmd(args, out, device, dtype, grid) -> None:
     from .bench import GENERATE_PEERS, bench_generate
 
     peers = tuple(p for p in args.peers.split(",") if p) if args.peers is not None else tuple(GENERATE_PEERS)
-    result = bench_generate(dtype=dtype, device=device, peers=peers, **grid)
+    result = bench_generate(dtype=dtype, device=device, peers=peers, kv_cache_dtype=args.kv_cache_dtype, **grid)
     result["command"] = invoked_as("gqa bench generate")
     out = write_result(result, out, "bench_generate.json")
     if args.json:
@@ -552,9 +560,10 @@ def bench_generate_cmd(args, out, device, dtype, grid) -> None:
 def bench_capacity_cmd(args, out, device, dtype, grid) -> None:
     from .bench import bench_capacity
 
-    result = bench_capacity(memory_gb=args.memory_gb, context=args.context, dtype=dtype, device=device, **grid)
+    result = bench_capacity(memory_gb=args.memory_gb, context=args.context, dtype=dtype, device=device,
+                            kv_cache_dtype=args.kv_cache_dtype, **grid)
     result["command"] = f"gqa bench capacity --memory-gb {args.memory_gb} --context {args.context}" + (
-        " --quick" if args.quick else "")
+        f" --kv-cache-dtype {args.kv_cache_dtype}" if args.kv_cache_dtype else "") + (" --quick" if args.quick else "")
     out = write_result(result, out, "bench_capacity.json")
     if args.json:
         return print_json(result)
@@ -647,15 +656,16 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
-def add_kv_cache_args(p: argparse.ArgumentParser) -> None:
+def add_kv_cache_args(p: argparse.ArgumentParser, rotation: bool = True) -> None:
     from .kv_formats import ALIASES, names
 
     p.add_argument("--kv-cache-dtype", default=None, choices=[*names(), *ALIASES], metavar="DTYPE",
                    help="what the KV cache stores: float32 / bfloat16 / float16, llama.cpp's q8_0 / q5_1 / q5_0 / "
                         "q4_1 / q4_0 (Hadamard-rotated as llama.cpp does), vLLM's fp8_e4m3 (fp8) / fp8_e5m2 "
                         "(default: the model's dtype)")
-    p.add_argument("--no-kv-rotation", action="store_true",
-                   help="llama.cpp's formats without its Hadamard rotation (as LLAMA_ATTN_ROT_DISABLE=1)")
+    if rotation:
+        p.add_argument("--no-kv-rotation", action="store_true",
+                       help="llama.cpp's formats without its Hadamard rotation (as LLAMA_ATTN_ROT_DISABLE=1)")
 
 
 def kv_cache_option(args, config) -> str | None:
@@ -847,6 +857,7 @@ def add_run_verbs(sub) -> None:
     p.add_argument("--new-tokens", type=integer(2), default=None, help="serve: tokens generated per request (default 32)")
     p.add_argument("--rounds", type=COUNT, default=None, help="serve: timed rounds per point (default 5)")
     p.add_argument("--enforce-eager", action="store_true", help="serve: vLLM without torch.compile (starts faster)")
+    add_kv_cache_args(p, rotation=False)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("experiment", help="the GQA paper's experiments at small scale (sized for one H100 run)")
