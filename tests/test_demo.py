@@ -11,10 +11,21 @@ def test_quick_demo_writes_results_and_plot(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
-    rows = results["rows"]
+    rows, quantized = results["rows"][:10], results["rows"][10:]
     assert [r["name"] for r in rows] == [
         "MHA", "MHA + uptraining (control)", "GQA-2 mean", "GQA-2 first", "GQA-2 random", "GQA-2 aligned",
         "MQA mean", "MQA first", "MQA random", "MQA aligned"]
+    # the MHA model and the aligned conversions again with llama.cpp's q8_0 and q4_0 caches (evaluation only)
+    assert [(r["name"], r["kv_cache_dtype"]) for r in quantized] == [
+        (f"{m}, {kv} cache", kv) for m in ("MHA", "GQA-2 aligned", "MQA aligned") for kv in ("q8_0", "q4_0")]
+    by_name = {r["name"]: r for r in results["rows"]}
+    for m in ("MHA", "GQA-2 aligned", "MQA aligned"):
+        float_bytes = by_name[m]["kv_bytes_per_token"]  # bf16: 2 bytes a value; q8_0 34 / 32, q4_0 18 / 32
+        assert by_name[f"{m}, q8_0 cache"]["kv_bytes_per_token"] == float_bytes * 34 // 64
+        assert by_name[f"{m}, q4_0 cache"]["kv_bytes_per_token"] == float_bytes * 18 // 64
+        assert by_name[f"{m}, q4_0 cache"]["decode_tokens_per_s"] is None
+    assert by_name["MHA, q8_0 cache"]["top1_agreement"] > by_name["MHA, q4_0 cache"]["top1_agreement"]
+    assert by_name["MQA aligned, q8_0 cache"]["tokens_trained"] == by_name["MQA aligned"]["tokens_trained"]
     for r in rows:
         assert REQUIRED <= set(r)
         assert r["reference_perplexity"] == rows[0]["val_perplexity"]

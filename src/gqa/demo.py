@@ -58,6 +58,7 @@ class DemoSettings:
     decode_context: int = 448
     decode_tokens: int = 32
     decode_repeats: int = 5
+    kv_cache_dtypes: tuple[str, ...] = ("q8_0", "q4_0")  # the MHA and aligned models again with these caches
     max_steps: int | None = None  # --quick caps the uptraining steps
     seed: int = 0
 
@@ -109,10 +110,15 @@ def kv_name(n_kv_heads: int, n_heads: int) -> str:
     return "MHA" if n_kv_heads == n_heads else "MQA" if n_kv_heads == 1 else f"GQA-{n_kv_heads}"
 
 
-def row(name: str, method: str, n_kv_heads: int, mha, before: dict, after: dict, report: dict | None) -> dict:
-    kv_bytes = mha.config.kv_bytes_per_token(2) * n_kv_heads // mha.config.n_heads  # bf16, uniform G
+def row(name: str, method: str, n_kv_heads: int, mha, before: dict, after: dict, report: dict | None,
+        kv_cache_dtype: str = "bfloat16") -> dict:
+    from .kv_formats import kv_format
+
+    per_value = kv_format(kv_cache_dtype).bytes_per_value  # the runtime's default cache: bf16 (2 bytes a value)
+    kv_bytes = round(mha.config.kv_bytes_per_token(1) * per_value * n_kv_heads / mha.config.n_heads)
     return {
         "name": name, "method": method, "kv_heads": n_kv_heads, "query_heads": mha.config.n_heads,
+        "kv_cache_dtype": kv_cache_dtype,
         "alpha": report["alpha_effective"] if report else 0.0, "tokens_trained": report["tokens"] if report else 0,
         "kv_bytes_per_token": kv_bytes, "kv_reduction": mha.config.kv_bytes_per_token(2) / kv_bytes,
         "val_perplexity_alpha0": before["perplexity"], "val_perplexity": after["perplexity"],
@@ -146,11 +152,13 @@ def run_demo(out: str | os.PathLike, quick: bool = False, overwrite: bool = Fals
             say(f"{label}: perplexity at α = 0 is {before['perplexity']:.2f}; uptraining ...")
             report, after = pipe.uptrain(dest / "converted", dest / "uptrained")
             rows.append(row(label, method, g, mha, before, after, report))
+    rows += quantized_rows(s, pipe, mha, rows, out)
     decode = measure_decode(s, mha, out)
-    for r in rows:
+    for r in rows:  # decode speed is the float cache's: a quantized cache's rows are evaluation only
+        measured = decode[r["kv_heads"]] if r["kv_cache_dtype"] == "bfloat16" else None
         r.update(reference_perplexity=reference["perplexity"], alpha_target=s.alpha, seed=s.seed,
-                 decode_tokens_per_s=decode[r["kv_heads"]]["median"],
-                 decode_tokens_per_s_range=[decode[r["kv_heads"]]["min"], decode[r["kv_heads"]]["max"]])
+                 decode_tokens_per_s=measured and measured["median"],
+                 decode_tokens_per_s_range=measured and [measured["min"], measured["max"]])
     results = {
         "gqa_version": __version__, "command": "gqa demo" + (" --quick" if quick else ""),
         "device": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -167,6 +175,28 @@ def run_demo(out: str | os.PathLike, quick: bool = False, overwrite: bool = Fals
     print(table(rows) + "\n" + results["decode"]["what"])
     say(f"done in {results['seconds']:.0f} s; wrote {out / 'results.json'} and {out / 'perplexity_vs_kv_bytes.png'}")
     return results
+
+
+def quantized_rows(s: DemoSettings, pipe: Pipeline, mha, rows: list[dict], out: Path) -> list[dict]:
+    """The MHA model and the aligned conversions (uptrained) again, with the KV cache a runtime quantizes for
+    free (llama.cpp's q8_0 and q4_0, `gqa.kv_formats`): the two ways to fewer KV bytes, and both at once,
+    side by side (evaluation only)."""
+    models = [("MHA", ASSET, mha.config.n_heads, None)]
+    models += [(f"{kv_name(g, mha.config.n_heads)} aligned", out / f"g{g}-aligned" / "uptrained", g,
+                next(r for r in rows if r["name"] == f"{kv_name(g, mha.config.n_heads)} aligned"))
+               for g in s.kv_heads if "aligned" in s.methods]
+    added = []
+    for label, path, g, base in models:
+        for kv in s.kv_cache_dtypes:
+            say(f"{label}, {kv} KV cache: evaluating ...")
+            scores = pipe.evaluate(path, kv_cache_dtype=kv)
+            r = row(f"{label}, {kv} cache", base["method"] if base else "none", g, mha, scores, scores,
+                    None, kv_cache_dtype=kv)
+            if base:  # the uptrained conversion: its training is the row it was scored from
+                r.update(alpha=base["alpha"], tokens_trained=base["tokens_trained"])
+                r["val_perplexity_alpha0"] = None
+            added.append(r)
+    return added
 
 
 def measure_decode(s: DemoSettings, mha, out: Path) -> dict[int, dict]:
@@ -188,11 +218,14 @@ def table(rows: list[dict]) -> str:
     header = ("model", "KV heads", "KV bytes/token", "ppl α=0", "ppl uptrained", "top-1 agree", "decode tok/s")
     lines = [header]
     for r in rows:
-        low, high = r["decode_tokens_per_s_range"]
+        alpha0 = "" if r["val_perplexity_alpha0"] is None else f"{r['val_perplexity_alpha0']:.2f}"
+        speed = "" if r["decode_tokens_per_s"] is None else \
+            f"{r['decode_tokens_per_s']:,.0f} [{r['decode_tokens_per_s_range'][0]:,.0f}–" \
+            f"{r['decode_tokens_per_s_range'][1]:,.0f}]"
         lines.append((
-            r["name"], str(r["kv_heads"]), f"{r['kv_bytes_per_token']:,}", f"{r['val_perplexity_alpha0']:.2f}",
+            r["name"], str(r["kv_heads"]), f"{r['kv_bytes_per_token']:,}", alpha0,
             f"{r['val_perplexity']:.2f}" + (f" (α={r['alpha']:.3f})" if r["tokens_trained"] else ""),
-            f"{r['top1_agreement']:.3f}", f"{r['decode_tokens_per_s']:,.0f} [{low:,.0f}–{high:,.0f}]",
+            f"{r['top1_agreement']:.3f}", speed,
         ))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     fmt = lambda line: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))  # noqa: E731
@@ -211,6 +244,12 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, (ax, speed) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in rows:
         x = r["kv_bytes_per_token"]
+        if r["kv_cache_dtype"] != "bfloat16":  # the same model with a quantized cache: evaluation only
+            quantized = {"q8_0": "x", "q4_0": "+"}.get(r["kv_cache_dtype"], "1")
+            ax.scatter(x, r["val_perplexity"], marker=quantized, s=90, zorder=4, linewidths=2,
+                       color="black" if r["method"] == "none" else COLORS.get(r["method"], "tab:purple"),
+                       label=f"{r['kv_cache_dtype']} cache" if r["method"] == "none" else None)
+            continue
         if r["method"] == "none":
             start = not r["tokens_trained"]
             ax.scatter(x, r["val_perplexity"], marker="*" if start else "P", color="black" if start else "gray",
@@ -224,7 +263,7 @@ def plot(rows: list[dict], path: Path) -> None:
                     arrowprops={"arrowstyle": "->", "color": c, "alpha": 0.4})
     ax.set_xscale("log", base=2)
     log_y(ax)
-    ax.set_xlabel("KV-cache bytes per token (bf16)")
+    ax.set_xlabel("KV-cache bytes per token (bf16, or the quantized cache's)")
     ax.set_ylabel("validation perplexity")
     ax.set_title("hollow: right after conversion (α = 0); filled: after uptraining", fontsize=10)
     ax.legend(title="K/V init", fontsize=8)
@@ -236,7 +275,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def plot_speed(ax, rows: list[dict]) -> None:
-    points = {r["kv_heads"]: r for r in rows}  # one speed per architecture
+    points = {r["kv_heads"]: r for r in rows if r["decode_tokens_per_s"] is not None}  # one per architecture
     for g, r in sorted(points.items()):
         low, high = r["decode_tokens_per_s_range"]
         median = r["decode_tokens_per_s"]

@@ -62,8 +62,9 @@ class Pipeline:
         """The held-out blocks every model is scored on: the first `eval_blocks` of the validation split."""
         return self.data.val[: self.eval_blocks]
 
-    def evaluate(self, path: str | Path) -> dict:
-        model = load(path, dtype=torch.float32, device=self.device)
+    def evaluate(self, path: str | Path, kv_cache_dtype: str | None = None) -> dict:
+        """Scores of the model at `path` on the held-out blocks (its K/V stored as `kv_cache_dtype` says)."""
+        model = load(path, dtype=torch.float32, device=self.device, kv_cache_dtype=kv_cache_dtype)
         if isinstance(self.val, Examples):  # an encoder–decoder: loss per target token of the held-out examples
             return compare_examples(model, self.val.to(model.device), teacher=self.reference)
         return compare_blocks(model, self.val.to(model.device), teacher=self.reference)
