@@ -117,17 +117,19 @@ def gpt2_tokenizer(dest: Path) -> Path:
 
 
 def gguf_layout(codes: dict):
-    """gqa's code tensors of a llama.cpp format ([..., values]) as llama.cpp lays out a row: per block of 32,
-    its d (fp16), m, qh, then its codes."""
+    """gqa's code tensors of a llama.cpp format (blocked: [..., blocks, ...]) as llama.cpp lays out a row: per
+    block of 32, its d (fp16), m, qh, then its codes."""
     import torch
 
-    n = codes["scale"].shape[-1]
-    parts = [codes["scale"].contiguous().view(torch.uint8).unflatten(-1, (n, 2))]
+    def bytes_of(t):
+        return t.contiguous().view(torch.uint8)
+
+    parts = [bytes_of(codes["scale"].unsqueeze(-1))]
     if "min" in codes:
-        parts.append(codes["min"].contiguous().view(torch.uint8).unflatten(-1, (n, 2)))
+        parts.append(bytes_of(codes["min"].unsqueeze(-1)))
     if "high" in codes:
-        parts.append(codes["high"].unflatten(-1, (n, 4)))
-    parts.append(codes["codes"].contiguous().view(torch.uint8).unflatten(-1, (n, -1)))
+        parts.append(codes["high"])
+    parts.append(bytes_of(codes["codes"]))
     return torch.cat(parts, -1).flatten(-2).numpy()
 
 

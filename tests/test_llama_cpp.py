@@ -179,7 +179,7 @@ def gqa_kv_rows(cache, layer: int, n_tokens: int) -> tuple[bytes, bytes]:
     """gqa's cache of one layer as llama.cpp's rows: token by token, every KV head's blocks."""
     rows = []
     for store in (cache.keys[layer], cache.values[layer]):
-        codes = {name: t[0, :, :n_tokens].transpose(0, 1) for name, t in store.items()}  # [T, G, ...]
+        codes = {name: t[0, :, :, :n_tokens].permute(2, 0, 1, *range(3, t.dim() - 1)) for name, t in store.items()}
         rows.append(gguf_layout(codes).tobytes())
     return rows[0], rows[1]
 

@@ -116,7 +116,7 @@ KV_TILE = 512  # cache slots dequantized at a time by `attend_quantized`
 
 
 def attend_quantized(q: torch.Tensor, cache, layer: int, mask: torch.Tensor | None, scale: float | None = None,
-                     tile: int = KV_TILE) -> torch.Tensor:
+                     tile: int | None = None) -> torch.Tensor:
     """Attention of q [B, H, S, D] over a `QuantizedKVCache` layer, reading it as the runtimes do: dequantized
     where it is read. Decode (S ≤ DECODE_MAX_QUERY_LEN) reads the written slots `tile` at a time, twice: the
     scores of every slot (a [B, H, S, T] row of numbers, small), one softmax, then the weighted values; the
@@ -126,6 +126,7 @@ def attend_quantized(q: torch.Tensor, cache, layer: int, mask: torch.Tensor | No
     mask: [B, 1, S, max_len] bool."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    tile = tile or KV_TILE
     written = int(cache.lengths.max()) + q.shape[2]  # slots past every sequence's end hold nothing yet
     if q.shape[2] > DECODE_MAX_QUERY_LEN:
         k, v = cache.read(layer, 0, written)

@@ -7,7 +7,7 @@ batch: sequence b writes its next token at slot `lengths[b]`, which is also its 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -67,13 +67,15 @@ class KVCache:
 @dataclass
 class QuantizedKVCache:
     """A static cache that stores codes of a quantized format (`gqa.kv_formats`): per layer and field (codes,
-    scales, ...) a [B, G_layer, max_len, ...] tensor; its bytes are the format's. K and V are stored as the
-    attention computes them (after RoPE, and rotated where the storage rotates); `read` dequantizes a range
-    of slots, which attention asks for tile by tile (`gqa.attention.attend_quantized`)."""
+    scales, ...) a tensor [B, G_layer, blocks, max_len, ...], block-major, so that a range of slots of one
+    block is contiguous and converts to float in one vectorised pass; its bytes are the format's. K and V
+    are stored as the attention computes them (after RoPE, and rotated where the storage rotates);
+    attention reads ranges of slots tile by tile (`gqa.attention.attend_quantized`)."""
     storage: KVStorage
     keys: list[dict[str, torch.Tensor]]
     values: list[dict[str, torch.Tensor]]
     lengths: torch.Tensor
+    scratch: dict = field(default_factory=dict)  # float buffers tiles are converted into, reused step to step
 
     @classmethod
     def allocate(cls, storage: KVStorage, n_kv_heads: list[int], head_dim: int, batch_size: int, max_len: int,
@@ -81,7 +83,7 @@ class QuantizedKVCache:
         fields = storage.format.fields(head_dim)
 
         def layer(g: int) -> dict[str, torch.Tensor]:
-            return {name: torch.zeros((batch_size, g, max_len, *shape), dtype=dtype, device=device)
+            return {name: torch.zeros((batch_size, g, shape[0], max_len, *shape[1:]), dtype=dtype, device=device)
                     for name, (shape, dtype) in fields.items()}
 
         return cls(storage, [layer(g) for g in n_kv_heads], [layer(g) for g in n_kv_heads],
@@ -93,28 +95,39 @@ class QuantizedKVCache:
 
     @property
     def max_len(self) -> int:
-        return next(iter(self.keys[0].values())).shape[2]
+        return next(iter(self.keys[0].values())).shape[3]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """Quantize k/v [B, G, S, D] and store the codes at per-sequence slots [B, S]."""
         for store, x in ((self.keys[layer], k), (self.values[layer], v)):
             for name, codes in self.storage.format.quantize(x).items():
-                index = slots[:, None, :, None].expand(-1, codes.shape[1], -1, codes.shape[3])
+                codes = codes.movedim(3, 2)  # [B, G, S, blocks, ...] -> [B, G, blocks, S, ...]
+                index = slots.view(slots.shape[0], 1, 1, -1, *[1] * (codes.dim() - 4)).expand_as(codes)
                 if codes.element_size() == 1:  # as bytes: scatter has no 8-bit float kernels
-                    store[name].view(torch.uint8).scatter_(2, index, codes.view(torch.uint8))
+                    store[name].view(torch.uint8).scatter_(3, index, codes.view(torch.uint8))
                 else:
-                    store[name].scatter_(2, index, codes)
+                    store[name].scatter_(3, index, codes)
+
+    def slots(self, layer: int, start: int, end: int, values: bool = False) -> dict[str, torch.Tensor]:
+        """The codes of slots [start, end) of K (or V), block-major."""
+        return {name: t[:, :, :, start:end] for name, t in (self.values if values else self.keys)[layer].items()}
 
     def read(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of slots [start, end), dequantized to float32 [B, G, end - start, D]."""
         fmt = self.storage.format
-        return tuple(fmt.dequantize({name: t[:, :, start:end] for name, t in store.items()})
-                     for store in (self.keys[layer], self.values[layer]))
+        return tuple(fmt.dequantize({name: t.movedim(2, 3) for name, t in self.slots(layer, start, end, v).items()})
+                     for v in (False, True))
 
     def read_affine(self, layer: int, start: int, end: int, values: bool = False):
-        """Slots [start, end) of K (or V) as the format's (codes, scale, offset) in float32: `KVFormat.affine`."""
-        store = (self.values if values else self.keys)[layer]
-        return self.storage.format.affine({name: t[:, :, start:end] for name, t in store.items()})
+        """Slots [start, end) of K (or V) as the format's (codes, scale, offset) in float32 (`KVFormat.affine`),
+        the codes converted into a buffer kept for the next tile."""
+        codes = self.slots(layer, start, end, values)
+        first = codes["values" if "values" in codes else "codes"]
+        shape = (*first.shape[:-1], first.shape[-1] * (2 if first.dtype == torch.uint8 else 1))  # nibbles: 2 a byte
+        key = (shape[:3], shape[-1])
+        if key not in self.scratch or self.scratch[key].shape[3] < shape[3]:
+            self.scratch[key] = torch.empty(shape, dtype=torch.float32, device=first.device)
+        return self.storage.format.affine(codes, out=self.scratch[key][:, :, :, : shape[3]])
 
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for store in self.keys + self.values for t in store.values())

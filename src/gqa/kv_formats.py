@@ -105,56 +105,54 @@ class KVFormat:
                            f"are {head_dim} wide (llama.cpp refuses it too)")
 
     def fields(self, head_dim: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape per token, dtype) of the code tensors, blocked: [blocks, per block] (fp8: one block
+        of the whole head)."""
         blocks = head_dim // BLOCK
         if self.kind == "fp8":
-            return {"values": ((head_dim,), FP8[self.name.removesuffix("_cpu")][0])}
+            return {"values": ((1, head_dim), FP8[self.name.removesuffix("_cpu")][0])}
         out = {"scale": ((blocks,), torch.float16)}
         if self.name.endswith("_1"):
             out["min"] = ((blocks,), torch.float16)
-        if self.name == "q8_0":
-            out["codes"] = ((head_dim,), torch.int8)
-        else:
-            out["codes"] = ((head_dim // 2,), torch.uint8)
+        out["codes"] = ((blocks, BLOCK), torch.int8) if self.name == "q8_0" else ((blocks, BLOCK // 2), torch.uint8)
         if self.name.startswith("q5"):
-            out["high"] = ((blocks * 4,), torch.uint8)
+            out["high"] = ((blocks, 4), torch.uint8)
         return out
 
     def quantize(self, x: torch.Tensor, scale: float = 1.0) -> dict[str, torch.Tensor]:
-        """Codes of float values x [..., D] (checked finite: a NaN has no code)."""
+        """Codes of float values x [..., D], shaped as `fields` says (checked finite: a NaN has no code)."""
         if not bool(torch.isfinite(x).all()):
             raise GQAError(f"cannot store NaN or Inf in a {self.name} KV cache")
         if self.kind == "fp8":
             dtype, largest = FP8[self.name.removesuffix("_cpu")]
             x = (x.float() / scale).clamp(-largest, largest)
-            return {"values": truncated_fp8(x, dtype) if self.name.endswith("_cpu") else x.to(dtype)}
+            values = truncated_fp8(x, dtype) if self.name.endswith("_cpu") else x.to(dtype)
+            return {"values": values.unsqueeze(-2)}
         return QUANTIZERS[self.name](x.float().reshape(*x.shape[:-1], -1, BLOCK))
 
     def dequantize(self, codes: dict[str, torch.Tensor], scale: float = 1.0) -> torch.Tensor:
         """Float32 values [..., D] of codes."""
         if self.kind == "fp8":
-            return codes["values"].float() * scale
+            return codes["values"].float().squeeze(-2) * scale
         values = DEQUANTIZERS[self.name](codes)
         return values.reshape(*values.shape[:-2], -1)
 
-    def affine(self, codes: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Codes [B, G, T, ...] as value = c·d + m per block of 32: (c [B, G, blocks, T, 32] float32, d and m
-        [B, G, blocks, T] float32, m None where it is 0); fp8: (values [B, G, 1, T, D], None, None).
-        Attention takes its dot products with the small integer codes and applies d and m to the few
-        scores and probabilities instead of to every value (`gqa.attention.attend_quantized`)."""
+    def affine(self, codes: dict[str, torch.Tensor], out: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Codes held block-major, [..., blocks, T, ...] (as `QuantizedKVCache` holds them), as value = c·d + m
+        per block: (c [..., blocks, T, per block] float32, d and m [..., blocks, T] float32 or None where 1 or
+        0). Attention takes its dot products with the small integer codes and applies d and m to the few
+        scores and probabilities instead of to every value (`gqa.attention.attend_quantized`). `out`: a float32
+        buffer of c's shape to convert into (a fresh tensor of megabytes is page-faulted in on every call)."""
+        integers = codes["values"] if self.kind == "fp8" else \
+            codes["codes"] if self.name == "q8_0" else blockwise(codes, self.name)
+        c = integers.float() if out is None else out.copy_(integers)
         if self.kind == "fp8":
-            return codes["values"].float().unsqueeze(2), None, None
-        if self.name == "q8_0":
-            q = codes["codes"].unflatten(-1, (-1, BLOCK))
-        else:
-            q = blockwise(codes, self.name)
-        c = q.permute(0, 1, 3, 2, 4).to(torch.float32, memory_format=torch.contiguous_format)
-        d = codes["scale"].permute(0, 1, 3, 2).float()
+            return c, None, None
+        d = codes["scale"].float()
         if self.name.endswith("_1"):
-            m = codes["min"].permute(0, 1, 3, 2).float()
-        else:
-            offset = {"q8_0": 0, "q4_0": 8, "q5_0": 16}[self.name]
-            m = d * -offset if offset else None
-        return c, d, m
+            return c, d, codes["min"].float()
+        offset = {"q8_0": 0, "q4_0": 8, "q5_0": 16}[self.name]
+        return c, d, d * -offset if offset else None
 
     def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
         """x as the cache returns it after storing it, in x's dtype."""
@@ -166,19 +164,19 @@ class KVFormat:
 def q8_0(blocks: torch.Tensor) -> dict[str, torch.Tensor]:
     d = blocks.abs().amax(-1, keepdim=True) / 127
     codes = roundf(blocks * reciprocal(d)).to(torch.int8)
-    return {"scale": d[..., 0].half(), "codes": codes.flatten(-2)}
+    return {"scale": d[..., 0].half(), "codes": codes}
 
 
 def q4_0(blocks: torch.Tensor) -> dict[str, torch.Tensor]:
     d = signed_max(blocks) / -8
     q = torch.trunc(blocks * reciprocal(d) + 8.5).clamp(0, 15).to(torch.uint8)
-    return {"scale": d[..., 0].half(), "codes": pack_nibbles(q).flatten(-2)}
+    return {"scale": d[..., 0].half(), "codes": pack_nibbles(q)}
 
 
 def q5_0(blocks: torch.Tensor) -> dict[str, torch.Tensor]:
     d = signed_max(blocks) / -16
     q = torch.trunc(blocks * reciprocal(d) + 16.5).clamp(0, 31).to(torch.uint8)
-    return {"scale": d[..., 0].half(), "codes": pack_nibbles(q & 15).flatten(-2), "high": pack_high_bits(q).flatten(-2)}
+    return {"scale": d[..., 0].half(), "codes": pack_nibbles(q & 15), "high": pack_high_bits(q)}
 
 
 def with_min(levels: int):
@@ -187,25 +185,22 @@ def with_min(levels: int):
         low, high = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
         d = (high - low) / levels
         q = torch.trunc((blocks - low) * reciprocal(d) + 0.5).clamp(0, levels).to(torch.uint8)
-        out = {"scale": d[..., 0].half(), "min": low[..., 0].half(), "codes": pack_nibbles(q & 15).flatten(-2)}
+        out = {"scale": d[..., 0].half(), "min": low[..., 0].half(), "codes": pack_nibbles(q & 15)}
         if levels == 31:
-            out["high"] = pack_high_bits(q).flatten(-2)
+            out["high"] = pack_high_bits(q)
         return out
     return quantize
 
 
 def blockwise(codes: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    """Integer codes [..., blocks, 32] of a 4- or 5-bit format (the fifth bit joined)."""
-    packed = codes["codes"].unflatten(-1, (-1, 16))
-    q = unpack_nibbles(packed).to(torch.int32)
-    if name.startswith("q5"):
-        q = q | unpack_high_bits(codes["high"].unflatten(-1, (-1, 4))).to(torch.int32)
-    return q
+    """Integer codes [..., blocks, 32] (uint8) of a 4- or 5-bit format, the fifth bit joined."""
+    q = unpack_nibbles(codes["codes"])
+    return q | unpack_high_bits(codes["high"]) if name.startswith("q5") else q
 
 
 def dequantize_0(offset: int, name: str):
     def dequantize(codes: dict[str, torch.Tensor]) -> torch.Tensor:
-        q = codes["codes"].unflatten(-1, (-1, BLOCK)).float() if name == "q8_0" else (blockwise(codes, name) - offset).float()
+        q = codes["codes"].float() if name == "q8_0" else blockwise(codes, name).float() - offset
         return q * codes["scale"].float()[..., None]
     return dequantize
 
