@@ -10,6 +10,12 @@ with the spread:
 - llama.cpp (llama-cpp-python's vendored build) on an f32 GGUF of the same weights written by
   `gqa export --format gguf`, with an f32 KV cache, one cache stream per sequence, the same threads.
 
+`--peers` may add each runtime's quantized KV cache beside its float one: "gqa, q8_0 cache", "gqa, q4_0
+cache" (`gqa.kv_formats`) and "llama.cpp, q8_0 cache", "llama.cpp, q4_0 cache" (-ctk / -ctv, flash attention
+on, as llama.cpp needs for a quantized V); each peer's roofline counts the bytes its own cache holds:
+
+    python benchmarks/cpu_decode.py --kv-heads 4 --peers "gqa,gqa, q8_0 cache,gqa, q4_0 cache,llama.cpp,llama.cpp, q8_0 cache,llama.cpp, q4_0 cache" --out docs/results/kv-frontier/cpu-decode
+
 The caches of gqa and transformers are filled with random K/V rather than prefilled (decode speed does not
 depend on the values; a prefill of 8 x 8k tokens costs minutes on 2 cores); llama.cpp, whose cache cannot
 be written from outside, prefills one sequence once per G and copies it to the others. Only decode steps
@@ -36,7 +42,7 @@ import numpy as np
 import torch
 
 import gqa
-from gqa.bench import cpu_model_name, greedy_seconds_per_step, random_llama
+from gqa.bench import cpu_model_name, fill_random, greedy_seconds_per_step, random_llama
 from gqa.checkpoints import save
 from gqa.checkpoints.gguf import write_gguf
 from gqa.generate import DecodeStep
@@ -78,20 +84,25 @@ def random_kv(shape, seed: int) -> torch.Tensor:
 
 
 class GqaPeer:
-    """gqa's own decode step over its static cache (filled with random K/V)."""
+    """gqa's own decode step over its static cache (filled with random K/V), or over a cache of a quantized
+    format (`kv_cache_dtype`: random codes and scales)."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, kv_cache_dtype: str | None = None):
+        self.model, self.kv_cache_dtype = model, kv_cache_dtype
 
     @torch.inference_mode()
     def seconds_per_step(self, batch: int, context: int, steps: int) -> float:
-        cache = self.model.new_cache(batch, context + steps + WARMUP_STEPS + 1)
-        for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
-            k[:, :, :context] = random_kv(k[:, :, :context].shape, i)
-            v[:, :, :context] = random_kv(v[:, :, :context].shape, ~i)
-        cache.lengths.fill_(context)
-        return greedy_seconds_per_step(DecodeStep(self.model, cache), torch.zeros(batch, dtype=torch.long),
-                                       torch.device("cpu"), steps, WARMUP_STEPS)
+        with self.model.storing_kv_as(self.kv_cache_dtype):
+            cache = self.model.new_cache(batch, context + steps + WARMUP_STEPS + 1)
+            if self.kv_cache_dtype:
+                fill_random(cache)
+            else:
+                for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
+                    k[:, :, :context] = random_kv(k[:, :, :context].shape, i)
+                    v[:, :, :context] = random_kv(v[:, :, :context].shape, ~i)
+            cache.lengths.fill_(context)
+            return greedy_seconds_per_step(DecodeStep(self.model, cache), torch.zeros(batch, dtype=torch.long),
+                                           torch.device("cpu"), steps, WARMUP_STEPS)
 
 
 class TransformersPeer:
@@ -138,7 +149,8 @@ class LlamaCppPeer:
     """llama.cpp through llama-cpp-python's low-level API: one context with a cache stream per sequence
     (kv_unified off, so each sequence reads only its own cache, as in gqa and transformers), f32 K/V."""
 
-    def __init__(self, gguf_file: Path, max_batch: int, max_context: int, threads: int, flash_attention: int = -1):
+    def __init__(self, gguf_file: Path, max_batch: int, max_context: int, threads: int, flash_attention: int = -1,
+                 cache_type: int = 0):
         self.ll = ll = llama_cpp_module()
         ll.llama_backend_init()
         self.model = ll.llama_model_load_from_file(str(gguf_file).encode(), ll.llama_model_default_params())
@@ -148,7 +160,7 @@ class LlamaCppPeer:
         params.n_batch = params.n_ubatch = 512
         params.n_seq_max = max_batch
         params.kv_unified = False
-        params.type_k = params.type_v = 0  # GGML_TYPE_F32
+        params.type_k = params.type_v = cache_type  # GGML_TYPE_F32 (0), or Q8_0 (8), Q4_0 (2): -ctk / -ctv
         params.n_threads = params.n_threads_batch = threads
         params.flash_attn_type = flash_attention  # -1 auto (llama.cpp's default: on where the backend has it), 0 off
         self.ctx = ll.llama_init_from_model(self.model, params)
@@ -218,7 +230,19 @@ PEERS = {
     "llama.cpp (flash attention off)": lambda model, gguf, args: LlamaCppPeer(
         gguf, max(args.batches), max(args.contexts), args.threads, flash_attention=0),
 }
+for _name, _type in (("q8_0", 8), ("q4_0", 2)):  # each runtime's own quantized KV cache, beside its f32 one
+    PEERS[f"gqa, {_name} cache"] = lambda model, gguf, args, name=_name: GqaPeer(model, name)
+    # a quantized V cache needs llama.cpp's flash attention (on)
+    PEERS[f"llama.cpp, {_name} cache"] = lambda model, gguf, args, t=_type: LlamaCppPeer(
+        gguf, max(args.batches), max(args.contexts), args.threads, flash_attention=1, cache_type=t)
+BYTES_PER_VALUE = {"q8_0": 34 / 32, "q4_0": 18 / 32}  # of a quantized cache (float32: 4)
 DEFAULT_PEERS = ["gqa", "transformers (dynamic cache)", "transformers (static cache)", "llama.cpp"]
+
+
+def kv_bytes_of(peer: str, float_bytes: int) -> int:
+    """The KV bytes a peer reads per step: a quantized cache's are its format's."""
+    fmt = next((f for f in BYTES_PER_VALUE if f"{f} cache" in peer), None)
+    return float_bytes if fmt is None else round(float_bytes * BYTES_PER_VALUE[fmt] / 4)
 
 
 def gguf_of(model, folder: Path) -> Path:
@@ -279,10 +303,11 @@ def run(args) -> dict:
                 kv_bytes = batch * context * model.kv_bytes_per_token()
                 roofline = batch * bandwidth["median"] / (weight_bytes + kv_bytes)
                 point = measure_point(peers, batch, context, args.new_tokens, args.repeats)
+                own = {n: batch * bandwidth["median"] / (weight_bytes + kv_bytes_of(n, kv_bytes)) for n in peers}
                 row = {"kv_heads": g, "batch": batch, "context": context, "weight_bytes_read": weight_bytes,
                        "kv_bytes": kv_bytes, "bytes_per_step": weight_bytes + kv_bytes,
-                       "roofline_tokens_per_s": roofline, **point,
-                       "fraction_of_roofline": {n: s["median"] / roofline for n, s in point["tokens_per_s"].items()}}
+                       "roofline_tokens_per_s": roofline, "roofline_by_peer": own, **point,
+                       "fraction_of_roofline": {n: s["median"] / own[n] for n, s in point["tokens_per_s"].items()}}
                 rows.append(row)
                 print(json.dumps({k: row[k] for k in ("kv_heads", "batch", "context")} | {
                     n: round(s["median"], 1) for n, s in point["tokens_per_s"].items()} | {
@@ -328,7 +353,8 @@ def readme(results: dict) -> str:
              f"{results['dtype']} weights and KV cache. Each cell: median tokens/s of {results['repeats']} rounds of "
              f"{results['new_tokens_timed']} greedy decode steps (the peers take turns, round by round), the range of "
              "the rounds in brackets, and the fraction of the roofline (tokens/s if a step cost only reading its bytes "
-             "once at the measured bandwidth).\n",
+             "once at the measured bandwidth; a quantized cache's bytes are its format's; the MB column is the float "
+             "cache's).\n",
              "| KV heads | batch | context | MB read per step | roofline tok/s | " + " | ".join(peers) + " |",
              "|---" * (5 + len(peers)) + "|"]
     for r in results["rows"]:
