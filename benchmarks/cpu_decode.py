@@ -14,7 +14,8 @@ with the spread:
 cache" (`gqa.kv_formats`) and "llama.cpp, q8_0 cache", "llama.cpp, q4_0 cache" (-ctk / -ctv, flash attention
 on, as llama.cpp needs for a quantized V); each peer's roofline counts the bytes its own cache holds:
 
-    python benchmarks/cpu_decode.py --kv-heads 4 --peers "gqa,gqa, q8_0 cache,gqa, q4_0 cache,llama.cpp,llama.cpp, q8_0 cache,llama.cpp, q4_0 cache" --out docs/results/kv-frontier/cpu-decode
+    python benchmarks/cpu_decode.py --kv-heads 4 --out docs/results/kv-frontier/cpu-decode --peers \
+        "gqa,gqa, q8_0 cache,gqa, q4_0 cache,llama.cpp,llama.cpp, q8_0 cache,llama.cpp, q4_0 cache"
 
 The caches of gqa and transformers are filled with random K/V rather than prefilled (decode speed does not
 depend on the values; a prefill of 8 x 8k tokens costs minutes on 2 cores); llama.cpp, whose cache cannot
