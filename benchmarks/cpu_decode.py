@@ -10,12 +10,12 @@ with the spread:
 - llama.cpp (llama-cpp-python's vendored build) on an f32 GGUF of the same weights written by
   `gqa export --format gguf`, with an f32 KV cache, one cache stream per sequence, the same threads.
 
-`--peers` may add each runtime's quantized KV cache beside its float one: "gqa, q8_0 cache", "gqa, q4_0
-cache" (`gqa.kv_formats`) and "llama.cpp, q8_0 cache", "llama.cpp, q4_0 cache" (-ctk / -ctv, flash attention
-on, as llama.cpp needs for a quantized V); each peer's roofline counts the bytes its own cache holds:
+`--peers` may add each runtime's quantized KV cache beside its float one: "gqa (q8_0 cache)", "gqa (q4_0
+cache)" (`gqa.kv_formats`) and "llama.cpp (q8_0 cache)", "llama.cpp (q4_0 cache)" (-ctk / -ctv, flash
+attention on, as llama.cpp needs for a quantized V); each peer's roofline counts the bytes its cache holds:
 
     python benchmarks/cpu_decode.py --kv-heads 4 --out docs/results/kv-frontier/cpu-decode --peers \
-        "gqa,gqa, q8_0 cache,gqa, q4_0 cache,llama.cpp,llama.cpp, q8_0 cache,llama.cpp, q4_0 cache"
+        "gqa,gqa (q8_0 cache),gqa (q4_0 cache),llama.cpp,llama.cpp (q8_0 cache),llama.cpp (q4_0 cache)"
 
 The caches of gqa and transformers are filled with random K/V rather than prefilled (decode speed does not
 depend on the values; a prefill of 8 x 8k tokens costs minutes on 2 cores); llama.cpp, whose cache cannot
@@ -232,9 +232,9 @@ PEERS = {
         gguf, max(args.batches), max(args.contexts), args.threads, flash_attention=0),
 }
 for _name, _type in (("q8_0", 8), ("q4_0", 2)):  # each runtime's own quantized KV cache, beside its f32 one
-    PEERS[f"gqa, {_name} cache"] = lambda model, gguf, args, name=_name: GqaPeer(model, name)
+    PEERS[f"gqa ({_name} cache)"] = lambda model, gguf, args, name=_name: GqaPeer(model, name)
     # a quantized V cache needs llama.cpp's flash attention (on)
-    PEERS[f"llama.cpp, {_name} cache"] = lambda model, gguf, args, t=_type: LlamaCppPeer(
+    PEERS[f"llama.cpp ({_name} cache)"] = lambda model, gguf, args, t=_type: LlamaCppPeer(
         gguf, max(args.batches), max(args.contexts), args.threads, flash_attention=1, cache_type=t)
 BYTES_PER_VALUE = {"q8_0": 34 / 32, "q4_0": 18 / 32}  # of a quantized cache (float32: 4)
 DEFAULT_PEERS = ["gqa", "transformers (dynamic cache)", "transformers (static cache)", "llama.cpp"]
