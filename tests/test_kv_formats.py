@@ -157,3 +157,14 @@ def test_bad_cache_dtypes(wide, tmp_path, tokenizer, capsys, argv, message):
     save(build("llama"), small, tokenizer)
     (tmp_path / "t.txt").write_text("the quick brown fox " * 50)
     user_error(capsys, [a.format(m=wide, t=tmp_path / "t.txt", small=small) for a in argv], message)
+
+
+def test_fp8_refused_where_the_device_has_no_float8(wide, tmp_path, capsys, monkeypatch):
+    """torch has no float8 tensors on some devices (MPS): one line before anything runs, not a cast error mid-run."""
+    from gqa import kv_formats
+
+    assert kv_formats.fp8_on("cpu", "fp8_e4m3") and kv_formats.fp8_on("cpu", "fp8_e5m2")  # the probe, where they are
+    monkeypatch.setattr(kv_formats, "fp8_on", lambda device, name: device != "cpu")
+    (tmp_path / "t.txt").write_text("the quick brown fox " * 50)
+    user_error(capsys, ["eval", str(wide), "--data", str(tmp_path / "t.txt"), "--kv-cache-dtype", "fp8"],
+               "--kv-cache-dtype fp8_e4m3: torch " + torch.__version__ + " has no float8 tensors on cpu")

@@ -104,6 +104,12 @@ class KVFormat:
             raise GQAError(f"--kv-cache-dtype {self.name} stores blocks of {BLOCK} values of a head; this model's heads "
                            f"are {head_dim} wide (llama.cpp refuses it too)")
 
+    def check_device(self, device: torch.device | str) -> None:
+        """fp8 needs float8 tensors on the device (torch has none on MPS, for one): refused up front, not mid-run."""
+        if self.kind == "fp8" and not fp8_on(str(device), self.name.removesuffix("_cpu")):
+            raise GQAError(f"--kv-cache-dtype {self.name}: torch {torch.__version__} has no float8 tensors on "
+                           f"{device}; use a llama.cpp format (q8_0 stores 1.06 bytes a value) or the model's dtype")
+
     def fields(self, head_dim: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Name -> (shape per token, dtype) of the code tensors, blocked: [blocks, per block] (fp8: one block
         of the whole head)."""
@@ -209,6 +215,16 @@ def dequantize_1(name: str):
     def dequantize(codes: dict[str, torch.Tensor]) -> torch.Tensor:
         return blockwise(codes, name).float() * codes["scale"].float()[..., None] + codes["min"].float()[..., None]
     return dequantize
+
+
+@lru_cache(maxsize=None)
+def fp8_on(device: str, name: str) -> bool:
+    """Whether float32 -> `name` -> float32 runs on `device`."""
+    try:
+        torch.ones(2, device=device).to(FP8[name][0]).float()
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return True
 
 
 def truncated_fp8(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

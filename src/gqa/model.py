@@ -404,8 +404,11 @@ class Transformer(TokenModel):
         q5_1 / q5_0 / q4_1 / q4_0, vLLM's fp8_e4m3 / fp8_e5m2; None: the model's dtype, unchanged). Caches
         this model makes hold that format, and a forward without a cache quantizes K and V as they would
         (`rotation=False`: llama.cpp's formats without its Hadamard rotation)."""
-        self.use_kv_storage(None if name is None else kv_storage(
-            name, self.config.head_dim, self.dtype, rotation, pairs_adjacent=llama_cpp_pairs_adjacent(self.config)))
+        storage = None if name is None else kv_storage(
+            name, self.config.head_dim, self.dtype, rotation, pairs_adjacent=llama_cpp_pairs_adjacent(self.config))
+        if storage is not None:
+            storage.format.check_device(self.device)
+        self.use_kv_storage(storage)
 
     def use_kv_storage(self, storage: KVStorage | None) -> None:
         for block in self.layers:
