@@ -366,14 +366,31 @@ def readme(results: dict) -> str:
                          f"{r['fraction_of_roofline'][n]:.0%}")
         lines.append(f"| {r['kv_heads']} | {r['batch']} | {r['context']:,} | {r['bytes_per_step'] / 1e6:,.0f} | "
                      f"{r['roofline_tokens_per_s']:,.1f} | " + " | ".join(cells) + " |")
-    lines += ["\n## MHA → GQA / MQA: realised speed-up next to the ratio of bytes read per step\n",
-              "| KV heads | batch | context | bytes ratio | " + " | ".join(peers) + " |", "|---" * (4 + len(peers)) + "|"]
-    for s in results["speedups"]:
-        cells = [f"{s['realised'][n]:.2f}× ({s['fraction_of_bytes_ratio'][n]:.0%})" if n in s["realised"] else "—"
-                 for n in peers]
-        lines.append(f"| {s['kv_heads']} | {s['batch']} | {s['context']:,} | {s['bytes_ratio']:.2f}× | "
-                     + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    if results["speedups"]:
+        lines += ["\n## MHA → GQA / MQA: realised speed-up next to the ratio of bytes read per step\n",
+                  "| KV heads | batch | context | bytes ratio | " + " | ".join(peers) + " |", "|---" * (4 + len(peers)) + "|"]
+        for s in results["speedups"]:
+            cells = [f"{s['realised'][n]:.2f}× ({s['fraction_of_bytes_ratio'][n]:.0%})" if n in s["realised"] else "—"
+                     for n in peers]
+            lines.append(f"| {s['kv_heads']} | {s['batch']} | {s['context']:,} | {s['bytes_ratio']:.2f}× | "
+                         + " | ".join(cells) + " |")
+    return "\n".join(lines + quantized_against_float(results, peers)) + "\n"
+
+
+def quantized_against_float(results: dict, peers: list[str]) -> list[str]:
+    """Each quantized-cache peer's median tokens/s over its runtime's float-cache peer, per point."""
+    pairs = [(n, n.split(" (")[0]) for n in peers if " cache)" in n and n.split(" (")[0] in peers]
+    if not pairs:
+        return []
+    lines = ["\n## Quantized cache against the same runtime's float cache (median tokens/s ratio)\n",
+             "| KV heads | batch | context | " + " | ".join(f"{q} / {f}" for q, f in pairs) + " |",
+             "|---" * (3 + len(pairs)) + "|"]
+    for r in results["rows"]:
+        speed = r["tokens_per_s"]
+        cells = [f"{speed[q]['median'] / speed[f]['median']:.2f}×" if speed.get(q) and speed.get(f) else "—"
+                 for q, f in pairs]
+        lines.append(f"| {r['kv_heads']} | {r['batch']} | {r['context']:,} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> None:
