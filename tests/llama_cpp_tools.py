@@ -149,3 +149,18 @@ def llama_cpp_kv_rows(llm, n_layers: int, n_tokens: int) -> tuple[list[bytes], l
             rows[kind].append(state[at:at + row * n_tokens])
             at += row * n_tokens
     return rows["k"], rows["v"]
+
+
+def ggml_reference_quantize(x, ggml_name: str, bytes_per_block: int):
+    """llama.cpp's own `quantize_row_<ggml_name>_ref` (the C the tests' llama.cpp build runs: its CPU cache's
+    iq4_nl calls it), on float32 rows of 32-value blocks: the bytes, as GGUF lays them out."""
+    import ctypes
+
+    import numpy as np
+
+    lib = ctypes.CDLL(str(Path(llama_cpp_module().__file__).parent / "lib" / "libggml-base.so"))
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.zeros((*x.shape[:-1], x.shape[-1] // 32 * bytes_per_block), dtype=np.uint8)
+    getattr(lib, f"quantize_row_{ggml_name}_ref")(x.ctypes.data_as(ctypes.c_void_p),
+                                                   out.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(x.size))
+    return out

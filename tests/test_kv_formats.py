@@ -12,7 +12,7 @@ from conftest import user_error
 from families import build, save
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
-from llama_cpp_tools import gguf_layout
+from llama_cpp_tools import ggml_reference_quantize, gguf_layout
 
 import gqa
 from gqa.cache import QuantizedKVCache
@@ -49,6 +49,26 @@ def test_llama_formats_are_ggmls_reference_quantizers_byte_for_byte(name):
     np.testing.assert_array_equal(fmt.dequantize(codes).numpy(), dequantize(reference, LLAMA_FORMATS[name]))
     assert reference.nbytes / x.numel() == fmt.bytes_per_value
     assert sum(t.numel() * t.element_size() for t in codes.values()) == reference.nbytes
+
+
+@pytest.mark.parametrize("name", ["iq4_nl", "q4_0", "q5_1"])
+def test_llama_formats_are_llama_cpps_own_c_quantizers(name):
+    """Against the C the tests' llama.cpp build runs (`quantize_row_*_ref` in its libggml-base): iq4_nl,
+    which the `gguf` package cannot quantize (its levels are non-uniform and its scale refitted by weighted
+    least squares), over many blocks, and two of the formats above as a check of the harness. A block of
+    zeros is the one difference: ggml leaves its iq4_nl codes unset (any codes give 0 at scale 0)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([hard_rows(), torch.randn(2000, 128, generator=g) * torch.rand(2000, 1, generator=g) * 5])
+    fmt = kv_format(name)
+    ours = gguf_layout(fmt.quantize(x))
+    theirs = ggml_reference_quantize(x.numpy(), name, round(fmt.bytes_per_value * 32))
+    blocks = x.reshape(-1, 32).abs().amax(-1) > 0
+    ours, theirs = ours.reshape(len(blocks), -1), theirs.reshape(len(blocks), -1)
+    np.testing.assert_array_equal(ours[blocks.numpy()], theirs[blocks.numpy()])
+    np.testing.assert_array_equal(ours[~blocks.numpy(), :2], theirs[~blocks.numpy(), :2])  # zero blocks: the scale
+    if name == "iq4_nl":
+        reference = dequantize(theirs.reshape(x.shape[0], -1), GGMLQuantizationType.IQ4_NL)
+        np.testing.assert_array_equal(fmt.dequantize(fmt.quantize(x)).numpy(), reference)
 
 
 def test_hand_computed_blocks():
@@ -107,7 +127,7 @@ def wide(tmp_path_factory, tokenizer):
     return folder
 
 
-@pytest.mark.parametrize("name", ["float16", "bfloat16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "fp8_e4m3",
+@pytest.mark.parametrize("name", ["float16", "bfloat16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl", "fp8_e4m3",
                                   "fp8_e5m2", "q4_0 unrotated"])
 def test_cached_decoding_equals_the_full_forward(wide, name):
     """The full forward (what `eval` scores) quantizes K and V exactly as the cache stores them: the logits of

@@ -129,7 +129,7 @@ def test_smollm2_per_layer_and_mqa(llama_cpp, tmp_path, capsys):
     compare(llama_cpp, convert_with_llama_cpp(tmp_path / "mqa", tmp_path / "mqa.gguf"), tmp_path / "mqa", prompt=ids)
 
 
-GGML_TYPES = {"q8_0": 8, "q4_0": 2}
+GGML_TYPES = {"q8_0": 8, "q4_0": 2, "iq4_nl": 20}
 
 
 def llama_cpp_logits(llama_cpp, gguf_file: Path, prompt, kv: str, steps: int) -> tuple[np.ndarray, list[int]]:
@@ -161,7 +161,7 @@ def compare_quantized_cache(llama_cpp, gguf_file: Path, folder: Path, prompt, kv
     return to_same, to_plain
 
 
-@pytest.mark.parametrize("kv,rotation", [("q8_0", True), ("q4_0", True), ("q4_0", False)])
+@pytest.mark.parametrize("kv,rotation", [("q8_0", True), ("q4_0", True), ("q4_0", False), ("iq4_nl", True)])
 def test_quantized_kv_cache_is_llama_cpps(llama_cpp, tokenizer_dir, tmp_path, monkeypatch, kv, rotation):
     """Heads of 64, where llama.cpp rotates Q/K/V by a Hadamard matrix before its quantized cache (unless
     LLAMA_ATTN_ROT_DISABLE=1): gqa's cache of the same dtype, rotated or not, is what llama.cpp computes."""
@@ -185,7 +185,7 @@ def gqa_kv_rows(cache, layer: int, n_tokens: int) -> tuple[bytes, bytes]:
 
 
 def test_smollm2_quantized_kv_cache_is_llama_cpps(llama_cpp, tmp_path, capsys):
-    """The real checkpoint, as gqa's GGUF export runs in llama.cpp with a q4_0 and a q8_0 cache: its first
+    """The real checkpoint, as gqa's GGUF export runs in llama.cpp with a q4_0, an iq4_nl and a q8_0 cache: its first
     layers' caches are byte for byte llama.cpp's (the blocks of Q/K in llama.cpp's dim order, its Hadamard
     rotation, the format's codes).
 
@@ -203,7 +203,7 @@ def test_smollm2_quantized_kv_cache_is_llama_cpps(llama_cpp, tmp_path, capsys):
     text = "The Eiffel Tower is a wrought-iron lattice tower in Paris. It is named after the engineer whose"
     ids = load_tokenizer(source)(text)["input_ids"]
     model = gqa.load(source, dtype="float32")
-    for kv, exact_layers in (("q4_0", 3), ("q8_0", 0)):
+    for kv, exact_layers in (("q4_0", 3), ("iq4_nl", 3), ("q8_0", 0)):
         model.set_kv_cache_dtype(kv)
         cache = model.new_cache(1, len(ids))
         with torch.no_grad():

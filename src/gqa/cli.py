@@ -661,7 +661,7 @@ def add_kv_cache_args(p: argparse.ArgumentParser, rotation: bool = True) -> None
 
     p.add_argument("--kv-cache-dtype", default=None, choices=[*names(), *ALIASES], metavar="DTYPE",
                    help="what the KV cache stores: float32 / bfloat16 / float16, llama.cpp's q8_0 / q5_1 / q5_0 / "
-                        "q4_1 / q4_0 (Hadamard-rotated as llama.cpp does), vLLM's fp8_e4m3 (fp8) / fp8_e5m2 "
+                        "q4_1 / q4_0 / iq4_nl (Hadamard-rotated as llama.cpp does), vLLM's fp8_e4m3 (fp8) / fp8_e5m2 "
                         "(default: the model's dtype)")
     if rotation:
         p.add_argument("--no-kv-rotation", action="store_true",
@@ -670,12 +670,12 @@ def add_kv_cache_args(p: argparse.ArgumentParser, rotation: bool = True) -> None
 
 def kv_cache_option(args, config) -> str | None:
     """--kv-cache-dtype checked against the model's config before it loads (None: the model's dtype)."""
-    from .kv_formats import kv_storage
+    from .kv_formats import kv_format, kv_storage
     from .seq2seq import Seq2SeqConfig
 
-    if args.no_kv_rotation and (args.kv_cache_dtype is None or not args.kv_cache_dtype.startswith("q")):
+    if args.no_kv_rotation and (args.kv_cache_dtype is None or kv_format(args.kv_cache_dtype).kind != "llama"):
         raise GQAError("--no-kv-rotation turns off llama.cpp's rotation of its quantized formats: give one of them "
-                       "with --kv-cache-dtype (q8_0, q5_1, q5_0, q4_1, q4_0)")
+                       "with --kv-cache-dtype (q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl)")
     if args.kv_cache_dtype is None:
         return None
     if isinstance(config, Seq2SeqConfig):

@@ -4,13 +4,16 @@ Runtimes offer fewer KV bytes without touching the weights, and it stacks with f
 its cache in the same formats, value for value as the runtimes define them, so that what it measures is
 what a user gets there:
 
-- llama.cpp's `q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1` (`-ctk/-ctv`): blocks of 32 consecutive values of one
+- llama.cpp's `q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1`, `iq4_nl` (`-ctk/-ctv`): blocks of 32 consecutive values of one
   head's row, each with an fp16 scale d (and an fp16 minimum m for the `_1` kinds) and a 4-, 5- or 8-bit
   code per value: x ≈ d·q (`_0`) or d·q + m (`_1`). The codes are computed exactly as ggml's reference
   quantizers (`quantize_row_*_ref`, and the `gguf` package's `gguf.quants`, which tests compare against):
   the scale from the block's largest magnitude (or its range), its reciprocal in fp32, codes by
   truncation after an offset (round-half-away-from-zero for q8_0), the scale stored as fp16 afterwards.
-  The bytes per value are the format's own (q8_0 34 / 32, q4_0 18 / 32, ...).
+  The bytes per value are the format's own (q8_0 34 / 32, q4_0 18 / 32, ...). `iq4_nl` (18 / 32): each
+  value's nearest of 16 fixed non-uniform levels, the block's scale refitted by weighted least squares
+  (`quantize_row_iq4_nl_ref`, which llama.cpp's CPU cache calls; `gguf.quants` has no quantizer for it,
+  so the tests compare with llama.cpp's own C).
 - llama.cpp rotates Q and K (after RoPE), and V, by an orthonormal Walsh–Hadamard matrix before a quantized
   cache, wherever the head size is a multiple of 64 (`attn_rot_k` / `attn_rot_v` in its
   `src/llama-kv-cache.cpp`; `LLAMA_ATTN_ROT_DISABLE=1` turns it off): K in blocks of the largest power of
@@ -157,7 +160,7 @@ class KVFormat:
         d = codes["scale"].float()
         if self.name.endswith("_1"):
             return c, d, codes["min"].float()
-        offset = {"q8_0": 0, "q4_0": 8, "q5_0": 16}[self.name]
+        offset = {"q8_0": 0, "q4_0": 8, "q5_0": 16, "iq4_nl": 0}[self.name]
         return c, d, d * -offset if offset else None
 
     def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,6 +188,36 @@ def q5_0(blocks: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"scale": d[..., 0].half(), "codes": pack_nibbles(q & 15), "high": pack_high_bits(q)}
 
 
+IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml's kvalues_iq4nl
+
+
+def iq4_nl(blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """ggml's `quantize_row_iq4_nl_ref` (what llama.cpp's CPU cache stores): each value's nearest of 16 fixed
+    non-uniform levels at the scale max/-127, then the scale refitted by least squares weighted by x²,
+    Σx³q / Σx²q², summed in order as C does (float32 sums, value by value). ggml leaves a block of near-zero
+    values (|x| < 1e-15) scale 0 with its codes unset; here they are level 1's."""
+    levels = torch.tensor(IQ4_NL_VALUES, dtype=torch.float32, device=blocks.device)
+    d = signed_max(blocks) / -127.0
+    tiny = blocks.abs().amax(-1, keepdim=True) < 1e-15
+    index = nearest_level(levels, blocks * (1.0 / torch.where(tiny, torch.ones_like(d), d)))
+    q, w = levels[index], blocks * blocks
+    sum_qx, sum_q2 = torch.zeros_like(d[..., 0]), torch.zeros_like(d[..., 0])
+    for j in range(BLOCK):
+        wq = w[..., j] * q[..., j]
+        sum_qx = sum_qx + wq * blocks[..., j]
+        sum_q2 = sum_q2 + wq * q[..., j]
+    scale = torch.where(sum_q2 > 0, sum_qx / torch.where(sum_q2 > 0, sum_q2, 1.0), 0.0)
+    scale = torch.where(tiny[..., 0], 0.0, scale)
+    return {"scale": scale.half(), "codes": pack_nibbles(torch.where(tiny, 8, index).to(torch.uint8))}
+
+
+def nearest_level(levels: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """ggml's best_index_int8: the index of the level nearest x, the upper one on a tie."""
+    upper = torch.searchsorted(levels, x.contiguous(), right=True).clamp(1, len(levels) - 1)
+    index = torch.where(x - levels[upper - 1] < levels[upper] - x, upper - 1, upper)
+    return torch.where(x <= levels[0], 0, torch.where(x >= levels[-1], len(levels) - 1, index))
+
+
 def with_min(levels: int):
     """q4_1 / q5_1: codes over the block's range [min, max] in `levels` steps."""
     def quantize(blocks: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -199,8 +232,10 @@ def with_min(levels: int):
 
 
 def blockwise(codes: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    """Integer codes [..., blocks, 32] (uint8) of a 4- or 5-bit format, the fifth bit joined."""
+    """Integer codes [..., blocks, 32] of a 4- or 5-bit format, the fifth bit joined (iq4_nl: its levels)."""
     q = unpack_nibbles(codes["codes"])
+    if name == "iq4_nl":
+        return torch.tensor(IQ4_NL_VALUES, dtype=torch.int8, device=q.device)[q.long()]
     return q | unpack_high_bits(codes["high"]) if name.startswith("q5") else q
 
 
@@ -240,9 +275,9 @@ def truncated_fp8(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (((bits >> 24) & 0x80) | payload).to(torch.uint8).view(dtype)
 
 
-QUANTIZERS = {"q8_0": q8_0, "q4_0": q4_0, "q5_0": q5_0, "q4_1": with_min(15), "q5_1": with_min(31)}
+QUANTIZERS = {"q8_0": q8_0, "q4_0": q4_0, "q5_0": q5_0, "q4_1": with_min(15), "q5_1": with_min(31), "iq4_nl": iq4_nl}
 DEQUANTIZERS = {"q8_0": dequantize_0(0, "q8_0"), "q4_0": dequantize_0(8, "q4_0"), "q5_0": dequantize_0(16, "q5_0"),
-                "q4_1": dequantize_1("q4_1"), "q5_1": dequantize_1("q5_1")}
+                "q4_1": dequantize_1("q4_1"), "q5_1": dequantize_1("q5_1"), "iq4_nl": dequantize_0(0, "iq4_nl")}
 FP8 = {"fp8_e4m3": (torch.float8_e4m3fn, 448.0), "fp8_e5m2": (torch.float8_e5m2, 57344.0)}
 
 FORMATS = {
@@ -251,6 +286,7 @@ FORMATS = {
     "q5_0": KVFormat("q5_0", "llama", 22 / 32, "llama.cpp -ctk q5_0 -ctv q5_0 -fa on"),
     "q4_1": KVFormat("q4_1", "llama", 20 / 32, "llama.cpp -ctk q4_1 -ctv q4_1 -fa on"),
     "q4_0": KVFormat("q4_0", "llama", 18 / 32, "llama.cpp -ctk q4_0 -ctv q4_0 -fa on"),
+    "iq4_nl": KVFormat("iq4_nl", "llama", 18 / 32, "llama.cpp -ctk iq4_nl -ctv iq4_nl -fa on"),
     "fp8_e4m3": KVFormat("fp8_e4m3", "fp8", 1.0, 'vLLM kv_cache_dtype="fp8" (or "fp8_e4m3")'),
     "fp8_e5m2": KVFormat("fp8_e5m2", "fp8", 1.0, 'vLLM kv_cache_dtype="fp8_e5m2"'),
     # vLLM's CPU build stores the same formats rounded toward zero, where its CUDA kernels round to nearest

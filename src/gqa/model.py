@@ -401,7 +401,7 @@ class Transformer(TokenModel):
 
     def set_kv_cache_dtype(self, name: str | None, rotation: bool = True) -> None:
         """Store K and V as `name` says (`gqa.kv_formats`: the model's dtype, a float dtype, llama.cpp's q8_0 /
-        q5_1 / q5_0 / q4_1 / q4_0, vLLM's fp8_e4m3 / fp8_e5m2; None: the model's dtype, unchanged). Caches
+        q5_1 / q5_0 / q4_1 / q4_0 / iq4_nl, vLLM's fp8_e4m3 / fp8_e5m2; None: the model's dtype, unchanged). Caches
         this model makes hold that format, and a forward without a cache quantizes K and V as they would
         (`rotation=False`: llama.cpp's formats without its Hadamard rotation)."""
         storage = None if name is None else kv_storage(
