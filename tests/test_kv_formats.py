@@ -188,3 +188,24 @@ def test_fp8_refused_where_the_device_has_no_float8(wide, tmp_path, capsys, monk
     (tmp_path / "t.txt").write_text("the quick brown fox " * 50)
     user_error(capsys, ["eval", str(wide), "--data", str(tmp_path / "t.txt"), "--kv-cache-dtype", "fp8"],
                "--kv-cache-dtype fp8_e4m3: torch " + torch.__version__ + " has no float8 tensors on cpu")
+
+
+@pytest.mark.parametrize("name", ["q8_0", "q4_1", "q5_0", "iq4_nl", "fp8_e4m3"])
+def test_decode_over_tiles_is_attention_over_the_dequantized_cache(name):
+    """attend_quantized reads the cache a tile at a time (codes converted per tile, scales applied to scores
+    and probabilities): any tile size gives attention over the dequantized K/V, ragged lengths masked."""
+    from gqa.attention import attend_quantized, attention, kv_tile
+
+    g = torch.Generator().manual_seed(2)
+    b, n_heads, n_kv, t, d = 3, 8, 2, 100, 64
+    k, v = torch.randn(b, n_kv, t, d, generator=g), torch.randn(b, n_kv, t, d, generator=g)
+    q = torch.randn(b, n_heads, 1, d, generator=g)
+    cache = QuantizedKVCache.allocate(kv_storage(name, d, rotation=False), [n_kv], d, b, t)
+    cache.write(0, k, v, torch.arange(t).expand(b, t))
+    cache.lengths.copy_(torch.tensor([t - 1, 60, 7]))
+    mask = (torch.arange(t)[None, :] <= cache.lengths[:, None])[:, None, None, :]
+    dk, dv = cache.read(0, 0, t)
+    expected = attention(q, dk, dv, mask, 1 / 8)
+    for tile in (None, 16, 33, 4096):
+        torch.testing.assert_close(attend_quantized(q, cache, 0, mask, 1 / 8, tile=tile), expected, atol=2e-5, rtol=0)
+    assert kv_tile(1, 4, 64) == 4096 and kv_tile(8, 4, 64) == 1024 and kv_tile(64, 32, 128) == 256
