@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -316,7 +317,7 @@ def run(args) -> dict:
         for peer in peers.values():
             getattr(peer, "close", lambda: None)()
         del peers, model
-    return {"command": "python benchmarks/cpu_decode.py " + " ".join(sys.argv[1:]), "machine": machine(args.threads),
+    return {"command": "python benchmarks/cpu_decode.py " + shlex.join(sys.argv[1:]), "machine": machine(args.threads),
             "shape": shape, "dtype": "float32", "new_tokens_timed": args.new_tokens, "repeats": args.repeats,
             "read_bandwidth_bytes_per_s": bandwidth, "rows": rows, "speedups": speedups(rows, max(args.kv_heads))}
 
