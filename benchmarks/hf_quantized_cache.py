@@ -17,7 +17,7 @@ gqa's q8_0 / q4_0 / fp8_e4m3 caches score the same windows (its full forward qua
 cache stores them: a test). A token-by-token float32 `DynamicCache` pass on the first window checks the
 harness against the full forward.
 
-    pip install optimum-quanto==0.2.7
+    pip install -e ".[bench]"        # optimum-quanto, for transformers' quanto backend (0.2.7 measured)
     python benchmarks/hf_quantized_cache.py --model /tmp/gqa-frontier/smollm2/original \\
         --linux-doc /tmp/gqa-frontier/smollm2/linux-doc.txt --out docs/results/kv-frontier/transformers-quantized-cache
 """
@@ -163,6 +163,12 @@ forward without a cache: perplexity ×, top-1 agreement, KL per token. KV bytes 
 (bf16 cache: {r['kv_bytes_per_token']['bfloat16']:,}). transformers' caches are decoded token by token,
 teacher-forced (a prompt's own attention never reads them quantized); the harness (float32 DynamicCache, token
 by token) is {r['harness_max_abs_logit_difference']:.1e} from the full forward at most.
+
+Read with care: quanto keeps the 128 most recent tokens in the model's dtype, a large share of a
+{r['seq_len']}-token window (none of gqa's or the runtimes' caches keeps any); its bytes above count the
+quantized part only. transformers' fp8 takes each layer's scale from the first step it stores — here a
+window's first token, as a generation from a one-token prompt — and saturates what later exceeds it (torch's
+cast to float8_e4m3fn clamps to ±448); a longer prompt would calibrate on more.
 
 {chr(10).join(rows)}
 """)
