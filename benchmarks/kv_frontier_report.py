@@ -79,11 +79,15 @@ def answers(results: dict) -> list[str]:
         fewest = []
         for limit in (1.1, 1.25):
             ok = [r for r in results["rows"] if ratio(r, results, s) <= limit]
-            best = min(ok, key=lambda r: r["kv_bytes_per_token"]) if ok else None
+            best = min(ok, key=lambda r: (r["kv_bytes_per_token"], ratio(r, results, s))) if ok else None
             fewest.append(f"within {limit}x: " + (f"{best['model']} + {best['cache']}, {best['kv_bytes_per_token']:,} "
-                                                 f"B ({ratio(best, results, s):.3f}x)" if best else "none"))
+                                                 f"B ({ratio(best, results, s):.3f}x, top-1 "
+                                                 f"{best[s]['top1_agreement']:.3f})" if best else "none"))
         lines.append(f"- **{s}**: a conversion stack beats quantization alone at equal or fewer bytes (perplexity "
                      f"and top-1)? {verdict}. Fewest bytes {'; '.join(fewest)}.")
+    lines.append("\n\"Within\" is perplexity × the original's, as the question is asked; top-1 agreement says how much of "
+                 "the original is left. A model uptrained on text like a held-out set's can score below the original "
+                 "there (perplexity × < 1) while agreeing with it less: it fits that text, it is not a closer copy.")
     return lines
 
 
