@@ -11,8 +11,9 @@ with the spread:
   `gqa export --format gguf`, with an f32 KV cache, one cache stream per sequence, the same threads.
 
 `--peers` may add each runtime's quantized KV cache beside its float one: "gqa (q8_0 cache)", "gqa (q4_0
-cache)" (`gqa.kv_formats`) and "llama.cpp (q8_0 cache)", "llama.cpp (q4_0 cache)" (-ctk / -ctv, flash
-attention on, as llama.cpp needs for a quantized V); each peer's roofline counts the bytes its cache holds:
+cache)" (`gqa.kv_formats`; also q5_0, iq4_nl, fp8_e4m3) and "llama.cpp (q8_0 cache)", "llama.cpp (q4_0
+cache)" (-ctk / -ctv, flash attention on, as llama.cpp needs for a quantized V); each peer's roofline
+counts the bytes its cache holds:
 
     python benchmarks/cpu_decode.py --kv-heads 4 --out docs/results/kv-frontier/cpu-decode --peers \
         "gqa,gqa (q8_0 cache),gqa (q4_0 cache),llama.cpp,llama.cpp (q8_0 cache),llama.cpp (q4_0 cache)"
@@ -233,11 +234,12 @@ PEERS = {
         gguf, max(args.batches), max(args.contexts), args.threads, flash_attention=0),
 }
 for _name, _type in (("q8_0", 8), ("q4_0", 2)):  # each runtime's own quantized KV cache, beside its f32 one
-    PEERS[f"gqa ({_name} cache)"] = lambda model, gguf, args, name=_name: GqaPeer(model, name)
     # a quantized V cache needs llama.cpp's flash attention (on)
     PEERS[f"llama.cpp ({_name} cache)"] = lambda model, gguf, args, t=_type: LlamaCppPeer(
         gguf, max(args.batches), max(args.contexts), args.threads, flash_attention=1, cache_type=t)
-BYTES_PER_VALUE = {"q8_0": 34 / 32, "q4_0": 18 / 32}  # of a quantized cache (float32: 4)
+BYTES_PER_VALUE = {"q8_0": 34 / 32, "q5_0": 22 / 32, "q4_0": 18 / 32, "iq4_nl": 18 / 32, "fp8_e4m3": 1}  # (float32: 4)
+for _name in BYTES_PER_VALUE:
+    PEERS[f"gqa ({_name} cache)"] = lambda model, gguf, args, name=_name: GqaPeer(model, name)
 DEFAULT_PEERS = ["gqa", "transformers (dynamic cache)", "transformers (static cache)", "llama.cpp"]
 
 
