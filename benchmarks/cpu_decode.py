@@ -50,6 +50,7 @@ from gqa.checkpoints import save
 from gqa.checkpoints.gguf import write_gguf
 from gqa.generate import DecodeStep
 from gqa.jsonfiles import write_json
+from gqa.kv_formats import FORMATS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from llama_cpp_tools import llama_cpp_module  # noqa: E402  (builds llama.cpp from the registry's sdist once)
@@ -237,16 +238,15 @@ for _name, _type in (("q8_0", 8), ("q4_0", 2)):  # each runtime's own quantized 
     # a quantized V cache needs llama.cpp's flash attention (on)
     PEERS[f"llama.cpp ({_name} cache)"] = lambda model, gguf, args, t=_type: LlamaCppPeer(
         gguf, max(args.batches), max(args.contexts), args.threads, flash_attention=1, cache_type=t)
-BYTES_PER_VALUE = {"q8_0": 34 / 32, "q5_0": 22 / 32, "q4_0": 18 / 32, "iq4_nl": 18 / 32, "fp8_e4m3": 1}  # (float32: 4)
-for _name in BYTES_PER_VALUE:
+for _name in ("q8_0", "q5_0", "q4_0", "iq4_nl", "fp8_e4m3"):
     PEERS[f"gqa ({_name} cache)"] = lambda model, gguf, args, name=_name: GqaPeer(model, name)
 DEFAULT_PEERS = ["gqa", "transformers (dynamic cache)", "transformers (static cache)", "llama.cpp"]
 
 
 def kv_bytes_of(peer: str, float_bytes: int) -> int:
-    """The KV bytes a peer reads per step: a quantized cache's are its format's."""
-    fmt = next((f for f in BYTES_PER_VALUE if f"{f} cache" in peer), None)
-    return float_bytes if fmt is None else round(float_bytes * BYTES_PER_VALUE[fmt] / 4)
+    """The KV bytes a peer reads per step: a quantized cache's are its format's (`gqa.kv_formats`)."""
+    fmt = next((f for f in FORMATS if f"({f} cache)" in peer), None)
+    return float_bytes if fmt is None else round(float_bytes * FORMATS[fmt].bytes_per_value / 4)
 
 
 def gguf_of(model, folder: Path) -> Path:

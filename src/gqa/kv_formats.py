@@ -196,10 +196,10 @@ def iq4_nl(blocks: torch.Tensor) -> dict[str, torch.Tensor]:
     non-uniform levels at the scale max/-127, then the scale refitted by least squares weighted by x²,
     Σx³q / Σx²q², summed in order as C does (float32 sums, value by value). ggml leaves a block of near-zero
     values (|x| < 1e-15) scale 0 with its codes unset; here they are level 1's."""
-    levels = torch.tensor(IQ4_NL_VALUES, dtype=torch.float32, device=blocks.device)
+    levels = iq4_nl_levels(blocks.device, torch.float32)
     d = signed_max(blocks) / -127.0
     tiny = blocks.abs().amax(-1, keepdim=True) < 1e-15
-    index = nearest_level(levels, blocks * (1.0 / torch.where(tiny, torch.ones_like(d), d)))
+    index = nearest_level(levels, blocks * reciprocal(d))
     q, w = levels[index], blocks * blocks
     sum_qx, sum_q2 = torch.zeros_like(d[..., 0]), torch.zeros_like(d[..., 0])
     for j in range(BLOCK):
@@ -209,6 +209,12 @@ def iq4_nl(blocks: torch.Tensor) -> dict[str, torch.Tensor]:
     scale = torch.where(sum_q2 > 0, sum_qx / torch.where(sum_q2 > 0, sum_q2, 1.0), 0.0)
     scale = torch.where(tiny[..., 0], 0.0, scale)
     return {"scale": scale.half(), "codes": pack_nibbles(torch.where(tiny, 8, index).to(torch.uint8))}
+
+
+@lru_cache(maxsize=None)
+def iq4_nl_levels(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The 16 levels as a tensor, made once per device (`blockwise` looks codes up in it on every tile)."""
+    return torch.tensor(IQ4_NL_VALUES, dtype=dtype, device=device)
 
 
 def nearest_level(levels: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -235,7 +241,7 @@ def blockwise(codes: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     """Integer codes [..., blocks, 32] of a 4- or 5-bit format, the fifth bit joined (iq4_nl: its levels)."""
     q = unpack_nibbles(codes["codes"])
     if name == "iq4_nl":
-        return torch.tensor(IQ4_NL_VALUES, dtype=torch.int8, device=q.device)[q.long()]
+        return iq4_nl_levels(q.device, torch.int8)[q.long()]
     return q | unpack_high_bits(codes["high"]) if name.startswith("q5") else q
 
 
