@@ -94,6 +94,7 @@ def measure(args) -> dict:
     from transformers import AutoModelForCausalLM, DynamicCache, QuantizedCache
 
     import gqa
+    from gqa.kv_formats import kv_format
 
     hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     ours = gqa.load(args.model, dtype="float32")
@@ -124,8 +125,8 @@ def measure(args) -> dict:
         print(name, {k: round(v["ratio"], 4) for k, v in results[name].items()}, flush=True)
     head_values = 2 * hf.config.num_hidden_layers * hf.config.num_key_value_heads * (
         hf.config.hidden_size // hf.config.num_attention_heads)
-    kv_bytes = {"bfloat16": head_values * 2, "q8_0": round(head_values * 34 / 32), "q4_0": round(head_values * 18 / 32),
-                "fp8_e4m3": head_values, "transformers fp8": head_values,
+    kv_bytes = {c: round(head_values * kv_format(c).bytes_per_value) for c in ("bfloat16", *GQA_CACHES)}
+    kv_bytes |= {"transformers fp8": head_values,
                 "transformers quanto int4": round(head_values * quanto_bytes_per_value(4)),
                 "transformers quanto int2": round(head_values * quanto_bytes_per_value(2))}
     import optimum.quanto

@@ -39,7 +39,6 @@ from gqa.jsonfiles import write_json  # noqa: E402
 
 CACHES = ("bfloat16", "fp8_e4m3", "q8_0", "q5_0", "q4_0")
 SETS = ("wiki", "shakespeare", "python-reference", "linux-doc")
-BYTES_PER_VALUE = {"float32": 4, "bfloat16": 2, "fp8_e4m3": 1, "q8_0": 34 / 32, "q5_0": 22 / 32, "q4_0": 18 / 32}
 FLAGS = {"bfloat16": "the model's dtype (vLLM's default; llama.cpp's f16 costs the same)",
          "fp8_e4m3": 'vLLM kv_cache_dtype="fp8"', "q8_0": "llama.cpp -ctk q8_0 -ctv q8_0 -fa on",
          "q5_0": "llama.cpp -ctk q5_0 -ctv q5_0 -fa on", "q4_0": "llama.cpp -ctk q4_0 -ctv q4_0 -fa on"}
@@ -103,9 +102,9 @@ def read(path: Path):
 
 def kv_bytes(path: Path, cache: str) -> int:
     from gqa.checkpoints import checked_config
+    from gqa.kv_formats import kv_format
 
-    config = checked_config(path)
-    return round(config.kv_bytes_per_token(1) * BYTES_PER_VALUE[cache])
+    return round(checked_config(path).kv_bytes_per_token(1) * kv_format(cache).bytes_per_value)
 
 
 def measure(args, work: Path, out: Path) -> dict:
