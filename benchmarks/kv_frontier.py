@@ -56,14 +56,20 @@ def held_out(name: str, work: Path, linux_doc: Path | None) -> str:
     return str(path)
 
 
-def models(model: str, calib: str, seq_len: int, uptrain_steps: int) -> list[tuple[str, list | None, str | None]]:
-    """(name, conversion options or None, uptrain source or None): the four rows of the frontier."""
-    cal = ["--method", "aligned", "--calib", calib, "--calib-tokens", "65536"]
-    return [("original", None, None),
+def models(args) -> list[tuple[str, list | None, str | None]]:
+    """(name, conversion options or None, uptrain source or None): the rows of the frontier (`--models` picks
+    by slug, "original" included; a distilled model brings the conversion it starts from)."""
+    cal = ["--method", "aligned", "--calib", args.calib, "--calib-tokens", str(args.calib_tokens)]
+    rows = [("original", None, None),
             ("half KV bytes (--kv-budget 0.5, aligned + transfer 300)", ["--kv-budget", "0.5", *cal, "--transfer-steps",
                                                                          "300"], None),
             ("MQA (aligned + transfer 300)", ["--kv-heads", "1", *cal, "--transfer-steps", "300"], None),
             ("MQA + distillation", None, "MQA (aligned + transfer 300)")]
+    if args.models is None:
+        return rows
+    keep = set(args.models.split(","))
+    keep |= {uptrain_from for name, _, uptrain_from in rows if slug(name) in keep and uptrain_from}
+    return [r for r in rows if r[0] in keep or slug(r[0]) in keep]
 
 
 def slug(name: str) -> str:
@@ -81,7 +87,7 @@ def prepare(args, work: Path, log: list) -> tuple[Path, dict]:
 
         original, seq_len = ASSET, 256
     paths, records = {}, {}
-    for name, options, uptrain_from in models(args.model, args.calib, seq_len, args.uptrain_steps):
+    for name, options, uptrain_from in models(args):
         path = original if options is None and uptrain_from is None else work / slug(name)
         paths[name] = path
         if path != original and not (path / "config.json").exists():
@@ -119,7 +125,7 @@ def measure(args, work: Path, out: Path) -> dict:
     data = {s: held_out(s, work, Path(args.linux_doc) if args.linux_doc else None) for s in SETS}
     rows = []
     for name, path in prep["paths"].items():
-        for cache in CACHES:
+        for cache in args.caches.split(","):
             if (name, cache) in done:
                 rows.append(done[(name, cache)])
                 continue
@@ -142,7 +148,7 @@ def measure(args, work: Path, out: Path) -> dict:
         "command": "python benchmarks/kv_frontier.py " + " ".join(sys.argv[1:]),
         "machine": {"cpu": cpu_model_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")},
-        "model": args.model, "calibration": {"data": args.calib, "tokens": 65536},
+        "model": args.model, "calibration": {"data": args.calib, "tokens": args.calib_tokens},
         "evaluation": {"sets": list(SETS), "tokens_per_set": args.eval_tokens, "seq_len": prep["seq_len"]},
         "reference": {"cache": "float32", **base,
                       "kv_bytes_per_token": {c: kv_bytes(original, c) for c in ("float32", *CACHES)}},
@@ -157,6 +163,10 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--workdir", default="/tmp/gqa-frontier")
     parser.add_argument("--calib", default="bundled")
+    parser.add_argument("--calib-tokens", type=int, default=65536)
+    parser.add_argument("--models", default=None, help="comma-separated slugs of the rows to measure (half-kv-bytes, "
+                        "mqa, mqa---distillation); all when left out")
+    parser.add_argument("--caches", default=",".join(CACHES), help="comma-separated cache dtypes to measure")
     parser.add_argument("--uptrain-steps", type=int, default=15, help="distillation steps of 8 sequences")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored per set")
     parser.add_argument("--linux-doc", default=None, help="the extracted linux-doc-6.1 package")

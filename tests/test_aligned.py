@@ -399,13 +399,19 @@ def test_kv_budget_writes_a_per_layer_model_with_its_reasons(tmp_path):
     assert report["kv_bytes_per_token_after"] == sum(chosen) * 2 * 32 * 2
 
 
+@pytest.mark.parametrize("argv", [["--method", "aligned"], ["--joint-steps", "1"]])
+def test_calibration_text_defaults_to_the_general_mix(tiny, tmp_path, capsys, argv):
+    """Without --calib, what reads calibration text reads the bundled `general` mix (its training split)."""
+    _, path = tiny("llama")
+    assert main(["convert", str(path), str(tmp_path / "out"), "--kv-heads", "1", *argv, "--calib-tokens", "256",
+                 "--calib-seq-len", "64"]) == 0
+    report = json.loads((tmp_path / "out" / "conversion.json").read_text())
+    assert report["calibration"] == {"data": "general", "tokens": 256, "seq_len": 64, "tokens_used": 256}
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 @pytest.mark.parametrize("argv,message", [
-    (["--kv-heads", "1", "--method", "aligned"], "--method aligned needs calibration text: pass --calib"),
-    (["--kv-heads", "1", "--transfer-steps", "5"], "--transfer-steps needs calibration text"),
-    (["--kv-budget", "0.5"], "--kv-budget needs calibration text"),
-    (["--kv-budget", "0.5", "--transfer-steps", "5"], "--transfer-steps and --kv-budget need calibration text"),
     (["--kv-heads", "1", "--method", "aligned", "--calib", "{w}/missing.txt"], "no data at"),
     (["--kv-heads", "1", "--method", "aligned", "--calib", "{w}/empty.txt"], "holds no text"),
     (["--kv-heads", "1", "--method", "aligned", "--calib", "{w}/calib.txt", "--calib-tokens", "1000000"],

@@ -192,7 +192,7 @@ CASES = {
     "convert-calib-with-mean": (["convert", "{w}/model", "{w}/o", "--kv-heads", "2", "--calib", "{w}/text.txt"],
                                 "--method mean merges from the weights alone: drop --calib", True),
     "convert-calib-tokens-without-calib": (["convert", "{w}/model", "{w}/o", "--kv-heads", "2", "--calib-tokens",
-                                            "512"], "--calib-tokens sets the calibration, but no --calib", True),
+                                            "512"], "--calib-tokens sets the calibration, which --method mean without", True),
     "convert-transfer-inputs-without-steps": (["convert", "{w}/model", "{w}/o", "--kv-heads", "2", "--method",
                                                "aligned", "--calib", "{w}/text.txt", "--transfer-inputs", "converted"],
                                               "--transfer-inputs sets the layer-wise transfer, which runs only", True),
@@ -343,7 +343,8 @@ SEQ2SEQ_CASES = {  # as CASES, with {s} for the encoder–decoder world
                                              False),
     "convert-seed-with-mean": (["convert", "{w}/model", "{s}/o", "--kv-heads", "2", "--seed", "3"],
                                "--seed draws --method random's heads and the calibration sample; --method mean without "
-                               "--calib draws nothing: drop --seed", True),
+                               "calibration (--transfer-steps, --joint-steps, --kv-budget) draws nothing: drop --seed",
+                               True),
     "uptrain-strategy-in-one-process": (["uptrain", "{w}/model", "{s}/o", "--data", "{w}/text.txt", "--steps", "1",
                                          "--strategy", "fsdp"], "--strategy fsdp splits the work over the ranks of a "
                                          "torchrun launch; this is one process", True),

@@ -30,6 +30,32 @@ def test_bundled_corpus_by_name():
     assert any("Hamlet" in d for d in shakespeare)
 
 
+def test_general_mix_holds_every_kind_of_text():
+    """`general` (the default calibration text) is the five sources, each read from the installed package."""
+    parts = {name: read_documents(name) for name in ("wiki", "shakespeare", "code", "docs", "dialogue")}
+    assert {name: len(docs) for name, docs in parts.items()} == {
+        "wiki": 10_033, "shakespeare": 2_948, "code": 2_472, "docs": 2_199, "dialogue": 146}
+    assert read_documents("general") == [d for docs in parts.values() for d in docs]
+    assert any("struct llama_context" in d for d in parts["code"])  # llama.cpp's C++
+    assert any("def " in d and "    return" in d for d in parts["code"])  # Python, indentation kept
+    assert any(".. code-block::" in d or "```" in d for d in parts["docs"])
+    assert any(d.startswith("A: ") and "\nB: " in d for d in parts["dialogue"])
+
+
+def test_no_calibration_text_holds_a_held_out_passage():
+    """python-reference (CPython's language reference, a held-out set) shares no line of prose with any
+    bundled corpus: lines of 40+ characters with 20+ letters (rules such as '=====' are left aside)."""
+    import pydoc_data.topics
+
+    def prose_lines(texts):
+        return {line.strip() for text in texts for line in text.splitlines()
+                if len(line.strip()) >= 40 and sum(c.isalpha() for c in line) >= 20}
+
+    held_out = prose_lines(pydoc_data.topics.topics.values())
+    assert len(held_out) > 3000
+    assert prose_lines(read_documents("general")) & held_out == set()
+
+
 def test_bad_sources(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
     with pytest.raises(GQAError, match="bad.jsonl:2 has no string field 'text'"):

@@ -141,7 +141,3 @@ def test_joint_stage_bad_values(tiny, tmp_path, capsys, argv, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_joint_stage_needs_calibration_text(tiny, tmp_path, capsys):
-    _, path = tiny("llama")
-    user_error(capsys, ["convert", path, tmp_path / "out", "--kv-heads", "1", "--joint-steps", "5"],
-               "--joint-steps needs calibration text")

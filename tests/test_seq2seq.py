@@ -391,22 +391,22 @@ def test_uptraining_on_pairs_and_on_text_resumes_exactly(models, tmp_path, seq2s
     assert prepare_seq2seq(data, seq2seq_tokenizer, 32).objective == "span corruption"
 
 
+def test_calibration_text_defaults_to_the_general_mix(models, tmp_path):
+    report = gqa.convert(models["t5"][1], tmp_path / "o", n_kv_heads=2, method="aligned", calib_tokens=512,
+                         calib_seq_len=32, format="native")
+    assert report["calibration"] == {"data": "general", "tokens": 512, "seq_len": 32, "tokens_used": 512}
+
+
 @pytest.mark.parametrize("argv,message", [
     (["convert", "{t5}", "{w}/o", "--kv-heads", "3"], "3 KV heads does not divide the current 4"),
     (["convert", "{t5}", "{w}/o", "--kv-budget", "0.5", "--calib", "bundled"],
      "--kv-budget is not available for encoder–decoder models yet"),
-    (["convert", "{t5}", "{w}/o", "--kv-heads", "2", "--method", "aligned"],
-     "--method aligned needs calibration text: pass --calib DATA"),
     (["convert", "{t5}", "{w}/o", "--kv-heads", "2", "--method", "aligned", "--calib", "{w}/bad.jsonl"],
      "an encoder–decoder is calibrated on text (span-corrupted as in pre-training), not on input/target pairs"),
     (["convert", "{t5}", "{w}/o", "--kv-heads", "2", "--method", "aligned", "--calib", "wiki", "--calib-seq-len", "8"],
      "--calib-seq-len must be in [16, 512]"),
     (["convert", "{t5}", "{w}/o", "--kv-heads", "2", "--calib", "wiki", "--transfer-steps", "5",
       "--transfer-inputs", "converted"], "--transfer-inputs converted is not available for encoder–decoder models"),
-    (["convert", "{t5}", "{w}/o", "--kv-heads", "2", "--transfer-steps", "5"],
-     "--transfer-steps needs calibration text: pass --calib DATA"),
-    (["convert", "{t5}", "{w}/o", "--kv-heads", "2", "--joint-steps", "5"],
-     "--joint-steps needs calibration text: pass --calib DATA"),
     (["convert", "{t5}", "{w}/o", "--kv-heads", "2", "--transfer-lr", "0.1"],
      "--transfer-lr sets the layer-wise transfer, which runs only with --transfer-steps N"),
     (["convert", "{t5}", "{w}/o", "--kv-heads", "2", "--calib", "wiki"], "--calib is read only by --method aligned"),

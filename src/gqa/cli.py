@@ -312,14 +312,16 @@ def parse_heads_list(text: str) -> list[int]:
 
 def cmd_convert(args) -> None:
     from .conversion import convert, format_report
+    from .conversion.methods import get as get_method
     from .conversion.methods import option_fields
     from .conversion.seq2seq import format_seq2seq_report, is_seq2seq_folder
 
     per_layer = parse_heads_list(args.kv_heads_per_layer) if args.kv_heads_per_layer else None
     method_options = {name: getattr(args, name) for name in option_fields()}
-    if args.seed is not None and args.method != "random" and not args.calib:
+    calibrated = get_method(args.method).calibrated or args.transfer_steps or args.joint_steps or args.kv_budget
+    if args.seed is not None and args.method != "random" and not calibrated:
         raise GQAError(f"--seed draws --method random's heads and the calibration sample; --method {args.method} "
-                       f"without --calib draws nothing: drop --seed")
+                       f"without calibration (--transfer-steps, --joint-steps, --kv-budget) draws nothing: drop --seed")
     report = convert(
         args.model, args.out, n_kv_heads=args.kv_heads, n_kv_heads_per_layer=per_layer, kv_budget=args.kv_budget,
         method=args.method, seed=0 if args.seed is None else args.seed, calib=args.calib, calib_tokens=args.calib_tokens,
@@ -760,14 +762,15 @@ def add_convert_verb(sub) -> None:
     p.add_argument("--kv-heads-per-layer", default=None, help="comma-separated, one per layer, e.g. 8,8,4,4,2,2,1,1")
     p.add_argument("--kv-budget", type=number(0, 1, low_open=True), default=None,
                    help="a fraction of the source's KV bytes (e.g. 0.25): per-layer KV heads chosen from measured "
-                        "sensitivities (needs --calib)")
+                        "sensitivities on calibration text")
     add_method_options(p)
     p.add_argument("--calib", default=None, help="calibration text: a file, folder or bundled corpus name (its "
-                                                 "training split)")
+                                                 "training split; default general: prose, verse, code, technical "
+                                                 "documentation and dialogue)")
     p.add_argument("--calib-tokens", type=COUNT, default=None, help="calibration tokens (default 65536)")
     p.add_argument("--calib-seq-len", type=SEQ_LEN, default=None, help="calibration block length (default 512)")
     p.add_argument("--transfer-steps", type=integer(0), default=0,
-                   help="train each layer's converted attention to reproduce the source's for N steps (needs --calib)")
+                   help="train each layer's converted attention to reproduce the source's for N steps on calibration text")
     p.add_argument("--transfer-lr", type=POSITIVE, default=None,
                    help="Adam step size relative to each projection's weight RMS (default 0.04)")
     p.add_argument("--transfer-inputs", default=None, choices=["original", "converted"],
@@ -775,7 +778,7 @@ def add_convert_verb(sub) -> None:
                         "converted layers'")
     p.add_argument("--joint-steps", type=integer(0), default=0,
                    help="then train all layers' attention together on KL(source || converted) over the calibration "
-                        "text for N steps (needs --calib)")
+                        "text for N steps")
     p.add_argument("--joint-lr", type=POSITIVE, default=None,
                    help="joint stage: Adam step size relative to each projection's weight RMS (default 0.005)")
     p.add_argument("--convert-encoder", action="store_true",

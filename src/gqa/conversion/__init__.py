@@ -35,7 +35,7 @@ from ..version import __version__
 from . import budget, joint
 from .calibration import calibration_blocks
 from .heads import AttentionWeights, RopeLayout
-from .interface import CALIB_TOKENS, CalibrationSettings, Method
+from .interface import CALIB_DATA, CALIB_TOKENS, CalibrationSettings, Method
 from .joint import JointSettings
 from .layers import choose_heads, shard_bytes, write_model
 from .methods import REGISTRY, calibrated, get, owners, register
@@ -127,9 +127,10 @@ def plan(src, dst, *, method: Method, settings, seed: int, calib, calib_tokens: 
 
 def plan_calibration(config: ModelConfig, method: Method, calib, calib_tokens: int, calib_seq_len: int | None,
                      transfer: TransferSettings, joint: JointSettings, kv_budget) -> CalibrationSettings | None:
-    if not require_calibration(calib, {f"--method {method.name}": method.calibrated,
-                                       "--transfer-steps": transfer.steps > 0, "--joint-steps": joint.steps > 0,
-                                       "--kv-budget": kv_budget is not None}):
+    calib = require_calibration(calib, {f"--method {method.name}": method.calibrated,
+                                        "--transfer-steps": transfer.steps > 0, "--joint-steps": joint.steps > 0,
+                                        "--kv-budget": kv_budget is not None})
+    if calib is None:
         return None
     seq_len = calib_seq_len or min(512, config.max_positions)
     if not 2 <= seq_len <= config.max_positions:
@@ -139,18 +140,15 @@ def plan_calibration(config: ModelConfig, method: Method, calib, calib_tokens: i
     return calibration
 
 
-def require_calibration(calib, wanted: dict[str, bool]) -> bool:
-    """Refuse a missing --calib where an option in `wanted` (option -> given) needs it; check the one given.
-    Returns whether there is calibration text."""
-    needs = [option for option, given in wanted.items() if given]
-    if needs and not calib:
-        raise GQAError(f"{' and '.join(needs)} {'need' if len(needs) > 1 else 'needs'} calibration text: "
-                       f"pass --calib DATA (a file, folder or bundled corpus)")
+def require_calibration(calib, wanted: dict[str, bool]) -> str | None:
+    """The calibration text to read: the one given, or the bundled `general` mix where an option in `wanted`
+    (option -> given) needs text and none was given; None where nothing needs it. Checks the one given."""
     if calib:
         from ..data import check_source
 
         check_source(calib)
-    return bool(calib)
+        return str(calib)
+    return CALIB_DATA if any(wanted.values()) else None
 
 
 def check_options(method: Method, calib, calib_tokens, calib_seq_len, transfer_steps: int, transfer_lr,
@@ -162,8 +160,9 @@ def check_options(method: Method, calib, calib_tokens, calib_seq_len, transfer_s
         raise GQAError(f"--calib is read only by {fitted}, --transfer-steps, --joint-steps or --kv-budget; "
                        f"--method {method.name} merges from the weights alone: drop --calib or add one of them")
     for name, value in (("--calib-tokens", calib_tokens), ("--calib-seq-len", calib_seq_len)):
-        if value is not None and not calib:
-            raise GQAError(f"{name} sets the calibration, but no --calib is given")
+        if value is not None and not uses_calibration:
+            raise GQAError(f"{name} sets the calibration, which --method {method.name} without --transfer-steps, "
+                           f"--joint-steps or --kv-budget does not read")
     for name, value in (("--transfer-lr", transfer_lr), ("--transfer-inputs", transfer_inputs)):
         if value is not None and not transfer_steps:
             raise GQAError(f"{name} sets the layer-wise transfer, which runs only with --transfer-steps N (N > 0)")
@@ -264,8 +263,8 @@ def convert_encoder_decoder(src, dst, *, method: str, calib, calib_tokens: int |
                                                  options["seed"])
     transfer.check()
     joint_settings.check()
-    require_calibration(calib, {f"--method {method}": chosen.calibrated, "--transfer-steps": transfer.steps > 0,
-                                "--joint-steps": joint_settings.steps > 0})
+    calib = require_calibration(calib, {f"--method {method}": chosen.calibrated, "--transfer-steps": transfer.steps > 0,
+                                        "--joint-steps": joint_settings.steps > 0})
     return convert_seq2seq(src, dst, method=method, calib=calib, calib_tokens=calib_tokens,
                            calib_seq_len=calib_seq_len, transfer=transfer, joint_settings=joint_settings, **options)
 

@@ -20,6 +20,7 @@ from ..errors import GQAError
 from .heads import AttentionWeights, RopeLayout
 
 CALIB_TOKENS = 65536
+CALIB_DATA = "general"  # the bundled mix of prose, verse, code, technical documentation and dialogue (gqa.corpus)
 
 
 @dataclass(frozen=True)
