@@ -696,7 +696,8 @@ def add_model_verbs(sub) -> None:
     p = sub.add_parser("eval", help="perplexity on a text file")
     p.add_argument("model")
     p.add_argument("--data", required=True,
-                   help="a UTF-8 text file, or bundled / wiki / shakespeare for that corpus's validation split")
+                   help="a UTF-8 text file, or a bundled corpus (wiki, shakespeare, code, docs, dialogue, bundled, "
+                        "general) for its validation split")
     p.add_argument("--seq-len", type=SEQ_LEN, default=None, help="window length (default: min(positions, 1024))")
     p.add_argument("--batch-size", type=COUNT, default=8)
     p.add_argument("--max-tokens", type=COUNT, default=None, help="score only the first N tokens of the text")
