@@ -38,8 +38,8 @@ from conversion_quality import run  # noqa: E402
 from kv_frontier import SETS, held_out, kv_bytes  # noqa: E402
 
 from gqa.bench import cpu_model_name  # noqa: E402
-from gqa.train import latest_checkpoint  # noqa: E402
 from gqa.jsonfiles import write_json  # noqa: E402
+from gqa.train import latest_checkpoint  # noqa: E402
 
 CACHES = ("bfloat16", "q8_0")
 SEQ_LEN, BATCH = 512, 8
@@ -61,8 +61,8 @@ class Point:
         if self.curve == "distillation":
             steps = DISTILL[self.name.rsplit("-", 1)[1]]
             return ["uptrain", str(work / DISTILL_START), str(path), "--data", calib, "--steps", str(steps),
-                    "--batch-size", str(BATCH), "--seq-len", str(SEQ_LEN), "--eval-every", "100000", *device,
-                    "--overwrite"]
+                    "--batch-size", str(BATCH), "--seq-len", str(SEQ_LEN), "--eval-every", "100000",
+                    "--save-every", str(max(20, steps // 20)), *device, "--overwrite"]  # checkpoints to resume from
         stage = self.curve.split(": ")[1]
         return ["convert", str(original), str(path), *KV[self.kv], "--method", "aligned", "--calib", calib,
                 "--calib-tokens", str(self.tokens), *STAGES[stage], "--overwrite"]
@@ -95,7 +95,7 @@ def device(args) -> list[str]:
 
 def measure_point(point: Point, original: Path, work: Path, data: dict, args, done: dict, out: Path) -> list[dict]:
     path, rows = work / point.name, []
-    for cache in CACHES:
+    for cache in args.caches.split(","):
         if (point.name, cache) in done:
             rows.append(done[(point.name, cache)])
             continue
@@ -151,6 +151,7 @@ def main() -> None:
     parser.add_argument("--calib", default="general")
     parser.add_argument("--points", default="half-transfer-64k,mqa-transfer-64k",
                         help=f"comma-separated, in order: {', '.join(POINTS)}")
+    parser.add_argument("--caches", default=",".join(CACHES), help="comma-separated cache dtypes to score points with")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored per set")
     parser.add_argument("--linux-doc", default=None, help="the extracted linux-doc-6.1 package")
     parser.add_argument("--device", default=None, help="passed to uptrain and eval (their default: cuda if available)")
