@@ -367,5 +367,5 @@ def merge_layer(attn: AttentionWeights, n_kv_heads: int, layer: Layer, settings:
                  settings.grouping)
 
 
-ALIGNED = Method("aligned", "exact symmetries, then shared K/V fitted to calibration activations (needs --calib)",
-                 merge_layer, AlignedSettings, calibrated=True)
+ALIGNED = Method("aligned", "exact symmetries, then shared K/V fitted to calibration activations (--calib text, "
+                            "default general)", merge_layer, AlignedSettings, calibrated=True)
