@@ -311,14 +311,14 @@ def parse_heads_list(text: str) -> list[int]:
 
 
 def cmd_convert(args) -> None:
-    from .conversion import convert, format_report
+    from .conversion import convert, format_report, reads_calibration
     from .conversion.methods import get as get_method
     from .conversion.methods import option_fields
     from .conversion.seq2seq import format_seq2seq_report, is_seq2seq_folder
 
     per_layer = parse_heads_list(args.kv_heads_per_layer) if args.kv_heads_per_layer else None
     method_options = {name: getattr(args, name) for name in option_fields()}
-    calibrated = get_method(args.method).calibrated or args.transfer_steps or args.joint_steps or args.kv_budget
+    calibrated = reads_calibration(get_method(args.method), args.transfer_steps, args.joint_steps, args.kv_budget)
     if args.seed is not None and args.method != "random" and not calibrated:
         raise GQAError(f"--seed draws --method random's heads and the calibration sample; --method {args.method} "
                        f"without calibration (--transfer-steps, --joint-steps, --kv-budget) draws nothing: drop --seed")

@@ -151,10 +151,15 @@ def require_calibration(calib, wanted: dict[str, bool]) -> str | None:
     return CALIB_DATA if any(wanted.values()) else None
 
 
+def reads_calibration(method: Method, transfer_steps: int, joint_steps: int, kv_budget) -> bool:
+    """Whether a conversion with these settings reads calibration text (`--calib`, or the default mix)."""
+    return method.calibrated or transfer_steps > 0 or joint_steps > 0 or kv_budget is not None
+
+
 def check_options(method: Method, calib, calib_tokens, calib_seq_len, transfer_steps: int, transfer_lr,
                   transfer_inputs, joint_steps: int, joint_lr, kv_budget) -> None:
     """Refuse an option that would do nothing in the combination given (it would be recorded as applied)."""
-    uses_calibration = method.calibrated or transfer_steps > 0 or joint_steps > 0 or kv_budget is not None
+    uses_calibration = reads_calibration(method, transfer_steps, joint_steps, kv_budget)
     if calib and not uses_calibration:
         fitted = " / ".join(f"--method {m}" for m in calibrated())
         raise GQAError(f"--calib is read only by {fitted}, --transfer-steps, --joint-steps or --kv-budget; "
