@@ -207,12 +207,62 @@ def compare(expected: dict, got: dict) -> list[str]:
     return problems
 
 
+def numbers(path: Path, work: Path) -> dict[str, torch.Tensor]:
+    """A file's numbers by name, to compare two runs within a tolerance: tensors of .safetensors and .pt,
+    numeric leaves of .json / .jsonl and JSON stdout lines (volatile keys left out)."""
+    import torch
+    from safetensors.torch import load_file
+
+    if path.suffix == ".safetensors":
+        return {k: v.double() for k, v in load_file(path).items()}
+    if path.suffix == ".pt":
+        return {k: v.double() for k, v in flat(torch.load(path, weights_only=False, map_location="cpu")).items()
+                if isinstance(v, torch.Tensor) and not k.startswith("/rng") and v.is_floating_point()}
+    lines = path.read_text().replace(str(work), "WORK").splitlines()
+    leaves = {}
+    for i, line in enumerate(lines):
+        try:
+            leaves.update({f"{i}{k}": torch.tensor(float(v), dtype=torch.float64) for k, v in
+                           flat(scrub(json.loads(line), "WORK")).items() if isinstance(v, (int, float))})
+        except json.JSONDecodeError:
+            pass
+    return leaves
+
+
+def flat(obj, path: str = "") -> dict:
+    if isinstance(obj, dict):
+        return {k: v for key, item in obj.items() for k, v in flat(item, f"{path}/{key}").items()}
+    if isinstance(obj, (list, tuple)):
+        return {k: v for i, item in enumerate(obj) for k, v in flat(item, f"{path}/{i}").items()}
+    return {path: obj}
+
+
+def largest_difference(before: Path, after: Path, problems: list[str]) -> None:
+    """For each changed file of two kept runs: the largest absolute difference of its numbers, relative to the
+    largest magnitude of the tensor or value it is in."""
+    for line in problems:
+        job, rel = line.split(": ")[0], line.split(": ")[1].rsplit(" ", 1)[0]
+        target = next(a for n, a in jobs() if n == job)[2].replace("{w}/", "")
+        a_path, b_path = before / target / rel, after / target / rel
+        if rel == "stdout" or not (a_path.is_file() and b_path.is_file()):
+            print(f"  {job}: {rel}: not compared (stdout or not a file in both)")
+            continue
+        a, b = numbers(a_path, before), numbers(b_path, after)
+        worst = max((float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp(min=1e-12)) for k in a
+                     if k in b and a[k].shape == b[k].shape), default=0.0)
+        print(f"  {job}: {rel}: largest relative difference {worst:.2e}"
+              f"{'' if set(a) == set(b) else ' (names differ)'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--record", type=Path, help="write the digests to this JSON file")
     group.add_argument("--check", type=Path, help="compare the digests with this JSON file")
     parser.add_argument("--keep", type=Path, default=None, help="run in this (new) folder and keep it")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="with --check and --keep: a kept run of the recorded tree; print how far each changed "
+                             "file's numbers moved")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
@@ -222,6 +272,8 @@ def main() -> None:
         args.record.write_text(json.dumps(digests, indent=1, sort_keys=True) + "\n")
         return print(f"recorded {sum(map(len, digests.values()))} digests of {len(digests)} jobs in {args.record}")
     problems = compare(json.loads(args.check.read_text()), digests)
+    if problems and args.baseline and args.keep:
+        largest_difference(args.baseline, args.keep, problems)
     if problems:
         raise SystemExit("changed:\n  " + "\n  ".join(problems))
     print(f"all {sum(map(len, digests.values()))} digests of {len(digests)} jobs unchanged")

@@ -475,3 +475,73 @@ def test_info_generate_and_bench_on_a_converted_t5(models, tmp_path, capsys):
     assert main(["bench", "seq2seq", "--quick", "--out", str(tmp_path / "bench")]) == 0
     rows = json.loads((tmp_path / "bench" / "bench_seq2seq.json").read_text())["rows"]
     assert rows and set(rows[0]["models"]) == {"gqa G=4", "gqa G=1", "transformers generate (MHA)"}
+
+
+@pytest.fixture(scope="module")
+def wide_models(tmp_path_factory, seq2seq_tokenizer):
+    """A tiny T5 v1.1 and BART with heads of 64 (llama.cpp's blocks of 32, its rotation at 64), GQA-1 caches."""
+    tok, out = seq2seq_tokenizer, {}
+    ids = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)
+    configs = {"t5": transformers.T5Config(vocab_size=336, d_model=128, d_kv=64, d_ff=192, num_layers=2, num_heads=2,
+                                           feed_forward_proj="gated-gelu", **ids),
+               "bart": transformers.BartConfig(vocab_size=336, d_model=128, encoder_layers=2, decoder_layers=2,
+                                               encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=192,
+                                               decoder_ffn_dim=192, max_position_embeddings=128, **ids)}
+    for name, config in configs.items():
+        torch.manual_seed(0)
+        folder = tmp_path_factory.mktemp(f"wide-{name}")
+        transformers.AutoModelForSeq2SeqLM.from_config(config).save_pretrained(folder)
+        tok.save_pretrained(folder)
+        gqa.convert(folder, folder.with_name(folder.name + "-mqa"), n_kv_heads=1, progress=False)
+        out[name] = folder.with_name(folder.name + "-mqa")
+    return out
+
+
+@pytest.mark.parametrize("cache_dtype", ["float16", "q8_0", "q4_0", "q4_0 unrotated", "fp8_e4m3"])
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_quantized_caches_decode_as_the_full_forward(wide_models, name, cache_dtype):
+    """The decoder's self- and cross-attention caches store K and V in the format asked for (as the decoder-only
+    models' do): the full forward (what `eval` scores) reads them exactly as cached decoding does."""
+    model = gqa.load(wide_models[name], dtype="float32", kv_cache_dtype=cache_dtype.split()[0],
+                     kv_rotation="unrotated" not in cache_dtype)
+    ids, mask, dec = batch()
+    full = model(ids, dec, attention_mask=mask)
+    encoded = model.encode(ids, mask)
+    cache = model.new_cache(2, dec.shape[1])
+    steps = [model.decode(dec[:, :3], encoded, cache=cache)]
+    steps += [model.decode(dec[:, t:t + 1], encoded, cache=cache) for t in range(3, dec.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-3, rtol=0)
+    plain = gqa.load(wide_models[name], dtype="float32")(ids, dec, attention_mask=mask)
+    assert (full - plain).abs().max() > 1e-6  # the cache dtype changed what attention read
+    assert (full - plain).abs().max() < 0.5 * plain.abs().max()  # and still read the same model
+
+
+def test_quantized_caches_hold_the_formats_bytes(wide_models):
+    from gqa.cache import QuantizedKVCache
+    from gqa.kv_formats import FORMATS
+
+    model = gqa.load(wide_models["t5"], dtype="float32")
+    ids, mask, _ = batch()
+    for fmt in ("q8_0", "q4_0", "iq4_nl"):
+        model.set_kv_cache_dtype(fmt)
+        cache, encoded = model.new_cache(2, 5), model.encode(ids, mask)
+        assert isinstance(cache, QuantizedKVCache) and isinstance(encoded.cross_kv, QuantizedKVCache)
+        per_value = FORMATS[fmt].bytes_per_value  # 2 sequences x 5 tokens (sources: 9), K and V of 1 head of 64
+        assert cache.bytes() == model.kv_bytes_per_token() * 2 * 5 == 2 * 5 * 2 * 2 * 64 * per_value
+        assert encoded.bytes() == 2 * 9 * 2 * 2 * 64 * per_value
+
+
+def test_eval_and_generate_take_a_cache_dtype(wide_models, tmp_path, capsys):
+    folder = wide_models["bart"]
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    assert main(["eval", str(folder), "--data", str(text), "--kv-cache-dtype", "q4_0", "--max-tokens", "200"]) == 0
+    assert "with a q4_0 (Hadamard-rotated) KV cache" in capsys.readouterr().out
+    assert main(["generate", str(folder), "--prompt", "The quick", "--max-new-tokens", "4", "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)["tokens"]
+    assert main(["generate", str(folder), "--prompt", "The quick", "--max-new-tokens", "4", "--json",
+                 "--kv-cache-dtype", "q8_0"]) == 0
+    quantized = json.loads(capsys.readouterr().out)["tokens"]
+    model = gqa.load(folder, dtype="float32", kv_cache_dtype="q8_0")
+    tokens = gqa.checkpoints.tokenizer.load_tokenizer(folder)("The quick")["input_ids"]
+    assert generate_seq2seq(model, [tokens], max_new_tokens=4) == [quantized] and len(plain) == 4

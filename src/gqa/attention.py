@@ -126,17 +126,19 @@ def kv_tile(batch: int, n_kv_heads: int, head_dim: int) -> int:
 
 
 def attend_quantized(q: torch.Tensor, cache, layer: int, mask: torch.Tensor | None, scale: float | None = None,
-                     tile: int | None = None) -> torch.Tensor:
+                     tile: int | None = None, n_keys: int | None = None) -> torch.Tensor:
     """Attention of q [B, H, S, D] over a `QuantizedKVCache` layer, reading it as the runtimes do: dequantized
     where it is read. Decode (S ≤ DECODE_MAX_QUERY_LEN) reads the written slots `tile` at a time, twice: the
     scores of every slot (a [B, H, S, T] row of numbers, small), one softmax, then the weighted values; the
     codes of a tile are converted to float32 once per pass and scaled through the scores and the
     probabilities, never value by value (`KVFormat.affine`), so no more than a tile of K or V is ever in
     float. A prefill block reads the written slots of this one layer and runs as `attention` does.
-    mask: [B, 1, S, max_len] bool."""
+    mask: [B, 1, S, max_len] bool, or a float mask [B or 1, H or 1, S, max_len] added to the scores (an
+    encoder–decoder's position bias and padding). n_keys: the slots to read (default: those written before
+    these queries, and theirs; a cross-attention cache: all of them)."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    written = int(cache.lengths.max()) + q.shape[2]  # slots past every sequence's end hold nothing yet
+    written = n_keys or int(cache.lengths.max()) + q.shape[2]  # slots past every sequence's end hold nothing yet
     if q.shape[2] > DECODE_MAX_QUERY_LEN:
         k, v = cache.read(layer, 0, written)
         return attention(q, k.to(q.dtype), v.to(q.dtype), None if mask is None else mask[..., :written], scale)
@@ -150,7 +152,9 @@ def attend_quantized(q: torch.Tensor, cache, layer: int, mask: torch.Tensor | No
         end = min(start + tile, written)
         scores[..., start:end] = affine_scores(qg, *cache.read_affine(layer, start, end))
     scores *= scale
-    if mask is not None:  # [B, 1, S, T] -> the rows of each group: (H/G) copies of the S queries
+    if mask is not None and mask.dtype != torch.bool:  # added to the scores: [B, H, S, T] -> [B, G, (H/G)·S, T]
+        scores += mask[..., :written].expand(batch, n_heads, q_len, written).reshape(batch, n_kv_heads, rows, written)
+    elif mask is not None:  # [B, 1, S, T] -> the rows of each group: (H/G) copies of the S queries
         allowed = mask[..., :written].expand(batch, n_heads // n_kv_heads, q_len, written)
         scores.masked_fill_(~allowed.reshape(batch, 1, rows, written), float("-inf"))
     probs = torch.softmax(scores, dim=-1)

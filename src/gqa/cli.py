@@ -153,7 +153,7 @@ def eval_seq2seq(args) -> None:
         raise GQAError(f"no data at {args.data} (and it is not a bundled corpus: {', '.join(corpus.NAMES)})")
     device = pick_device(args.device)
     config = model_config(args.model)
-    kv_cache_option(args, config)
+    kv_cache = kv_cache_option(args, config)
     pairs = is_pairs(args.data)
     seq_len = args.seq_len or default_seq_len(config, pairs)
     check_seq_len(config, seq_len, pairs)
@@ -164,10 +164,13 @@ def eval_seq2seq(args) -> None:
     if examples.max_id() >= config.vocab_size:
         raise GQAError(f"{args.data}: the tokenizer produced token id {examples.max_id()}, but the model's vocabulary "
                        f"has {config.vocab_size} entries; use the tokenizer that belongs to the model")
-    model = load(args.model, dtype=args.dtype, device=device)
+    model = load(args.model, dtype=args.dtype, device=device, kv_cache_dtype=kv_cache,
+                 kv_rotation=not args.no_kv_rotation)
     reference = load(args.reference, dtype=args.dtype, device=device) if args.reference else None
     result = compare_examples(model, examples, teacher=reference, batch_size=args.batch_size)
     result["examples"] = len(examples)
+    if kv_cache:
+        result["kv_cache"] = model.kv_cache_storage.name
     if args.json:
         return print_json(result)
     agreement = f"; top-1 agreement with the reference {result['top1_agreement']:.3f}, KL {result['kl']:.4f}" \
@@ -175,7 +178,8 @@ def eval_seq2seq(args) -> None:
     n = f"{len(examples):,} example{'s' if len(examples) > 1 else ''}"
     whole = f" (examples are scored whole: --max-tokens {args.max_tokens:,} is reached within the first {n})" \
         if args.max_tokens and result["tokens"] != args.max_tokens else ""
-    print(f"perplexity {result['perplexity']:.3f} over {result['tokens']:,} target tokens of {n}{whole}{agreement}")
+    cache = f" with a {result['kv_cache']} KV cache" if kv_cache else ""
+    print(f"perplexity {result['perplexity']:.3f} over {result['tokens']:,} target tokens of {n}{whole}{cache}{agreement}")
 
 
 def cmd_eval(args) -> None:
@@ -673,16 +677,12 @@ def add_kv_cache_args(p: argparse.ArgumentParser, rotation: bool = True) -> None
 def kv_cache_option(args, config) -> str | None:
     """--kv-cache-dtype checked against the model's config before it loads (None: the model's dtype)."""
     from .kv_formats import kv_format, kv_storage
-    from .seq2seq import Seq2SeqConfig
 
     if args.no_kv_rotation and (args.kv_cache_dtype is None or kv_format(args.kv_cache_dtype).kind != "llama"):
         raise GQAError("--no-kv-rotation turns off llama.cpp's rotation of its quantized formats: give one of them "
                        "with --kv-cache-dtype (q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl)")
     if args.kv_cache_dtype is None:
         return None
-    if isinstance(config, Seq2SeqConfig):
-        raise GQAError("--kv-cache-dtype is for decoder-only models for now (an encoder–decoder's caches get it "
-                       "when they share the decoder's cache code)")
     kv_storage(args.kv_cache_dtype, config.head_dim)
     return args.kv_cache_dtype
 

@@ -372,6 +372,16 @@ class KVStorage:
         codes are q8_0's; CUDA's vector kernels likewise). Scores are then those of the dequantized q8_0 query."""
         return FORMATS["q8_0"] if self.format.kind == "llama" else None
 
+    def stored_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """Q as attention over this storage's K takes it: in K's dim order and rotation, and quantized where
+        the runtime quantizes its queries (`query_format`)."""
+        q = rotate(self.order_keys(q), self.k_rotation)
+        return q if self.query_format is None else self.query_format.roundtrip(q)
+
+    def stored_keys_values(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V as the cache holds them before quantizing: K in llama.cpp's dim order, both rotated."""
+        return rotate(self.order_keys(k), self.k_rotation), rotate(v, self.v_rotation)
+
     @property
     def name(self) -> str:
         rotated = self.k_rotation is not None or self.v_rotation is not None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     sliding_window: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # nothing the maths reads; kept for the record
+    attention_scale: ClassVar[float | None] = None  # decoders score q·k / √head_dim (encoder–decoders may not)
 
     def __post_init__(self) -> None:
         if isinstance(self.n_kv_heads, int):
@@ -205,12 +206,17 @@ def make_qk_norm(config: ModelConfig, n_heads: int) -> nn.Module:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    """Self-attention of H query heads over `n_kv_heads` KV heads (default: the config's for `layer`), in both
+    model shapes: RoPE and q/k norms where the config has them, scores scaled by `config.attention_scale`
+    (None: 1/√head_dim), K/V stored as `kv_storage` says (a quantized cache's format, or the model's dtype)."""
+
+    def __init__(self, config: ModelConfig, layer: int, n_kv_heads: int | None = None):
         super().__init__()
         self.layer = layer
         self.n_heads = config.n_heads
-        self.n_kv_heads = config.n_kv_heads[layer]
+        self.n_kv_heads = config.n_kv_heads[layer] if n_kv_heads is None else n_kv_heads
         self.head_dim = config.head_dim
+        self.scale = config.attention_scale
         self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=config.qkv_bias)
         self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
@@ -230,17 +236,38 @@ class Attention(nn.Module):
         h = h.view(batch, seq, n_heads, self.head_dim).transpose(1, 2)
         return norm(h) if norm is not None and self.qk_norm != "rms_all" else h
 
+    def keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [B, G, T, D] of `source` [B, T, d] (before RoPE): what a cross-attention cache holds."""
+        return (self.project(source, self.wk, self.n_kv_heads, getattr(self, "k_norm", None)),
+                self.project(source, self.wv, self.n_kv_heads, None))
+
+    def output(self, y: torch.Tensor) -> torch.Tensor:
+        """Heads [B, H, S, D] back to the residual stream [B, S, d]."""
+        return self.wo(y.transpose(1, 2).reshape(y.shape[0], y.shape[2], self.n_heads * self.head_dim))
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x's queries [B, S, d] against given K and V [B, G, T, D] (cross-attention: K and V of the encoder's
+        output, computed once per source); mask [B or 1, H or 1, S, T], added to the scores."""
+        q = self.queries(x)
+        return self.output(attention(q, k, v, None if mask is None else mask.to(q.dtype), scale=self.scale))
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(x, self.wq, self.n_heads, getattr(self, "q_norm", None))
+
     def forward(self, x, rope, mask, is_causal, cache: KVCache | PagedKVCache | None, slots, kv_lengths=None):
-        batch, seq, _ = x.shape
-        q = self.project(x, self.wq, self.n_heads, getattr(self, "q_norm", None))
-        k = self.project(x, self.wk, self.n_kv_heads, getattr(self, "k_norm", None))
-        v = self.project(x, self.wv, self.n_kv_heads, None)
+        q = self.queries(x)
+        k, v = self.keys_values(x)
+        return self.attend_new(q, k, v, rope=rope, mask=mask, is_causal=is_causal, cache=cache, slots=slots,
+                               kv_lengths=kv_lengths)
+
+    def attend_new(self, q, k, v, *, rope, mask, is_causal, cache, slots, kv_lengths=None) -> torch.Tensor:
+        """Self-attention of the new tokens' q, k, v [B, heads, S, D]: RoPE, then K and V into the cache (as its
+        storage holds them) and attention over it; `kv_lengths`: the decode kernel runs this step."""
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         storage = cache.storage if isinstance(cache, QuantizedKVCache) else self.kv_storage if cache is None else None
         if storage is not None and storage.format.kind != "float" or isinstance(cache, QuantizedKVCache):
-            y = self.attend_stored(q, k, v, storage, mask, is_causal, cache, slots)
-            return self.wo(y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
+            return self.output(self.attend_stored(q, k, v, storage, mask, is_causal, cache, slots))
         if storage is not None:  # a float format other than the model's: K and V as that cache would hold them
             k, v = storage.format.roundtrip(k), storage.format.roundtrip(v)
         fast = kv_lengths is not None  # the model decided once per forward that the kernel runs this step
@@ -248,34 +275,30 @@ class Attention(nn.Module):
             # CUDA decode over pages: the kernel follows the block table; nothing is gathered
             cache.write(self.layer, k, v, slots, gather=False)
             y = gqa_decode(q[:, :, 0], cache.keys[self.layer], cache.values[self.layer], kv_lengths,
-                           block_table=cache.block_table)[:, :, None]
+                           block_table=cache.block_table, scale=self.scale)[:, :, None]
         else:
             if cache is not None:
                 k, v = cache.write(self.layer, k, v, slots)
                 if k.dtype != q.dtype:  # a float cache in another dtype than the model's (--kv-cache-dtype float16)
                     k, v = k.to(q.dtype), v.to(q.dtype)
             if fast:  # CUDA decode: the Triton kernel reads each KV head once for its query group
-                y = gqa_decode(q[:, :, 0], k, v, kv_lengths)[:, :, None]
+                y = gqa_decode(q[:, :, 0], k, v, kv_lengths, scale=self.scale)[:, :, None]
             else:
-                y = attention(q, k, v, mask, is_causal=is_causal)
-        return self.wo(y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
-
+                y = attention(q, k, v, mask, scale=self.scale, is_causal=is_causal)
+        return self.output(y)
 
     def attend_stored(self, q, k, v, storage: KVStorage, mask, is_causal, cache, slots) -> torch.Tensor:
         """Attention over K and V as a quantized cache stores them (`gqa.kv_formats`): Q, K and V rotated
         where the format rotates (K after RoPE), then K and V stored in the cache, or, without one,
         quantized and dequantized in place (so a full forward scores as cached decoding does); the output
         rotated back."""
-        q, k = storage.order_keys(q), storage.order_keys(k)
-        q, k, v = rotate(q, storage.k_rotation), rotate(k, storage.k_rotation), rotate(v, storage.v_rotation)
-        if storage.query_format is not None:
-            q = storage.query_format.roundtrip(q)
+        q, (k, v) = storage.stored_queries(q), storage.stored_keys_values(k, v)
         if cache is not None:
             cache.write(self.layer, k, v, slots)
-            y = attend_quantized(q, cache, self.layer, mask)
+            y = attend_quantized(q, cache, self.layer, mask, scale=self.scale)
         else:
             fmt = storage.format
-            y = attention(q, fmt.roundtrip(k), fmt.roundtrip(v), mask, is_causal=is_causal)
+            y = attention(q, fmt.roundtrip(k), fmt.roundtrip(v), mask, scale=self.scale, is_causal=is_causal)
         return rotate(y, storage.v_rotation)
 
 
@@ -335,7 +358,9 @@ class Block(nn.Module):
 
 class TokenModel(nn.Module):
     """What every gqa model (decoder-only or encoder–decoder) answers the same way: where its weights are,
-    in which dtype, how many."""
+    in which dtype, how many; its tied head; how its KV cache stores K and V. A model names the attentions
+    whose K/V a generated token adds to a cache (`cached_attentions`) and their KV heads per layer
+    (`cache_kv_heads`)."""
 
     @property
     def device(self) -> torch.device:
@@ -347,6 +372,58 @@ class TokenModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights count once
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def allocate_cache(self, n_kv_heads: list[int], batch_size: int, max_len: int,
+                       dtype: torch.dtype | None = None) -> KVCache | QuantizedKVCache:
+        """A static cache of `n_kv_heads` per layer, storing what `set_kv_cache_dtype` chose unless `dtype`
+        names a float dtype."""
+        storage = self.kv_cache_storage if dtype is None else None
+        if storage is not None and storage.format.quantized:
+            return QuantizedKVCache.allocate(storage, n_kv_heads, self.config.head_dim, batch_size, max_len,
+                                             self.device)
+        dtype = dtype or (storage.format.dtype if storage is not None else self.dtype)
+        return KVCache.allocate(n_kv_heads, self.config.head_dim, batch_size, max_len, dtype, self.device)
+
+    def set_kv_cache_dtype(self, name: str | None, rotation: bool = True) -> None:
+        """Store K and V as `name` says (`gqa.kv_formats`: the model's dtype, a float dtype, llama.cpp's q8_0 /
+        q5_1 / q5_0 / q4_1 / q4_0 / iq4_nl, vLLM's fp8_e4m3 / fp8_e5m2; None: the model's dtype, unchanged). Caches
+        this model makes hold that format, and a forward without a cache quantizes K and V as they would
+        (`rotation=False`: llama.cpp's formats without its Hadamard rotation)."""
+        storage = None if name is None else kv_storage(
+            name, self.config.head_dim, self.dtype, rotation, pairs_adjacent=llama_cpp_pairs_adjacent(self.config))
+        if storage is not None:
+            storage.format.check_device(self.device)
+        self.use_kv_storage(storage)
+
+    def use_kv_storage(self, storage: KVStorage | None) -> None:
+        for module in self.cached_attentions():
+            module.kv_storage = storage
+
+    @contextlib.contextmanager
+    def storing_kv_as(self, name: str | None, rotation: bool = True):
+        """`set_kv_cache_dtype` for the duration of a with-block."""
+        before = self.kv_cache_storage
+        self.set_kv_cache_dtype(name, rotation)
+        try:
+            yield self
+        finally:
+            self.use_kv_storage(before)
+
+    @property
+    def kv_cache_storage(self) -> KVStorage | None:
+        return self.cached_attentions()[0].kv_storage
+
+    def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        """KV bytes a token adds: in `dtype`, else as the model's cache stores it (`set_kv_cache_dtype`)."""
+        storage = self.kv_cache_storage
+        if dtype is None and storage is not None:
+            return storage.bytes_per_token(self.cache_kv_heads, self.config.head_dim)
+        element = torch.empty((), dtype=dtype or self.dtype).element_size()
+        return self.config.kv_bytes_per_token(element)
 
 
 class Transformer(TokenModel):
@@ -366,9 +443,12 @@ class Transformer(TokenModel):
         self.hf_config: dict[str, Any] | None = None
         self.source_dir = None
 
-    def tie_weights(self) -> None:
-        if self.config.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+    def cached_attentions(self) -> list[Attention]:
+        return [block.attention for block in self.layers]
+
+    @property
+    def cache_kv_heads(self) -> list[int]:
+        return self.config.n_kv_heads
 
     def reset_rope(self) -> None:
         """(Re)compute the rotary table on the weights' device; needed after building on the meta device."""
@@ -399,43 +479,6 @@ class Transformer(TokenModel):
         c = self.config
         return 6 * self.num_parameters() + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
 
-    def set_kv_cache_dtype(self, name: str | None, rotation: bool = True) -> None:
-        """Store K and V as `name` says (`gqa.kv_formats`: the model's dtype, a float dtype, llama.cpp's q8_0 /
-        q5_1 / q5_0 / q4_1 / q4_0 / iq4_nl, vLLM's fp8_e4m3 / fp8_e5m2; None: the model's dtype, unchanged). Caches
-        this model makes hold that format, and a forward without a cache quantizes K and V as they would
-        (`rotation=False`: llama.cpp's formats without its Hadamard rotation)."""
-        storage = None if name is None else kv_storage(
-            name, self.config.head_dim, self.dtype, rotation, pairs_adjacent=llama_cpp_pairs_adjacent(self.config))
-        if storage is not None:
-            storage.format.check_device(self.device)
-        self.use_kv_storage(storage)
-
-    def use_kv_storage(self, storage: KVStorage | None) -> None:
-        for block in self.layers:
-            block.attention.kv_storage = storage
-
-    @contextlib.contextmanager
-    def storing_kv_as(self, name: str | None, rotation: bool = True):
-        """`set_kv_cache_dtype` for the duration of a with-block."""
-        before = self.kv_cache_storage
-        self.set_kv_cache_dtype(name, rotation)
-        try:
-            yield self
-        finally:
-            self.use_kv_storage(before)
-
-    @property
-    def kv_cache_storage(self) -> KVStorage | None:
-        return self.layers[0].attention.kv_storage
-
-    def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
-        """KV bytes a token adds: in `dtype`, else as the model's cache stores it (`set_kv_cache_dtype`)."""
-        storage = self.kv_cache_storage
-        if dtype is None and storage is not None:
-            return storage.bytes_per_token(self.config.n_kv_heads, self.config.head_dim)
-        element = torch.empty((), dtype=dtype or self.dtype).element_size()
-        return self.config.kv_bytes_per_token(element)
-
     def new_cache(
         self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
         num_pages: int | None = None, page_size: int = 16,
@@ -445,20 +488,15 @@ class Transformer(TokenModel):
         model's KV cache dtype says (`set_kv_cache_dtype`), unless `dtype` names a float dtype."""
         if max_len > self.config.max_positions:
             raise GQAError(f"a cache of {max_len} tokens exceeds the model's {self.config.max_positions} positions")
+        if num_pages is None:
+            return self.allocate_cache(self.config.n_kv_heads, batch_size, max_len, dtype)
         storage = self.kv_cache_storage if dtype is None else None
         if storage is not None and storage.format.quantized:
-            if num_pages is not None:
-                raise GQAError(f"a paged cache holds float values; --kv-cache-dtype {storage.format.name} takes the "
-                               f"static cache (no page size)")
-            return QuantizedKVCache.allocate(storage, self.config.n_kv_heads, self.config.head_dim, batch_size,
-                                             max_len, self.device)
-        if storage is not None:
-            dtype = storage.format.dtype
-        dtype = dtype or self.dtype
-        if num_pages is not None:
-            return PagedKVCache.allocate(self.config.n_kv_heads, self.config.head_dim, batch_size, max_len,
-                                         num_pages, page_size, dtype, self.device)
-        return KVCache.allocate(self.config.n_kv_heads, self.config.head_dim, batch_size, max_len, dtype, self.device)
+            raise GQAError(f"a paged cache holds float values; --kv-cache-dtype {storage.format.name} takes the "
+                           f"static cache (no page size)")
+        dtype = dtype or (storage.format.dtype if storage is not None else self.dtype)
+        return PagedKVCache.allocate(self.config.n_kv_heads, self.config.head_dim, batch_size, max_len, num_pages,
+                                     page_size, dtype, self.device)
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The residual stream entering the first block: token (and, where learned, position) embeddings."""

@@ -6,10 +6,13 @@ computed once per source. Each of the three attentions has its own KV-head count
 (`encoder_kv_heads`, `self_kv_heads`, `cross_kv_heads`): the paper groups the decoder's two and leaves the
 encoder alone, whose queries are all computed at once, so that memory bandwidth is not its bottleneck.
 
-The attention maths is `gqa.attention.attention` (no K/V repeated to H heads), the decoder's self cache is
-`gqa.cache.KVCache`; what is new here is the block layout and the position scheme: T5's relative position
-bias (a learned scalar per head and distance bucket, added to the scores; in the first layer only and
-shared by the others, or in every layer for UMT5), or BART's learned absolute positions (offset 2).
+It is built from the decoder-only model's modules (`gqa.model`): its `Attention` (as `SelfAttention`, and
+as `CrossAttention` over a cache of the encoder's K and V filled once per source), `MLP`, norms, and the
+`TokenModel` base that holds the tied head and the KV cache's storage (`set_kv_cache_dtype`: both decoder
+caches then hold llama.cpp's or vLLM's formats, as a decoder's does). What is its own is the block layout
+and the position scheme: T5's relative position bias (a learned scalar per head and distance bucket, added
+to the scores; in the first layer only and shared by the others, or in every layer for UMT5), or BART's
+learned absolute positions (offset 2).
 Hugging Face parameter names live only in `gqa.checkpoints.seq2seq`.
 """
 
@@ -17,16 +20,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention, check_heads
-from .cache import KVCache, kv_bytes_per_token
+from .attention import attend_quantized, check_heads
+from .cache import KVCache, QuantizedKVCache, kv_bytes_per_token
 from .errors import GQAError
-from .model import ACTIVATIONS, RMSNorm, TokenModel
+from .kv_formats import rotate
+from .model import ACTIVATIONS, MLP, Attention, TokenModel, make_norm
 
 POSITIONS = ("relative", "learned")
 BLOCKS = ("pre_norm", "post_norm")
@@ -68,6 +72,9 @@ class Seq2SeqConfig:
     pad_token_id: int = 0
     eos_token_id: int = 1
     extra: dict[str, Any] = field(default_factory=dict)  # nothing the maths reads; kept for the record
+    # what the decoder's modules (`gqa.model`) read and no encoder–decoder layout has
+    qk_norm: ClassVar[str | None] = None
+    norm_weight_offset: ClassVar[float] = 0.0
 
     def __post_init__(self) -> None:
         for name, layers in (("encoder_kv_heads", self.n_encoder_layers), ("self_kv_heads", self.n_decoder_layers),
@@ -155,48 +162,27 @@ def additive_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- layers
 
-def make_norm(config: Seq2SeqConfig) -> nn.Module:
-    return RMSNorm(config.dim, config.norm_eps) if config.norm == "rms" else nn.LayerNorm(config.dim, eps=config.norm_eps)
+class SelfAttention(Attention):
+    """`Attention` as an encoder–decoder calls it: no RoPE (positions are in the mask: T5's bias, or in the
+    embeddings: BART's), the decoder's cache where there is one. K and V are projected before Q, the order
+    these models' gradients have always been summed in (so training stays bit for bit what it was)."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None = None, slots=None) -> torch.Tensor:
+        k, v = self.keys_values(x)
+        return self.attend_new(self.queries(x), k, v, rope=None, mask=mask, is_causal=False, cache=cache, slots=slots)
 
 
-class Attention(nn.Module):
-    """Self- or cross-attention with `n_kv_heads` KV heads; queries from x, keys and values from `source`."""
+class CrossAttention(Attention):
+    """The decoder's attention over the encoder's output: `Attention` whose keys and values come from a cache
+    filled once per source (`Encoded.cross`): float (K, V), or a quantized cache holding every source slot."""
 
-    def __init__(self, config: Seq2SeqConfig, n_kv_heads: int):
-        super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, n_kv_heads, config.head_dim
-        self.scale = config.attention_scale if config.attention_scale is not None else 1 / math.sqrt(config.head_dim)
-        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=config.qkv_bias)
-        self.wk = nn.Linear(config.dim, n_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.wv = nn.Linear(config.dim, n_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=config.out_bias)
-
-    def heads(self, h: torch.Tensor, n: int) -> torch.Tensor:
-        return h.view(h.shape[0], h.shape[1], n, self.head_dim).transpose(1, 2)
-
-    def keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V [B, G, T, D] of `source` [B, T, d]: what a cache holds."""
-        return self.heads(self.wk(source), self.n_kv_heads), self.heads(self.wv(source), self.n_kv_heads)
-
-    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x [B, S, d] against k, v [B, G, T, D]; mask [B or 1, H or 1, S, T], added to the scores."""
-        q = self.heads(self.wq(x), self.n_heads)
-        y = attention(q, k, v, mask.to(q.dtype), scale=self.scale)
-        return self.wo(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.n_heads * self.head_dim))
-
-
-class MLP(nn.Module):
-    def __init__(self, config: Seq2SeqConfig):
-        super().__init__()
-        self.act = ACTIVATIONS[config.activation]
-        self.gate = nn.Linear(config.dim, config.hidden_dim, bias=config.mlp_bias) if config.mlp == "gated" else None
-        self.up = nn.Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
-        self.down = nn.Linear(config.hidden_dim, config.dim, bias=config.mlp_bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate is not None:  # T5 v1.1: act(wi_0 x) * wi_1 x
-            return self.down(self.act(self.gate(x)) * self.up(x))
-        return self.down(self.act(self.up(x)))
+    def forward(self, x: torch.Tensor, cross, mask: torch.Tensor) -> torch.Tensor:
+        if not isinstance(cross, QuantizedKVCache):
+            return self.attend(x, *cross, mask)
+        storage = cross.storage
+        y = attend_quantized(storage.stored_queries(self.queries(x)), cross, self.layer, mask, scale=self.scale,
+                             n_keys=cross.max_len)
+        return self.output(rotate(y, storage.v_rotation))
 
 
 def residual(config: Seq2SeqConfig, norm: nn.Module, x: torch.Tensor, f) -> torch.Tensor:
@@ -210,12 +196,13 @@ class EncoderBlock(nn.Module):
     def __init__(self, config: Seq2SeqConfig, layer: int):
         super().__init__()
         self.config = config
-        self.attention_norm, self.attention = make_norm(config), Attention(config, config.encoder_kv_heads[layer])
+        self.attention_norm = make_norm(config)
+        self.attention = SelfAttention(config, layer, n_kv_heads=config.encoder_kv_heads[layer])
         self.mlp_norm, self.mlp = make_norm(config), MLP(config)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = residual(self.config, self.attention_norm, x, lambda h: self.attention(h, *self.attention.keys_values(h),
-                                                                                   mask))
+        x = residual(self.config, self.attention_norm, x,
+                     lambda h: self.attention(h, mask))
         return residual(self.config, self.mlp_norm, x, self.mlp)
 
 
@@ -223,19 +210,15 @@ class DecoderBlock(nn.Module):
     def __init__(self, config: Seq2SeqConfig, layer: int):
         super().__init__()
         self.config, self.layer = config, layer
-        self.attention_norm, self.attention = make_norm(config), Attention(config, config.self_kv_heads[layer])
-        self.cross_norm, self.cross = make_norm(config), Attention(config, config.cross_kv_heads[layer])
+        self.attention_norm = make_norm(config)
+        self.attention = SelfAttention(config, layer, n_kv_heads=config.self_kv_heads[layer])
+        self.cross_norm = make_norm(config)
+        self.cross = CrossAttention(config, layer, n_kv_heads=config.cross_kv_heads[layer])
         self.mlp_norm, self.mlp = make_norm(config), MLP(config)
 
-    def forward(self, x, self_mask, cross_kv, cross_mask, cache: KVCache | None, slots) -> torch.Tensor:
-        def self_attention(h):
-            k, v = self.attention.keys_values(h)
-            if cache is not None:
-                k, v = cache.write(self.layer, k, v, slots)
-            return self.attention(h, k, v, self_mask)
-
-        x = residual(self.config, self.attention_norm, x, self_attention)
-        x = residual(self.config, self.cross_norm, x, lambda h: self.cross(h, *cross_kv, cross_mask))
+    def forward(self, x, self_mask, cross, cross_mask, cache: KVCache | QuantizedKVCache | None, slots) -> torch.Tensor:
+        x = residual(self.config, self.attention_norm, x, lambda h: self.attention(h, self_mask, cache, slots))
+        x = residual(self.config, self.cross_norm, x, lambda h: self.cross(h, cross, cross_mask))
         return residual(self.config, self.mlp_norm, x, self.mlp)
 
 
@@ -278,9 +261,17 @@ class Encoded:
     """A batch of sources once encoded: what the decoder reads at every step."""
     hidden: torch.Tensor  # [B, S, d]
     mask: torch.Tensor  # [B, S] bool: real source tokens
-    cross_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: the cross-attention cache [B, G, S, D]
+    # the cross-attention cache: per decoder layer (K, V) [B, G, S, D], or one quantized cache of every layer
+    cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | QuantizedKVCache
+
+    def cross(self, layer: int):
+        """What decoder layer `layer`'s cross-attention reads."""
+        return self.cross_kv if isinstance(self.cross_kv, QuantizedKVCache) else self.cross_kv[layer]
 
     def bytes(self) -> int:
+        if isinstance(self.cross_kv, QuantizedKVCache):
+            return sum(t.numel() * t.element_size() for side in (self.cross_kv.keys, self.cross_kv.values)
+                       for layer in side for t in layer.values())
         return sum(t.numel() * t.element_size() for kv in self.cross_kv for t in kv)
 
 
@@ -296,9 +287,14 @@ class Seq2SeqTransformer(TokenModel):
         self.hf_config: dict[str, Any] | None = None
         self.source_dir = None
 
-    def tie_weights(self) -> None:
-        if self.config.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+    def cached_attentions(self) -> list[Attention]:
+        """The decoder's self- and cross-attention: their caches store K and V as `set_kv_cache_dtype` says (the
+        encoder keeps no cache)."""
+        return [module for block in self.decoder.layers for module in (block.attention, block.cross)]
+
+    @property
+    def cache_kv_heads(self) -> list[int]:
+        return self.config.self_kv_heads
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: matrices decay, norms, biases and the position-bias tables do not."""
@@ -326,10 +322,6 @@ class Seq2SeqTransformer(TokenModel):
             else:
                 nn.init.normal_(p, std=std)
 
-    def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
-        element = torch.empty((), dtype=dtype or self.dtype).element_size()
-        return self.config.kv_bytes_per_token(element)
-
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Encoded:
         """Run the encoder over sources [B, S] (mask: 1 = token) and fill every layer's cross-attention cache."""
         batch, seq = input_ids.shape
@@ -347,8 +339,24 @@ class Seq2SeqTransformer(TokenModel):
         for i, block in enumerate(self.encoder.layers):
             x = block(x, scores_mask(i) if shared is None else shared)
         hidden = self.encoder.finish(x)
-        cross_kv = [block.cross.keys_values(hidden) for block in self.decoder.layers]
-        return Encoded(hidden, valid, cross_kv)
+        return Encoded(hidden, valid, self.cross_cache(hidden))
+
+    def cross_cache(self, hidden: torch.Tensor):
+        """Every decoder layer's cross-attention K and V of the encoded sources [B, S, d], as the storage
+        `set_kv_cache_dtype` chose holds them: float (K, V) per layer, or one quantized cache, all S slots written."""
+        kv = [block.cross.keys_values(hidden) for block in self.decoder.layers]
+        storage = self.kv_cache_storage
+        if storage is None:
+            return kv
+        if not storage.format.quantized:
+            return [(storage.format.roundtrip(k), storage.format.roundtrip(v)) for k, v in kv]
+        batch, seq = hidden.shape[:2]
+        cache = QuantizedKVCache.allocate(storage, self.config.cross_kv_heads, self.config.head_dim, batch, seq,
+                                          self.device)
+        slots = torch.arange(seq, device=hidden.device).expand(batch, -1)
+        for layer, (k, v) in enumerate(kv):
+            cache.write(layer, *storage.stored_keys_values(k, v), slots)
+        return cache
 
     def decode(self, decoder_ids: torch.Tensor, encoded: Encoded, decoder_mask: torch.Tensor | None = None,
                cache: KVCache | None = None) -> torch.Tensor:
@@ -373,7 +381,7 @@ class Seq2SeqTransformer(TokenModel):
         for i, block in enumerate(self.decoder.layers):
             bias = self.decoder.position_bias(i, positions, total) if self.config.bias_in_every_layer else shared
             mask = self_mask if bias is None else self_mask + bias.to(x.dtype)
-            x = block(x, mask, encoded.cross_kv[i], cross_mask, cache, slots)
+            x = block(x, mask, encoded.cross(i), cross_mask, cache, slots)
         x = self.decoder.finish(x)
         if cache is not None:
             cache.lengths += seq
@@ -386,8 +394,7 @@ class Seq2SeqTransformer(TokenModel):
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         """The decoder's self-attention cache: G heads per layer, max_len generated tokens."""
-        return KVCache.allocate(self.config.self_kv_heads, self.config.head_dim, batch_size, max_len,
-                                dtype or self.dtype, self.device)
+        return self.allocate_cache(self.config.self_kv_heads, batch_size, max_len, dtype)
 
     def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         """Decoder inputs for labels [B, T]: the start token, then the labels but the last (-100 -> pad)."""

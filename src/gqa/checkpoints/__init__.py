@@ -189,10 +189,15 @@ def load(
     """
     dtype = parse_dtype(dtype)
     if is_seq2seq(raw := files.read_config(path)):  # an encoder–decoder (T5, BART): its own model class
-        if kv_cache_dtype is not None:
-            raise GQAError("--kv-cache-dtype is for decoder-only models for now: an encoder–decoder's caches get it "
-                           "when they share the decoder's cache code")
-        return load_seq2seq(path, raw, dtype, device)
+        model = load_seq2seq(path, raw, dtype, device)
+    else:
+        model = load_decoder(path, dtype, device)
+    if kv_cache_dtype is not None:
+        model.set_kv_cache_dtype(kv_cache_dtype, kv_rotation)
+    return model
+
+
+def load_decoder(path, dtype: torch.dtype | None, device) -> Transformer:
     config, family, hf = read_model_config(path)
     check_layout(path, config, family)
     with torch.device("meta"):
@@ -208,8 +213,6 @@ def load(
     model.eval()
     model.hf_config = hf.get("hf_config") if family is None else hf
     model.source_dir = Path(path)
-    if kv_cache_dtype is not None:
-        model.set_kv_cache_dtype(kv_cache_dtype, kv_rotation)
     return model
 
 

@@ -39,7 +39,8 @@ from ..checkpoints import files
 from ..checkpoints.seq2seq import import_state, model_from_state, read_seq2seq_config, save_seq2seq_state, target_seq2seq_family
 from ..checkpoints.tokenizer import warn_without_tokenizer
 from ..errors import GQAError
-from ..seq2seq import Attention, Seq2SeqConfig, Seq2SeqTransformer
+from ..model import Attention
+from ..seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from ..version import __version__
 from . import joint
 from .heads import NAMES, AttentionWeights, RopeLayout
@@ -207,7 +208,7 @@ def transfer_attention(source: Seq2SeqTransformer, kind: str, layer: int, merged
     (`transfer.fit_to_targets`); returns its weights and the relative error before and after."""
     data = transfer_data(source, kind, layer, fit)
     with torch.device("meta"):
-        module = Attention(source.config, merged.n_kv_heads)
+        module = Attention(source.config, layer, n_kv_heads=merged.n_kv_heads)
     load_weights(module, merged)
     trained = fit_to_targets(module, data.forward, data.targets, settings, key=SEED_OFFSET[kind] + layer,
                              desc=f"transfer {kind} layer {layer}", progress=progress)

@@ -94,10 +94,9 @@ def source_probabilities(model: Seq2SeqTransformer, kind: str, layer: int):
 
     @torch.no_grad()
     def probabilities(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        q = module.heads(module.wq(queries), module.n_heads)
-        k = module.heads(module.wk(keys), module.n_kv_heads)
-        k = k.repeat_interleave(module.n_heads // module.n_kv_heads, dim=1)  # calibration only, never decoding
-        scores = (q @ k.transpose(-1, -2)) * module.scale
+        q = module.project(queries, module.wq, module.n_heads, None)
+        k = module.keys_values(keys)[0].repeat_interleave(module.n_heads // module.n_kv_heads, dim=1)  # never decoding
+        scores = (q @ k.transpose(-1, -2)) * (module.head_dim ** -0.5 if module.scale is None else module.scale)
         return F.softmax(scores.float() + scores_mask(model, kind, layer, *scores.shape[-2:]), dim=-1)
 
     return probabilities
@@ -115,7 +114,7 @@ class TransferData:
 
     def forward(self, module: torch.nn.Module, blocks) -> torch.Tensor:
         """`module` (a seq2seq `Attention`) on the calibration blocks `blocks` (an index)."""
-        return module(self.queries[blocks], *module.keys_values(self.keys[blocks]), self.mask)
+        return module.attend(self.queries[blocks], *module.keys_values(self.keys[blocks]), self.mask)
 
 
 @torch.no_grad()
