@@ -17,7 +17,7 @@ import gqa
 from gqa.cli import main
 from gqa.conversion.heads import AttentionWeights
 from gqa.conversion.pooling import pool_heads
-from gqa.seq2seq import generate_seq2seq
+from gqa.generate import generate_seq2seq
 from gqa.seq2seq_data import corrupt, prepare_seq2seq
 
 SENTINELS = 8

@@ -228,8 +228,8 @@ def cmd_generate(args) -> None:
     from .checkpoints import load
     from .checkpoints.tokenizer import load_tokenizer
     from .errors import warn
-    from .generate import check_generation_lengths, check_sampling, generate
-    from .seq2seq import Seq2SeqConfig, check_source_lengths, generate_seq2seq
+    from .generate import check_generation_lengths, check_sampling, generate, generate_seq2seq
+    from .seq2seq import Seq2SeqConfig, check_source_lengths
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     if args.seed is not None and args.temperature == 0:

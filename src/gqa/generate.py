@@ -168,24 +168,53 @@ def generate(
     last = torch.as_tensor(lengths, device=device) - 1
     logits = logits[torch.arange(batch, device=device), last]
 
-    stop = torch.as_tensor(list(stop_tokens), dtype=torch.long, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    step_fn = DecodeStep(model, cache, cuda_graph=cuda_graph) if max_new_tokens > 1 else None
+    step = DecodeStep(model, cache, cuda_graph=cuda_graph) if max_new_tokens > 1 else None
+    return sample_until_stopped(logits, step, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                top_p=top_p, stop_tokens=stop_tokens, generator=generator)
+
+
+def sample_until_stopped(logits: torch.Tensor, step, *, max_new_tokens: int, temperature: float, top_k: int | None,
+                         top_p: float | None, stop_tokens: Sequence[int], generator) -> list[list[int]]:
+    """The decode loop both model shapes share: sample the next tokens from logits [B, vocab], `step` them
+    (tokens [B] -> the next logits) until max_new_tokens or every sequence has stopped; each sequence's new
+    tokens, up to and including its first stop token."""
+    stop = torch.as_tensor(list(stop_tokens), dtype=torch.long, device=logits.device)
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     out = []
-    for step in range(max_new_tokens):
+    for i in range(max_new_tokens):
         next_tokens = sample(logits, temperature, top_k, top_p, generator)
         out.append(next_tokens)
         if stop.numel():
             done |= torch.isin(next_tokens, stop)
-            if (step + 1) % STOP_CHECK_EVERY == 0 and bool(done.all()):
+            if (i + 1) % STOP_CHECK_EVERY == 0 and bool(done.all()):
                 break
-        if step + 1 < max_new_tokens:
-            logits = step_fn(next_tokens)
-
-    generated = torch.stack(out, dim=1).tolist()
+        if i + 1 < max_new_tokens:
+            logits = step(next_tokens)
     stop_set = set(stop_tokens)
-    results = []
-    for seq in generated:
-        end = next((i + 1 for i, t in enumerate(seq) if t in stop_set), len(seq))
-        results.append(seq[:end])
-    return results
+    return [seq[:next((i + 1 for i, t in enumerate(seq) if t in stop_set), len(seq))]
+            for seq in torch.stack(out, dim=1).tolist()]
+
+
+@torch.inference_mode()
+def generate_seq2seq(model, sources: Sequence[Sequence[int]], max_new_tokens: int = 32, temperature: float = 0.0,
+                     top_k: int | None = None, top_p: float | None = None, stop_tokens: Sequence[int] = (),
+                     seed: int | None = None) -> list[list[int]]:
+    """An encoder–decoder's `generate`: the sources are encoded once (the cross-attention cache filled once, G
+    heads per layer), then the decoder runs from its start token, one token per step against its
+    self-attention cache. Returns each sequence's new tokens, up to and including a stop token."""
+    from .seq2seq import check_source_lengths
+
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
+    check_token_inputs(sources, stop_tokens, model.config.vocab_size, "source")
+    check_source_lengths(model.config, sources, max_new_tokens)
+    device, width, pad = model.device, max(len(s) for s in sources), model.config.pad_token_id
+    ids = torch.tensor([list(s) + [pad] * (width - len(s)) for s in sources], device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sources], device=device)
+    encoded = model.encode(ids, mask)
+    cache = model.new_cache(len(sources), max_new_tokens)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    start = torch.full((len(sources), 1), model.config.decoder_start_token_id, dtype=torch.long, device=device)
+    logits = model.decode(start, encoded, cache=cache)[:, -1]
+    return sample_until_stopped(logits, lambda tokens: model.decode(tokens[:, None], encoded, cache=cache)[:, -1],
+                                max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                stop_tokens=stop_tokens, generator=generator)
