@@ -157,7 +157,7 @@ def digest(data: bytes, name: str, work: str) -> str:
         try:
             lines = [json.loads(line) for line in data.decode().splitlines() if line.strip()] \
                 if name.endswith(".jsonl") else [json.loads(data)]
-            data = json.dumps([scrub(x, work) for x in lines], sort_keys=True).encode()
+            data = json.dumps([scrub(x, work) for x in lines]).encode()  # key order kept: it is in the bytes
         except (UnicodeDecodeError, json.JSONDecodeError):
             pass
     elif name.endswith((".md", ".txt", ".log")):
@@ -169,7 +169,7 @@ def stdout_digest(text: str, work: str) -> str:
     lines = []
     for line in text.replace(work, "WORK").splitlines():
         try:
-            lines.append(json.dumps(scrub(json.loads(line), "WORK"), sort_keys=True))
+            lines.append(json.dumps(scrub(json.loads(line), "WORK")))
         except json.JSONDecodeError:
             lines.append(line)
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
