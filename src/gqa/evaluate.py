@@ -11,6 +11,52 @@ from .errors import GQAError
 from .model import Transformer
 
 
+def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student) of the next-token distributions at each position, [...] of logits [..., vocab]."""
+    log_p, log_q = F.log_softmax(teacher_logits.float(), -1), F.log_softmax(student_logits.float(), -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def mean_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor | None = None):
+    """KL(teacher ‖ student) per token, averaged over the tokens that have a target (all, without targets): the
+    distillation loss of uptraining and of the joint stage."""
+    log_s = F.log_softmax(student_logits.float().flatten(0, 1), dim=-1)
+    log_t = F.log_softmax(teacher_logits.float().flatten(0, 1), dim=-1)
+    if targets is not None and bool((targets == -100).any()):
+        keep = targets.flatten() != -100
+        log_s, log_t = log_s[keep], log_t[keep]
+    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
+
+
+class Scores:
+    """Sums over the scored positions of a run of batches: NLL, tokens, and against a reference, top-1
+    agreement and KL(reference ‖ model)."""
+
+    def __init__(self) -> None:
+        self.nll = self.kl = 0.0
+        self.tokens = self.agree = 0
+        self.compared = False
+
+    def add(self, logits: torch.Tensor, targets: torch.Tensor, reference: torch.Tensor | None = None) -> None:
+        """logits [B, T, vocab] (float), targets [B, T] (-100: not scored), the reference's logits [B, T, vocab]."""
+        scored = targets != -100
+        self.nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=-100).item()
+        self.tokens += int(scored.sum())
+        if reference is not None:
+            self.compared = True
+            self.agree += int(((logits.argmax(-1) == reference.argmax(-1)) & scored).sum())
+            self.kl += float((token_kl(reference, logits) * scored).sum())
+
+    def result(self) -> dict:
+        if self.tokens == 0:
+            raise GQAError("no target tokens to score")
+        loss = self.nll / self.tokens
+        out = {"loss": loss, "perplexity": math.exp(loss), "tokens": self.tokens}
+        if self.compared:
+            out.update(top1_agreement=self.agree / self.tokens, kl=self.kl / self.tokens)
+        return out
+
+
 def windows(tokens: torch.Tensor, seq_len: int) -> list[torch.Tensor]:
     """Non-overlapping windows of at most seq_len tokens; a last window shorter than 2 tokens is dropped."""
     out = [tokens[i : i + seq_len] for i in range(0, tokens.numel(), seq_len)]
@@ -33,25 +79,17 @@ def perplexity(model: Transformer, tokens: torch.Tensor, seq_len: int | None = N
     chunks = windows(tokens.flatten(), seq_len)
     if not chunks:
         raise GQAError("the text has fewer than 2 tokens; nothing to score")
-    total = {"nll": 0.0, "tokens": 0, "agree": 0, "kl": 0.0}
+    scores = Scores()
     for i in range(0, len(chunks), batch_size):
         ids, mask = padded(chunks[i : i + batch_size], model.device)
         logits = model(ids, attention_mask=None if bool(mask.all()) else mask)[:, :-1].float()
-        scored = mask[:, 1:]
-        targets = ids[:, 1:].masked_fill(~scored, -100)
-        total["nll"] += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=-100).item()
-        total["tokens"] += int(scored.sum())
+        ref = None
         if reference is not None:
             ref = reference(ids.to(reference.device), attention_mask=None if bool(mask.all()) else mask)[:, :-1]
             ref = ref.float().to(logits.device)
-            total["agree"] += int(((logits.argmax(-1) == ref.argmax(-1)) & scored).sum())
-            log_p, log_q = F.log_softmax(ref, -1), F.log_softmax(logits, -1)
-            total["kl"] += float(((log_p.exp() * (log_p - log_q)).sum(-1) * scored).sum())
-    loss = total["nll"] / total["tokens"]
-    out = {"perplexity": math.exp(loss), "loss": loss, "tokens": total["tokens"]}
-    if reference is not None:
-        out.update(top1_agreement=total["agree"] / total["tokens"], kl=total["kl"] / total["tokens"])
-    return out
+        scores.add(logits, ids[:, 1:].masked_fill(~mask[:, 1:], -100), ref)
+    out = scores.result()
+    return {"perplexity": out.pop("perplexity"), **out}  # eval --json has always led with it
 
 
 def padded(chunks: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,23 +106,13 @@ def padded(chunks: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tens
 def compare_blocks(model: Transformer, blocks: torch.Tensor, teacher: Transformer | None = None, batch_size: int = 16) -> dict:
     """Validation loss / perplexity of `model` on packed blocks [n, seq_len + 1], and, given a teacher, the
     fraction of positions where both predict the same next token (top-1 agreement) and KL(teacher ‖ model)."""
-    nll = kl = 0.0
-    agree = count = 0
+    scores = Scores()
     for i in range(0, len(blocks), batch_size):
         chunk = blocks[i : i + batch_size].to(model.device)
-        x, y = chunk[:, :-1], chunk[:, 1:]
-        logits = model(x).float()
-        nll += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
-        count += y.numel()
-        if teacher is not None:
-            ref = teacher(x.to(teacher.device)).float().to(logits.device)
-            agree += (logits.argmax(-1) == ref.argmax(-1)).sum().item()
-            log_p, log_q = F.log_softmax(ref, -1), F.log_softmax(logits, -1)
-            kl += (log_p.exp() * (log_p - log_q)).sum().item()
-    out = {"loss": nll / count, "perplexity": math.exp(nll / count), "tokens": count}
-    if teacher is not None:
-        out.update(top1_agreement=agree / count, kl=kl / count)
-    return out
+        x = chunk[:, :-1]
+        ref = None if teacher is None else teacher(x.to(teacher.device)).float().to(model.device)
+        scores.add(model(x).float(), chunk[:, 1:], ref)
+    return scores.result()
 
 
 def seq2seq_logits(model, batch) -> torch.Tensor:
@@ -98,22 +126,9 @@ def compare_examples(model, examples, teacher=None, batch_size: int = 16) -> dic
     """Loss / perplexity per target token of an encoder–decoder on input/target examples (the way
     transformers' `labels=` scores them), and, given a teacher, top-1 agreement and KL(teacher ‖ model)
     over the target positions."""
-    nll = kl = 0.0
-    agree = count = 0
+    scores = Scores()
     for i in range(0, len(examples), batch_size):
         batch = examples[i : i + batch_size].to(model.device)
-        logits = seq2seq_logits(model, batch)
-        scored = batch.labels != -100
-        nll += F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=-100, reduction="sum").item()
-        count += int(scored.sum())
-        if teacher is not None:
-            ref = seq2seq_logits(teacher, batch.to(teacher.device)).to(logits.device)
-            agree += int(((logits.argmax(-1) == ref.argmax(-1)) & scored).sum())
-            log_p, log_q = F.log_softmax(ref, -1), F.log_softmax(logits, -1)
-            kl += float(((log_p.exp() * (log_p - log_q)).sum(-1) * scored).sum())
-    if count == 0:
-        raise GQAError("no target tokens to score")
-    out = {"loss": nll / count, "perplexity": math.exp(nll / count), "tokens": count}
-    if teacher is not None:
-        out.update(top1_agreement=agree / count, kl=kl / count)
-    return out
+        ref = None if teacher is None else seq2seq_logits(teacher, batch.to(teacher.device)).to(model.device)
+        scores.add(seq2seq_logits(model, batch), batch.labels, ref)
+    return scores.result()

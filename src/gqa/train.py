@@ -39,8 +39,9 @@ from tqdm.auto import tqdm
 from .card import training_step, write_card
 from .checkpoints import check_reference, load, save
 from .data import BlockOrder, TokenData, check_token_ids, prepare
-from .devices import keep_freed_memory
+from .devices import default_device, keep_freed_memory
 from .errors import GQAError, warn
+from .evaluate import mean_kl
 from .fingerprint import digest, tensors_digest
 from .jsonfiles import append_jsonl, write_json
 from .model import Transformer
@@ -188,7 +189,7 @@ class Dist:
 def init_distributed(device: str | None) -> tuple[Dist, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        name = device or default_device()
         return Dist(), torch.device(name)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
@@ -220,16 +221,6 @@ def wrap(model: Transformer, strategy: str, d: Dist, device: torch.device) -> to
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-
-
-def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-    """KL(teacher ‖ student) per token, averaged over the tokens that have a target (all, without targets)."""
-    log_s = F.log_softmax(student_logits.float().flatten(0, 1), dim=-1)
-    log_t = F.log_softmax(teacher_logits.float().flatten(0, 1), dim=-1)
-    if targets is not None and bool((targets == -100).any()):
-        keep = targets.flatten() != -100
-        log_s, log_t = log_s[keep], log_t[keep]
-    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
 
 
 def forward_batch(net, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -497,7 +488,7 @@ class Trainer:
             return lm, None
         with torch.no_grad(), self.autocast():
             teacher_logits, _ = forward_batch(self.teacher, batch)
-        return lm, distill_kl(logits, teacher_logits, targets)
+        return lm, mean_kl(logits, teacher_logits, targets)
 
     def step(self, step: int, data: TokenData, order: BlockOrder) -> dict:
         """One optimizer step over grad_accum micro-batches; refuses to apply a non-finite one."""

@@ -21,13 +21,13 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import GQAError
+from ..evaluate import mean_kl
 from ..fingerprint import digest
 from ..seq2seq import Seq2SeqTransformer
-from .transfer import relative_groups
+from .transfer import ramped_cosine, relative_groups
 
 EVAL_BLOCKS = 8  # calibration blocks the before / after KL is measured on
 
@@ -86,17 +86,11 @@ def n_blocks(blocks) -> int:
     return len(blocks[0]) if isinstance(blocks, tuple) else len(blocks)
 
 
-def lr_at(step: int, settings: JointSettings) -> float:
-    warmup = max(1, settings.steps // 20)
-    return settings.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / settings.steps)))
-
-
 def kl(teacher, student, batch) -> torch.Tensor:
     """KL(teacher ‖ student) per token of the next-token distributions on a batch (`batch_of`)."""
     with torch.no_grad():
-        target = F.log_softmax(logits_of(teacher, batch).float(), -1).flatten(0, 1)
-    return F.kl_div(F.log_softmax(logits_of(student, batch).float(), -1).flatten(0, 1), target, log_target=True,
-                    reduction="batchmean")
+        target = logits_of(teacher, batch)
+    return mean_kl(logits_of(student, batch), target)
 
 
 @torch.no_grad()
@@ -136,7 +130,7 @@ def train(teacher, student, blocks, settings: JointSettings, resume, fingerprint
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for g in optimizer.param_groups:
-            g["lr"] = g["scale"] * lr_at(step, settings)
+            g["lr"] = g["scale"] * (settings.lr * ramped_cosine(step, settings.steps))
         optimizer.step()
         if resume and (step + 1) % settings.save_every == 0 and step + 1 < settings.steps:
             resume.put_joint(fingerprint, step + 1, attention_state(modules), optimizer.state_dict())

@@ -98,9 +98,7 @@ def fit_to_targets(module: torch.nn.Module, forward, targets: torch.Tensor, sett
     if settings.steps == 0:
         return {"relative_error_before": before, "relative_error_after": before}
     optimizer = torch.optim.Adam(relative_groups(module, settings.lr))
-    warmup = max(1, settings.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / settings.steps))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: ramped_cosine(s, settings.steps))
     generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + key)
     batch = min(settings.batch_blocks, len(targets))
     bf16 = matmul_precision(settings.precision) == "bfloat16"
@@ -117,6 +115,12 @@ def fit_to_targets(module: torch.nn.Module, forward, targets: torch.Tensor, sett
     if after >= before:  # training never leaves a layer worse on its calibration than the merge it started from
         return {"relative_error_before": before, "relative_error_after": before, "kept": "merge"}
     return {"relative_error_before": before, "relative_error_after": after}
+
+
+def ramped_cosine(step: int, steps: int) -> float:
+    """The conversion stages' step-size factor: a linear ramp over the first 5 % of the steps, times a cosine
+    from 1 to 0 over all of them (the layer-wise transfer and the joint stage)."""
+    return min(1.0, (step + 1) / max(1, steps // 20)) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps)))
 
 
 def relative_groups(module: torch.nn.Module, lr: float) -> list[dict]:
