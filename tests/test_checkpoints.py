@@ -9,7 +9,8 @@ from families import FAMILIES, KV_HEADS
 
 import gqa
 from gqa import GQAError, ModelConfig, Transformer
-from gqa.checkpoints import describe, save, target_family
+from gqa.checkpoints import save, target_family
+from gqa.info import describe
 
 ATOL = 1e-4
 

@@ -12,7 +12,7 @@ from conftest import padded_batch
 from families import build, save
 
 import gqa
-from gqa.checkpoints import describe
+from gqa.info import describe
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from gqa.cli import main
 from gqa.conversion.heads import AttentionWeights
 from gqa.conversion.pooling import pool_heads
 from gqa.generate import generate_seq2seq
+from gqa.info import describe
 from gqa.seq2seq_data import corrupt, prepare_seq2seq
 
 SENTINELS = 8
@@ -167,7 +168,7 @@ def test_caches_hold_g_heads(models, tmp_path):
     assert cache.bytes() == 2 * 5 * c.kv_bytes_per_token(4)  # 2 sequences x 5 generated tokens
     assert encoded.bytes() == 2 * 9 * c.kv_bytes_per_source_token(4)  # 2 sources x 9 tokens
     assert all(k.shape[1] == 1 for k in cache.keys) and all(k.shape[1] == 1 for k, _ in encoded.cross_kv)
-    info = gqa.checkpoints.describe(tmp_path / "mqa")
+    info = describe(tmp_path / "mqa")
     assert info["kv_bytes_per_token"] == c.kv_bytes_per_token(4) and info["cross_kv_heads"] == [1, 1, 1]
 
 
@@ -398,7 +399,8 @@ def test_calibration_text_defaults_to_the_general_mix(models, tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["convert", "{t5}", "{w}/o", "--kv-heads", "3"], "3 KV heads does not divide the current 4"),
+    (["convert", "{t5}", "{w}/o", "--kv-heads", "3"],
+     "self attention, layer 0: 3 KV heads does not divide the current 4 (of 4 query heads); choose one of [1, 2, 4]"),
     (["convert", "{t5}", "{w}/o", "--kv-budget", "0.5", "--calib", "bundled"],
      "--kv-budget is not available for encoder–decoder models yet"),
     (["convert", "{t5}", "{w}/o", "--kv-heads", "2", "--method", "aligned", "--calib", "{w}/bad.jsonl"],

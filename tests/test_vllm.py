@@ -23,7 +23,7 @@ from families import build, save
 
 import gqa
 import gqa.checkpoints.gguf
-from gqa.checkpoints import describe
+from gqa.info import describe
 from gqa.runtimes.vllm_runtime import WORKER, run_job, vllm_python
 
 if os.environ.get("GQA_SKIP_VLLM"):

@@ -29,10 +29,27 @@ def check_heads(n_heads: int, n_kv_heads: int) -> None:
     if n_kv_heads > n_heads:
         raise GQAError(f"{n_kv_heads} KV heads is more than the {n_heads} query heads; G must divide H")
     if n_heads % n_kv_heads:
-        divisors = [g for g in range(1, n_heads + 1) if n_heads % g == 0]
-        raise GQAError(
-            f"{n_kv_heads} KV heads does not divide {n_heads} query heads; choose one of {divisors}"
-        )
+        raise GQAError(f"{n_kv_heads} KV heads does not divide {n_heads} query heads; choose one of {divisors(n_heads)}")
+
+
+def check_regroup(n_kv_heads_now: int, n_kv_heads: int, n_heads: int, where: str = "") -> None:
+    """A conversion merges whole groups: the G asked for must divide the G a layer has now."""
+    if n_kv_heads < 1:
+        raise GQAError(f"{where}the number of KV heads must be >= 1, got {n_kv_heads}")
+    if n_kv_heads_now % n_kv_heads:
+        raise GQAError(f"{where}{n_kv_heads} KV heads does not divide the current {n_kv_heads_now} (of {n_heads} query "
+                       f"heads); choose one of {divisors(n_kv_heads_now)}")
+
+
+def divisors(n: int) -> list[int]:
+    return [g for g in range(1, n + 1) if n % g == 0]
+
+
+def heads_name(n_heads: int, n_kv_heads) -> str:
+    """"MHA", "GQA-g" or "MQA" for G KV heads of H query heads; for one G per layer, each name once, joined
+    by "+" ("GQA-2+MQA")."""
+    layers = [n_kv_heads] if isinstance(n_kv_heads, int) else n_kv_heads
+    return "+".join(sorted({"MHA" if g == n_heads else "MQA" if g == 1 else f"GQA-{g}" for g in layers}))
 
 
 def kv_head_of(query_head: int, n_heads: int, n_kv_heads: int) -> int:

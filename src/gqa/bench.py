@@ -59,8 +59,12 @@ def interleaved_decode_rates(models: dict[str, Transformer], batch_size: int = 8
             rate = decode_rate(model, batch_size, context, new_tokens, seed=round_)
             if round_ >= warmup:
                 samples[name].append(rate)
-    return {name: {"median": statistics.median(v), "min": min(v), "max": max(v), "samples": v}
-            for name, v in samples.items()}
+    return {name: {**spread(v), "samples": v} for name, v in samples.items()}
+
+
+def spread(values: list[float]) -> dict:
+    """The median of repeated timings and their range."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 # ------------------------------------------------------------------------------------------ decode kernels

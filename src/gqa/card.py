@@ -2,7 +2,7 @@
 
 Hugging Face folders carry a README.md whose YAML front matter the Hub and its tools read (`base_model`,
 `library_name`, `tags`, `pipeline_tag`, `license`). gqa writes one into each output of `convert`, `uptrain`
-and `export`, built from the written folder itself (`checkpoints.describe`: architecture, KV heads, KV
+and `export`, built from the written folder itself (`info.describe`: architecture, KV heads, KV
 bytes, whether vLLM loads it) and the record of the work (the conversion's report, the training run's).
 A folder gqa made from another gqa folder names the original model as its base and lists every step.
 
@@ -140,7 +140,7 @@ def write_card(folder: Path, *, source, step: dict, name: str | None = None) -> 
     """README.md of the written `folder` (before it is renamed to its destination `name`), made from the model
     folder `source` (None: trained from scratch) by `step` (`conversion_step`, `training_step`, or
     {"step": "export"})."""
-    from .checkpoints import describe
+    from .info import describe
 
     name = name or Path(folder).name
     info = {k: v.replace(str(folder), name) if isinstance(v, str) else v for k, v in describe(folder).items()}

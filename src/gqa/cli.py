@@ -123,7 +123,7 @@ def check_results_folder(out: str) -> None:
 # ------------------------------------------------------------------------------------------------ verbs
 
 def cmd_info(args) -> None:
-    from .checkpoints import describe
+    from .info import describe
 
     info = describe(args.model)
     if args.json:
@@ -315,24 +315,22 @@ def parse_heads_list(text: str) -> list[int]:
 
 
 def cmd_convert(args) -> None:
-    from .conversion import convert, format_report, reads_calibration
-    from .conversion.methods import get as get_method
+    from .conversion import ConversionOptions, convert, format_report
     from .conversion.methods import option_fields
     from .conversion.seq2seq import format_seq2seq_report, is_seq2seq_folder
 
-    per_layer = parse_heads_list(args.kv_heads_per_layer) if args.kv_heads_per_layer else None
-    method_options = {name: getattr(args, name) for name in option_fields()}
-    calibrated = reads_calibration(get_method(args.method), args.transfer_steps, args.joint_steps, args.kv_budget)
-    if args.seed is not None and args.method != "random" and not calibrated:
-        raise GQAError(f"--seed draws --method random's heads and the calibration sample; --method {args.method} "
-                       f"without calibration (--transfer-steps, --joint-steps, --kv-budget) draws nothing: drop --seed")
-    report = convert(
-        args.model, args.out, n_kv_heads=args.kv_heads, n_kv_heads_per_layer=per_layer, kv_budget=args.kv_budget,
-        method=args.method, seed=0 if args.seed is None else args.seed, calib=args.calib, calib_tokens=args.calib_tokens,
+    options = ConversionOptions(
+        n_kv_heads=args.kv_heads, kv_budget=args.kv_budget, method=args.method,
+        n_kv_heads_per_layer=parse_heads_list(args.kv_heads_per_layer) if args.kv_heads_per_layer else None,
+        seed=0 if args.seed is None else args.seed, calib=args.calib, calib_tokens=args.calib_tokens,
         calib_seq_len=args.calib_seq_len, transfer_steps=args.transfer_steps, transfer_lr=args.transfer_lr,
         transfer_inputs=args.transfer_inputs, joint_steps=args.joint_steps, joint_lr=args.joint_lr,
-        encoder=args.convert_encoder, format=args.format, overwrite=args.overwrite, **method_options,
-    )
+        encoder=args.convert_encoder, format=args.format, overwrite=args.overwrite,
+        method_options={name: getattr(args, name) for name in option_fields()})
+    if args.seed is not None and args.method != "random" and not options.reads_calibration():
+        raise GQAError(f"--seed draws --method random's heads and the calibration sample; --method {args.method} "
+                       f"without calibration (--transfer-steps, --joint-steps, --kv-budget) draws nothing: drop --seed")
+    report = convert(args.model, args.out, options)
     print(format_seq2seq_report(report) if is_seq2seq_folder(args.out) else format_report(report))
 
 

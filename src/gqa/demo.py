@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .attention import heads_name
 from .bench import interleaved_decode_rates
 from .checkpoints import load
 from .checkpoints.files import check_destination
@@ -106,10 +107,6 @@ def calibration(s: DemoSettings, method: str) -> dict:
     return dict(calib="bundled", calib_tokens=s.calib_tokens, calib_seq_len=s.seq_len, transfer_steps=s.transfer_steps)
 
 
-def kv_name(n_kv_heads: int, n_heads: int) -> str:
-    return "MHA" if n_kv_heads == n_heads else "MQA" if n_kv_heads == 1 else f"GQA-{n_kv_heads}"
-
-
 def row(name: str, method: str, n_kv_heads: int, mha, before: dict, after: dict, report: dict | None,
         kv_cache_dtype: str = "bfloat16") -> dict:
     from .kv_formats import kv_format
@@ -146,7 +143,7 @@ def run_demo(out: str | os.PathLike, quick: bool = False, overwrite: bool = Fals
     rows.append(row("MHA + uptraining (control)", "none", mha.config.n_heads, mha, reference, control, report))
     for g in s.kv_heads:
         for method in s.methods:
-            label, dest = f"{kv_name(g, mha.config.n_heads)} {method}", out / f"g{g}-{method}"
+            label, dest = f"{heads_name(mha.config.n_heads, g)} {method}", out / f"g{g}-{method}"
             say(f"{label}: converting ...")
             before = pipe.convert(ASSET, dest / "converted", g, method, seed=s.seed, **calibration(s, method))
             say(f"{label}: perplexity at α = 0 is {before['perplexity']:.2f}; uptraining ...")
@@ -182,8 +179,8 @@ def quantized_rows(s: DemoSettings, pipe: Pipeline, mha, rows: list[dict], out: 
     free (llama.cpp's q8_0 and q4_0, `gqa.kv_formats`): the two ways to fewer KV bytes, and both at once,
     side by side (evaluation only)."""
     models = [("MHA", ASSET, mha.config.n_heads, None)]
-    models += [(f"{kv_name(g, mha.config.n_heads)} aligned", out / f"g{g}-aligned" / "uptrained", g,
-                next(r for r in rows if r["name"] == f"{kv_name(g, mha.config.n_heads)} aligned"))
+    models += [(f"{heads_name(mha.config.n_heads, g)} aligned", out / f"g{g}-aligned" / "uptrained", g,
+                next(r for r in rows if r["name"] == f"{heads_name(mha.config.n_heads, g)} aligned"))
                for g in s.kv_heads if "aligned" in s.methods]
     added = []
     for label, path, g, base in models:
@@ -281,7 +278,7 @@ def plot_speed(ax, rows: list[dict]) -> None:
         median = r["decode_tokens_per_s"]
         ax.errorbar(r["kv_bytes_per_token"], median, yerr=[[median - low], [high - median]], fmt="o", capsize=4,
                     color="black")
-        ax.annotate(kv_name(g, r["query_heads"]), (r["kv_bytes_per_token"], median), textcoords="offset points",
+        ax.annotate(heads_name(r["query_heads"], g), (r["kv_bytes_per_token"], median), textcoords="offset points",
                     xytext=(6, 6))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("KV-cache bytes per token (bf16)")

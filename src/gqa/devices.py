@@ -12,10 +12,14 @@ from .errors import GQAError
 KNOWN = ("cpu", "cuda", "mps")
 
 
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def resolve_device(name: str | None) -> str:
     """`name` checked against this machine (cpu, cuda, cuda:N, mps), or cuda when available, else cpu."""
     if not name:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return default_device()
     try:
         device = torch.device(name)
     except RuntimeError:

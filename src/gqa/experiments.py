@@ -26,12 +26,14 @@ from pathlib import Path
 
 import torch
 
+from .attention import heads_name
 from .bench import device_name, interleaved_decode_rates
 from .checkpoints import load
 from .checkpoints.tokenizer import load_tokenizer
 from .conversion import methods as conversion_methods
 from .data import prepare
 from .demo import ASSET
+from .devices import default_device
 from .errors import GQAError
 from .jsonfiles import append_jsonl, read_json, write_json
 from .model import ModelConfig, Transformer
@@ -121,7 +123,7 @@ def fresh_runs(out: Path) -> Path:
 
 
 def resolve(device: str | None) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device or default_device()
 
 
 class Rows(list):
@@ -429,7 +431,7 @@ def time_figure(ax, rows: list[dict], s: dict, results: dict) -> None:
         g = int(g)
         p = rows[0]["val_perplexity"] if g == mha_g else mean_ppl(rows, kv_heads=g, method="mean", alpha=alpha)
         ax.scatter(v["ms_per_token"], p, s=60)
-        ax.annotate("MHA" if g == mha_g else ("MQA" if g == 1 else f"GQA-{g}"), (v["ms_per_token"], p))
+        ax.annotate(heads_name(mha_g, g), (v["ms_per_token"], p))
     ax.set_xlabel("decode time per step (ms)")
     ax.set_ylabel("validation perplexity")
     ax.set_title(f"quality vs decode time (mean pooling, uptrained α = {alpha})")
@@ -461,7 +463,7 @@ def alpha_figure(ax, rows: list[dict], s: dict, results: dict) -> None:
             pts = [(a, p) for a, p in pts if p is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", linestyle=style, color=f"C{i}",
-                        label=f"{'MQA' if g == 1 else f'GQA-{g}'} {method}")
+                        label=f"{heads_name(0, g)} {method}")  # converted: G < H
     ax.axhline(rows[0]["val_perplexity"], color="black", linestyle=":", label="MHA")
     control = mean_ppl(rows, kind="control")
     if control is not None:

@@ -11,12 +11,13 @@ its per-token figure is that time over the tokens, encoder included (it has no s
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import replace
 
 import torch
 
+from .attention import check_heads
+from .bench import spread
 from .errors import GQAError
 from .seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 
@@ -91,8 +92,7 @@ def bench_seq2seq(config: dict | None = None, kv_heads=(12, 4, 1), sources=(128,
     torch.manual_seed(seed)
     config = Seq2SeqConfig(**(config or T5_BASE))
     for g in kv_heads:
-        if config.n_heads % g:
-            raise GQAError(f"{g} KV heads does not divide {config.n_heads} query heads")
+        check_heads(config.n_heads, g)
     mha = Seq2SeqTransformer(config)
     mha.init_weights()
     mha.eval()
@@ -119,9 +119,6 @@ def bench_seq2seq(config: dict | None = None, kv_heads=(12, 4, 1), sources=(128,
 
 
 def summary(times: list[tuple[float, float]], batch: int, new_tokens: int, model) -> dict:
-    def spread(values):
-        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
     out = {"per_sample_ms": spread([1e3 * (e + d) / batch for e, d in times]),
            "per_token_ms": spread([1e3 * d / new_tokens for _, d in times])}
     if model is not None:

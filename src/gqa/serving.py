@@ -15,6 +15,7 @@ import math
 import statistics
 from pathlib import Path
 
+from .bench import spread
 from .errors import GQAError
 
 CONTEXTS = (2048, 8192)  # the contexts whose largest concurrency is reported
@@ -57,14 +58,12 @@ def serve_job(models: list[str], *, points: list[tuple[int, int]], kv_cache_gb: 
 
 
 def kv_bytes_per_token(path: str, dtype: str) -> int:
+    import torch
+
     from .checkpoints import read_model_config
 
-    element = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    element = getattr(torch, dtype).itemsize
     return read_model_config(path)[0].kv_bytes_per_token(element)
-
-
-def spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def summarize(result: dict, dtype: str) -> dict:

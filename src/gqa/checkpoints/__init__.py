@@ -8,10 +8,7 @@ KV-head layout, as GPT-BigCode for a GPT-2 model with one KV head, and otherwise
 
 from __future__ import annotations
 
-import collections
-import math
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +22,7 @@ from ..seq2seq import Seq2SeqTransformer
 from ..version import __version__
 from . import files
 from .families import BY_ARCHITECTURE, MQA_FORM, PER_LAYER, Family, family_for, stack_heads
-from .seq2seq import describe_seq2seq, is_seq2seq, load_seq2seq, save_seq2seq
+from .seq2seq import is_seq2seq, load_seq2seq, save_seq2seq
 
 NATIVE_ARCHITECTURE = "GQAForCausalLM"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -104,16 +101,9 @@ def export_tensors(state: dict[str, torch.Tensor], config: ModelConfig, family: 
 def import_tensors(path, config: ModelConfig, family: Family | None) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for name, tensor in files.iter_tensors(path):
-        check_finite(path, name, tensor)
+        files.check_finite(path, name, tensor)
         state.update(family.import_tensor(name, tensor, config) if family else {name: tensor})
     return stack_heads(state)
-
-
-def check_finite(path, name: str, tensor: torch.Tensor) -> None:
-    """Refuse NaN / Inf weights: a model holding them computes nothing meaningful, and training from one
-    would run to the end at loss = nan."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        raise GQAError(f"{path}: tensor {name} holds NaN or Inf values; gqa refuses non-finite weights")
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -303,71 +293,3 @@ def save(
     return Path(dest)
 
 
-SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-def describe(path: str | os.PathLike) -> dict[str, Any]:
-    """What `gqa info` prints: architecture, heads per layer, parameters, KV bytes per token, whether vLLM
-    serves it. Reads no weights."""
-    from ..runtimes.vllm_runtime import vllm_support
-
-    if is_seq2seq(raw := files.read_config(path)):
-        return describe_seq2seq(path, raw)
-    config, family, hf = read_model_config(path)
-    check_layout(path, config, family)
-    shapes = files.tensor_shapes(path)
-    ignore = family.ignore if family else ()
-    kept = {n: s for n, s in shapes.items() if not any(re.fullmatch(p, n) for p in ignore)}
-    params = sum(math.prod(shape) for shape, _ in kept.values())
-    dtypes = collections.Counter()
-    for shape, dtype in kept.values():
-        dtypes[dtype] += math.prod(shape)
-    storage = dtypes.most_common(1)[0][0] if dtypes else "F32"
-    element = SAFETENSORS_BYTES.get(storage, 4)
-    kv = config.kv_bytes_per_token(element)
-    mha = config.n_layers * 2 * config.n_heads * config.head_dim * element
-    return {
-        "path": str(path),
-        "architecture": (hf.get("architectures") or [hf.get("model_type")])[0],
-        "family": family.name if family else "gqa",
-        "layers": config.n_layers,
-        "hidden_size": config.dim,
-        "query_heads": config.n_heads,
-        "kv_heads": config.n_kv_heads,
-        "head_dim": config.head_dim,
-        "attention": attention_kind(config),
-        "vocab_size": config.vocab_size,
-        "max_positions": config.max_positions,
-        "parameters": params,
-        "dtype": storage,
-        "kv_bytes_per_token": kv,
-        "kv_bytes_per_token_if_mha": mha,
-        "kv_reduction": mha / kv,
-        "kv_bytes_per_token_by_cache_dtype": kv_bytes_by_cache_dtype(config),
-        "vllm": vllm_support(path, hf, family, config),
-        "llama_cpp": llama_cpp_support(config),
-    }
-
-
-def kv_bytes_by_cache_dtype(config: ModelConfig) -> dict[str, int]:
-    """KV bytes per token with each cache dtype the model's head size takes (`--kv-cache-dtype`)."""
-    from ..kv_formats import kv_format, names
-
-    formats = [kv_format(name) for name in names()]
-    return {f.name: round(config.kv_bytes_per_token(1) * f.bytes_per_value) for f in formats
-            if not (f.kind == "llama" and config.head_dim % 32)}
-
-
-def llama_cpp_support(config: ModelConfig) -> str:
-    """Whether `gqa export --format gguf` writes the model for llama.cpp, and why not."""
-    from .gguf import gguf_support
-
-    why = gguf_support(config)
-    return f"no: {why}" if why else "yes: gqa export MODEL FILE.gguf --format gguf"
-
-
-def attention_kind(config: ModelConfig) -> str:
-    kinds = set()
-    for g in config.n_kv_heads:
-        kinds.add("MHA" if g == config.n_heads else "MQA" if g == 1 else f"GQA-{g}")
-    return "+".join(sorted(kinds)) if len(kinds) > 1 else kinds.pop()

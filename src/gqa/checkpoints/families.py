@@ -8,7 +8,6 @@ A `Family` says everything gqa needs to read and write a family's folders:
 - `tensors`: HF name template <-> gqa name template ("{i}" the layer, "{p}" weight|bias, "{h}" a head whose
   tensors the family stores one by one); a rule with a condition is the one written when it holds;
 - `fused`: tensors holding several projections at once, and the layout of their rows;
-- `kv_heads`: where config.json keeps the KV-head count (a family without one holds only G = H);
 - `refuse`: configurations gqa does not implement, each with its reason.
 Everything the conversion methods need of a family (which dims RoPE pairs, which norms touch K) is in the
 ModelConfig the description produces. Adding a family is adding a description.
@@ -112,7 +111,6 @@ class Family:
     config: dict[str, Any]  # ModelConfig field -> Key | constant
     rope: Rope | None = field(default_factory=Rope)
     fused: tuple[Fused, ...] = ()
-    kv_heads: str | None = None  # the config.json key of the KV-head count; None: only G = H
     conv1d: bool = False  # [in, out] storage of linear weights (GPT-2)
     aliases: tuple[tuple[str, str], ...] = ()  # (old prefix, current prefix) of names older writers used
     ignore: tuple[str, ...] = ()  # regexes of HF buffers that carry no weights
@@ -385,7 +383,7 @@ def llama_config(**changes) -> dict[str, Any]:
 def llama_like(name: str, arch: str, **options) -> Family:
     options.setdefault("config", llama_config())
     return Family(name=name, architectures=(arch,), model_type=name, tensors=LLAMA_RULES, ignore=LLAMA_BUFFERS,
-                  kv_heads="num_key_value_heads", **options)
+                  **options)
 
 
 LLAMA = llama_like("llama", "LlamaForCausalLM")
@@ -399,14 +397,13 @@ GEMMA = llama_like("gemma", "GemmaForCausalLM", config=llama_config(
 ))
 QWEN3 = Family(
     name="qwen3", architectures=("Qwen3ForCausalLM",), model_type="qwen3", tensors=(*LLAMA_RULES, *QK_NORM_RULES),
-    ignore=LLAMA_BUFFERS, kv_heads="num_key_value_heads",
+    ignore=LLAMA_BUFFERS,
     config=llama_config(head_dim=Key("head_dim", 128), max_positions=Key("max_position_embeddings", 32768),
                         qk_norm="rms_head"),
     refuse=((lambda hf: hf.get("use_sliding_window", False), "Qwen3 with use_sliding_window=true"),),
 )
 OLMO2 = Family(
     name="olmo2", architectures=("Olmo2ForCausalLM",), model_type="olmo2", ignore=LLAMA_BUFFERS,
-    kv_heads="num_key_value_heads",
     tensors=(*LLAMA_OUTER, *QK_NORM_RULES, *layer_rules("model.layers.{i}", {
         **{k: v for k, v in LLAMA_LAYER.items() if "layernorm" not in k},
         "post_attention_layernorm.{p}": "attention_norm.{p}", "post_feedforward_layernorm.{p}": "mlp_norm.{p}"})),
@@ -414,7 +411,6 @@ OLMO2 = Family(
 )
 PHI3 = Family(
     name="phi3", architectures=("Phi3ForCausalLM",), model_type="phi3", ignore=LLAMA_BUFFERS,
-    kv_heads="num_key_value_heads",
     tensors=(*LLAMA_OUTER, *layer_rules("model.layers.{i}", {
         "self_attn.o_proj.{p}": "attention.wo.{p}", "mlp.down_proj.{p}": "mlp.down.{p}",
         "input_layernorm.{p}": "attention_norm.{p}", "post_attention_layernorm.{p}": "mlp_norm.{p}"})),
@@ -427,7 +423,7 @@ PHI3 = Family(
 )
 PHI = Family(
     name="phi", architectures=("PhiForCausalLM",), model_type="phi", ignore=LLAMA_BUFFERS,
-    kv_heads="num_key_value_heads", rope=Rope(partial=0.5),
+    rope=Rope(partial=0.5),
     tensors=(("model.embed_tokens.weight", "tok_embeddings.weight"), ("model.final_layernorm.{p}", "norm.{p}"),
              ("lm_head.{p}", "output.{p}"), *layer_rules("model.layers.{i}", {
                  "self_attn.q_proj.{p}": "attention.wq.{p}", "self_attn.k_proj.{p}": "attention.wk.{p}",
@@ -442,7 +438,7 @@ PHI = Family(
 )
 STABLELM = Family(
     name="stablelm", architectures=("StableLmForCausalLM",), model_type="stablelm", ignore=LLAMA_BUFFERS,
-    kv_heads="num_key_value_heads", rope=Rope(partial=0.25),
+    rope=Rope(partial=0.25),
     tensors=(*LLAMA_OUTER, *layer_rules("model.layers.{i}", {
         **LLAMA_LAYER, "self_attn.q_layernorm.norms.{h}.weight": "attention.q_norm.weight",
         "self_attn.k_layernorm.norms.{h}.weight": "attention.k_norm.weight"})),
@@ -541,7 +537,7 @@ FALCON = FalconFamily(
                 norm_eps=Key("layer_norm_epsilon", 1e-5), positions="rope", mlp="plain",
                 activation=act_key("activation", "gelu"), qkv_bias=Key("bias", False), out_bias=Key("bias", False),
                 mlp_bias=Key("bias", False), tie_embeddings=Key("tie_word_embeddings", True)),
-    kv_heads="num_kv_heads", write_extra=falcon_extra,
+    write_extra=falcon_extra,
     refuse=((lambda hf: hf.get("alibi", False), "Falcon with ALiBi positions (alibi=true)"),
             (lambda hf: hf.get("new_decoder_architecture") and not hf.get("parallel_attn", True),
              "Falcon's new decoder architecture without parallel attention")),
@@ -725,7 +721,7 @@ class DeciLMFamily(Family):
 DECILM_AUTO_MAP = {"AutoConfig": "configuration_decilm.DeciLMConfig",
                    "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM"}
 DECILM = DeciLMFamily(name="decilm", architectures=("DeciLMForCausalLM",), model_type="nemotron-nas",
-                      tensors=LLAMA_RULES, config={}, ignore=LLAMA_BUFFERS, kv_heads="block_configs",
+                      tensors=LLAMA_RULES, config={}, ignore=LLAMA_BUFFERS,
                       remote_code=("configuration_decilm.py", "modeling_decilm.py"))
 
 # ------------------------------------------------------------------------------------------------ index

@@ -7,10 +7,13 @@ interrupted write never leaves something that looks like a model.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import json
+import math
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -145,6 +148,27 @@ def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[list[int], str]]:
                 s = f.get_slice(name)
                 shapes[name] = (list(s.get_shape()), s.get_dtype())
     return shapes
+
+
+def check_finite(path, name: str, tensor: torch.Tensor) -> None:
+    """Refuse NaN / Inf weights: a model holding them computes nothing meaningful, and training from one
+    would run to the end at loss = nan."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise GQAError(f"{path}: tensor {name} holds NaN or Inf values; gqa refuses non-finite weights")
+
+
+SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def stored_parameters(path: str | os.PathLike, ignore=()) -> tuple[int, str, int]:
+    """A folder's parameter count (tensors matching an `ignore` pattern left out), the dtype most of them are
+    stored in and its bytes per value, from the headers (no weights read)."""
+    counts = collections.Counter()
+    for name, (shape, dtype) in tensor_shapes(path).items():
+        if not any(re.fullmatch(p, name) for p in ignore):
+            counts[dtype] += math.prod(shape)
+    storage = counts.most_common(1)[0][0] if counts else "F32"
+    return sum(counts.values()), storage, SAFETENSORS_BYTES.get(storage, 4)
 
 
 def one_line(e: BaseException) -> str:

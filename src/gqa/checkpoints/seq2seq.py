@@ -298,13 +298,11 @@ def check_seq2seq_layout(path, config: Seq2SeqConfig, family: Seq2SeqFamily | No
 
 def import_state(path, config: Seq2SeqConfig, family: Seq2SeqFamily | None, read=None) -> dict[str, torch.Tensor]:
     """gqa tensors of a folder (checked against the config: nothing missing, nothing unexpected, shapes)."""
-    from . import check_finite
-
     state: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}  # gqa name -> the file's: what errors name
     for name, tensor in (read or files.iter_tensors)(path):
         if tensor.device.type != "meta":
-            check_finite(path, name, tensor)
+            files.check_finite(path, name, tensor)
         imported = family.import_tensor(name, tensor, config) if family else {name: tensor}
         state.update(imported)
         origin.update({k: name for k in imported})
@@ -408,37 +406,3 @@ def save_seq2seq(model: Seq2SeqTransformer, dest, format: str = "auto", overwrit
     family = target_seq2seq_family(model.config, model.hf_config, format)
     return save_seq2seq_state(model.state_dict(), model.config, model.hf_config, family, dest, dtype or model.dtype,
                               source_dir=model.source_dir, overwrite=overwrite, card=card)
-
-
-def describe_seq2seq(path, hf: dict) -> dict:
-    """What `gqa info` prints for an encoder–decoder: heads of each attention kind, and the KV bytes per
-    generated token (the decoder's self-attention cache) and per source token (its cross-attention cache)."""
-    config, family = read_seq2seq_config(path, hf)
-    check_seq2seq_layout(path, config, family)  # a config that disagrees with the weights describes nothing
-    shapes = files.tensor_shapes(path)
-    params = sum(math.prod(shape) for name, (shape, _) in shapes.items()
-                 if not (family and any(re.fullmatch(p, name) for p in family.ignore)))
-    storage = max(((dt, sum(math.prod(s) for s, d in shapes.values() if d == dt)) for _, dt in shapes.values()),
-                  key=lambda x: x[1])[0]
-    element = {"F32": 4, "BF16": 2, "F16": 2}.get(storage, 4)
-    mha = 2 * config.n_decoder_layers * config.n_heads * config.head_dim * element
-
-    def kind(heads):
-        return "+".join(sorted({"MHA" if g == config.n_heads else "MQA" if g == 1 else f"GQA-{g}" for g in heads}))
-
-    return {
-        "path": str(path), "architecture": (hf.get("architectures") or [hf.get("model_type")])[0],
-        "family": family.name if family else "gqa", "encoder_layers": config.n_encoder_layers,
-        "decoder_layers": config.n_decoder_layers, "hidden_size": config.dim, "query_heads": config.n_heads,
-        "encoder_kv_heads": config.encoder_kv_heads, "decoder_self_kv_heads": config.self_kv_heads,
-        "cross_kv_heads": config.cross_kv_heads, "head_dim": config.head_dim,
-        "attention": f"encoder {kind(config.encoder_kv_heads)}, decoder self {kind(config.self_kv_heads)}, "
-                     f"cross {kind(config.cross_kv_heads)}",
-        "positions": "relative bias" if config.positions == "relative" else "learned",
-        "vocab_size": config.vocab_size, "parameters": params, "dtype": storage,
-        "kv_bytes_per_token": config.kv_bytes_per_token(element),
-        "kv_bytes_per_source_token": config.kv_bytes_per_source_token(element),
-        "kv_bytes_per_token_if_mha": mha, "kv_reduction": mha / config.kv_bytes_per_token(element),
-        "vllm": "no: gqa serves encoder–decoder outputs itself (gqa.load, generate, eval, bench)",
-        "llama_cpp": "no: gqa writes GGUF for decoder-only Llama-style models",
-    }

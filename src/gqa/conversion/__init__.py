@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..attention import check_regroup
 from ..card import conversion_step, write_card
 from ..checkpoints import check_layout, config_json, export_tensors, files, read_model_config, target_family
 from ..checkpoints.tokenizer import warn_without_tokenizer
@@ -35,10 +36,11 @@ from ..version import __version__
 from . import budget, joint
 from .calibration import calibration_blocks
 from .heads import AttentionWeights, RopeLayout
-from .interface import CALIB_DATA, CALIB_TOKENS, CalibrationSettings, Method
+from .interface import CalibrationSettings, Method
 from .joint import JointSettings
 from .layers import choose_heads, shard_bytes, write_model
-from .methods import REGISTRY, calibrated, get, owners, register
+from .methods import REGISTRY, register
+from .options import ConversionOptions, reads_calibration
 from .report import conversion_report, format_report
 from .resume import ResumeState
 from .seq2seq import convert_seq2seq, is_seq2seq_folder
@@ -47,7 +49,8 @@ from .transfer import TransferSettings
 TORCH_DTYPES = {name: dtype for dtype, name in files.SAFETENSORS_DTYPES.items() if dtype.is_floating_point}
 TransferState = ResumeState  # the name gqa 0.1 had for it
 
-__all__ = ["convert", "target_kv_heads", "format_report", "REGISTRY", "register", "ResumeState"]
+__all__ = ["convert", "ConversionOptions", "reads_calibration", "target_kv_heads", "format_report", "REGISTRY",
+           "register", "ResumeState"]
 
 
 def target_kv_heads(current: list[int], n_heads: int, n_kv_heads: int | None, per_layer: list[int] | None) -> list[int]:
@@ -58,18 +61,13 @@ def target_kv_heads(current: list[int], n_heads: int, n_kv_heads: int | None, pe
     if len(new) != len(current):
         raise GQAError(f"--kv-heads-per-layer has {len(new)} entries but the model has {len(current)} layers")
     for layer, (old, g) in enumerate(zip(current, new)):
-        where = f"layer {layer}: " if per_layer is not None else ""
-        if g < 1:
-            raise GQAError(f"{where}the number of KV heads must be >= 1, got {g}")
-        if old % g:
-            raise GQAError(f"{where}{g} KV heads does not divide the current {old} (of {n_heads} query heads); "
-                           f"choose one of {budget.divisors(old)}")
+        check_regroup(old, g, n_heads, f"layer {layer}: " if per_layer is not None else "")
     return new
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Job:
-    """Everything one conversion needs, checked before any work starts."""
+    """Everything one decoder conversion needs, checked before any work starts."""
     src: Path
     dst: Path
     config: ModelConfig
@@ -102,176 +100,68 @@ class Job:
         return [i for i, (old, new) in enumerate(zip(self.config.n_kv_heads, new_config.n_kv_heads)) if old != new]
 
 
-def plan(src, dst, *, method: Method, settings, seed: int, calib, calib_tokens: int, calib_seq_len: int | None,
-         transfer: TransferSettings, joint: JointSettings, n_kv_heads: int | None, per_layer: list[int] | None,
-         kv_budget: float | None, overwrite: bool) -> Job:
+def plan(src, dst, options: ConversionOptions) -> Job:
     """The conversion, checked from the configs and headers before anything is read or written."""
-    transfer.check()
-    joint.check()
+    settings = options.settings()
+    options.check()
+    transfer, joint_settings = options.training()
     config, family, hf = read_model_config(src)
-    if kv_budget is not None:
-        if n_kv_heads is not None or per_layer is not None:
+    if options.kv_budget is not None:
+        if options.n_kv_heads is not None or options.n_kv_heads_per_layer is not None:
             raise GQAError("give exactly one of --kv-heads, --kv-heads-per-layer or --kv-budget")
-        budget.check_budget(kv_budget, config.n_kv_heads)
+        budget.check_budget(options.kv_budget, config.n_kv_heads)
         new_heads = None
     else:
-        new_heads = target_kv_heads(config.n_kv_heads, config.n_heads, n_kv_heads, per_layer)
-    calibration = plan_calibration(config, method, calib, calib_tokens, calib_seq_len, transfer, joint, kv_budget)
+        new_heads = target_kv_heads(config.n_kv_heads, config.n_heads, options.n_kv_heads, options.n_kv_heads_per_layer)
+    calibration = plan_calibration(config, options)
     check_layout(src, config, family)  # from the headers: a config that disagrees with the weights stops here
-    files.check_destination(dst, overwrite, sources=[src])
+    files.check_destination(dst, options.overwrite, sources=[src])
     source_hf = hf.get("hf_config") if family is None else hf
-    return Job(Path(src), Path(dst), config, family, source_hf, method, settings, seed, calibration, transfer, joint,
-               kv_budget, new_heads, overwrite, files.tensor_index(src), storage_dtype(files.tensor_shapes(src)),
-               init_std(source_hf or {}))
+    return Job(src=Path(src), dst=Path(dst), config=config, family=family, source_hf=source_hf, method=options.chosen,
+               settings=settings, seed=options.seed, calibration=calibration, transfer=transfer, joint=joint_settings,
+               kv_budget=options.kv_budget, new_heads=new_heads, overwrite=options.overwrite,
+               index=files.tensor_index(src), dtype=storage_dtype(files.tensor_shapes(src)),
+               init_std=init_std(source_hf or {}))
 
 
-def plan_calibration(config: ModelConfig, method: Method, calib, calib_tokens: int, calib_seq_len: int | None,
-                     transfer: TransferSettings, joint: JointSettings, kv_budget) -> CalibrationSettings | None:
-    calib = require_calibration(calib, {f"--method {method.name}": method.calibrated,
-                                        "--transfer-steps": transfer.steps > 0, "--joint-steps": joint.steps > 0,
-                                        "--kv-budget": kv_budget is not None})
+def plan_calibration(config: ModelConfig, options: ConversionOptions) -> CalibrationSettings | None:
+    calib = options.calibration_source()
     if calib is None:
         return None
-    seq_len = calib_seq_len or min(512, config.max_positions)
+    seq_len = options.calib_seq_len or min(512, config.max_positions)
     if not 2 <= seq_len <= config.max_positions:
         raise GQAError(f"--calib-seq-len must be in [2, {config.max_positions}], got {seq_len}")
-    calibration = CalibrationSettings(str(calib), calib_tokens, seq_len)
+    calibration = CalibrationSettings(calib, options.tokens, seq_len)
     calibration.check()
     return calibration
 
 
-def require_calibration(calib, wanted: dict[str, bool]) -> str | None:
-    """The calibration text to read: the one given, or the bundled `general` mix where an option in `wanted`
-    (option -> given) needs text and none was given; None where nothing needs it. Checks the one given."""
-    if calib:
-        from ..data import check_source
-
-        check_source(calib)
-        return str(calib)
-    return CALIB_DATA if any(wanted.values()) else None
-
-
-def reads_calibration(method: Method, transfer_steps: int, joint_steps: int, kv_budget) -> bool:
-    """Whether a conversion with these settings reads calibration text (`--calib`, or the default mix)."""
-    return method.calibrated or transfer_steps > 0 or joint_steps > 0 or kv_budget is not None
-
-
-def check_options(method: Method, calib, calib_tokens, calib_seq_len, transfer_steps: int, transfer_lr,
-                  transfer_inputs, joint_steps: int, joint_lr, kv_budget) -> None:
-    """Refuse an option that would do nothing in the combination given (it would be recorded as applied)."""
-    uses_calibration = reads_calibration(method, transfer_steps, joint_steps, kv_budget)
-    if calib and not uses_calibration:
-        fitted = " / ".join(f"--method {m}" for m in calibrated())
-        raise GQAError(f"--calib is read only by {fitted}, --transfer-steps, --joint-steps or --kv-budget; "
-                       f"--method {method.name} merges from the weights alone: drop --calib or add one of them")
-    for name, value in (("--calib-tokens", calib_tokens), ("--calib-seq-len", calib_seq_len)):
-        if value is not None and not uses_calibration:
-            raise GQAError(f"{name} sets the calibration, which --method {method.name} without --transfer-steps, "
-                           f"--joint-steps or --kv-budget does not read")
-    for name, value in (("--transfer-lr", transfer_lr), ("--transfer-inputs", transfer_inputs)):
-        if value is not None and not transfer_steps:
-            raise GQAError(f"{name} sets the layer-wise transfer, which runs only with --transfer-steps N (N > 0)")
-    if joint_lr is not None and not joint_steps:
-        raise GQAError("--joint-lr sets the joint stage, which runs only with --joint-steps N (N > 0)")
-
-
-def convert(
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
-    *,
-    n_kv_heads: int | None = None,
-    n_kv_heads_per_layer: list[int] | None = None,
-    kv_budget: float | None = None,
-    method: str = "mean",
-    seed: int = 0,
-    calib: str | os.PathLike | None = None,
-    calib_tokens: int | None = None,
-    calib_seq_len: int | None = None,
-    transfer_steps: int = 0,
-    transfer_lr: float | None = None,
-    transfer_inputs: str | None = None,
-    joint_steps: int = 0,
-    joint_lr: float | None = None,
-    encoder: bool = False,
-    format: str = "auto",
-    overwrite: bool = False,
-    progress: bool = True,
-    **method_options,
-) -> dict:
+def convert(src: str | os.PathLike, dst: str | os.PathLike, options: ConversionOptions | None = None,
+            **keywords) -> dict:
     """Convert the model folder `src` to `dst` with fewer KV heads; returns the report written to conversion.json.
 
-    Exactly one of n_kv_heads (every layer), n_kv_heads_per_layer, kv_budget (a fraction of the source's KV
-    bytes, split over layers by measured sensitivity) sets the target. `method` is a registered method
-    (`REGISTRY`); its own settings come as keyword arguments (aligned: `grouping`). `calib` (a file, folder
-    or bundled corpus name) is the text calibrated methods, transfer, the joint stage and the budget need;
-    `calib_tokens` of it are used (65,536 unless given). Options left None take their defaults; one given
-    where it would do nothing is refused. An encoder–decoder source (T5, BART) has its decoder's self- and
-    cross-attention grouped (`encoder=True`: its encoder's too; see `conversion.seq2seq`).
+    The options are a `ConversionOptions`, or its fields as keyword arguments (a method's own settings too:
+    `convert(src, dst, n_kv_heads=1, method="aligned", grouping="greedy")`). An encoder–decoder source (T5,
+    BART) has its decoder's self- and cross-attention grouped (`encoder=True`: its encoder's too; see
+    `conversion.seq2seq`).
     """
+    options = options or ConversionOptions.of(**keywords)
     if is_seq2seq_folder(src):
-        return convert_encoder_decoder(src, dst, n_kv_heads=n_kv_heads, method=method, seed=seed, calib=calib,
-                                       calib_tokens=calib_tokens, calib_seq_len=calib_seq_len,
-                                       transfer_steps=transfer_steps, transfer_lr=transfer_lr,
-                                       transfer_inputs=transfer_inputs, joint_steps=joint_steps, joint_lr=joint_lr,
-                                       encoder=encoder, format=format,
-                                       overwrite=overwrite, progress=progress, method_options=method_options,
-                                       unsupported={"--kv-heads-per-layer": n_kv_heads_per_layer is not None,
-                                                    "--kv-budget": kv_budget is not None,
-                                                    "--transfer-inputs converted": transfer_inputs == "converted"})
-    if encoder:
+        return convert_seq2seq(src, dst, options)
+    if options.encoder:
         raise GQAError(f"--convert-encoder applies to encoder–decoder models; {src} is decoder-only")
     start = time.time()
-    chosen = get(method)
-    settings = chosen.make_settings(method_options, owners)
-    check_options(chosen, calib, calib_tokens, calib_seq_len, transfer_steps, transfer_lr, transfer_inputs,
-                  joint_steps, joint_lr, kv_budget)
-    transfer, joint_settings = training_settings(transfer_steps, transfer_lr, transfer_inputs, joint_steps, joint_lr,
-                                                 seed)
-    job = plan(src, dst, method=chosen, settings=settings, seed=seed, calib=calib,
-               calib_tokens=CALIB_TOKENS if calib_tokens is None else calib_tokens, calib_seq_len=calib_seq_len,
-               transfer=transfer, joint=joint_settings, n_kv_heads=n_kv_heads, per_layer=n_kv_heads_per_layer,
-               kv_budget=kv_budget, overwrite=overwrite)
+    job = plan(src, dst, options)
     if job.new_heads is not None:  # a format that cannot hold the result is refused before any work
-        target_family(replace(job.config, n_kv_heads=job.new_heads), job.source_hf, format)
+        target_family(replace(job.config, n_kv_heads=job.new_heads), job.source_hf, options.format)
     warn_without_tokenizer(src)
     blocks = calibration_for(job) if job.calibration else None
-    budget_record = choose_heads(job, blocks, progress) if job.kv_budget is not None else None
+    budget_record = choose_heads(job, blocks, options.progress) if job.kv_budget is not None else None
     if budget_record:
         job.new_heads = budget_record["kv_heads"]
     new_config = replace(job.config, n_kv_heads=job.new_heads)
-    return write_conversion(job, new_config, target_family(new_config, job.source_hf, format), blocks, budget_record,
-                            progress, start)
-
-
-def training_settings(transfer_steps: int, transfer_lr: float | None, transfer_inputs: str | None, joint_steps: int,
-                      joint_lr: float | None, seed: int) -> tuple[TransferSettings, JointSettings]:
-    """The transfer's and the joint stage's settings, defaults where an option was not given."""
-    transfer = TransferSettings(steps=transfer_steps, lr=TransferSettings.lr if transfer_lr is None else transfer_lr,
-                                inputs=transfer_inputs or "original", seed=seed)
-    return transfer, JointSettings(steps=joint_steps, lr=JointSettings.lr if joint_lr is None else joint_lr, seed=seed)
-
-
-def convert_encoder_decoder(src, dst, *, method: str, calib, calib_tokens: int | None, calib_seq_len: int | None,
-                            transfer_steps: int, transfer_lr: float | None, transfer_inputs: str | None,
-                            joint_steps: int, joint_lr: float | None, unsupported: dict, **options) -> dict:
-    """The encoder–decoder branch of `convert()`: the same checks of the calibration options, then
-    `seq2seq.convert_seq2seq`."""
-    for option, given in unsupported.items():
-        if given:
-            raise GQAError(f"{option} is not available for encoder–decoder models yet; give --kv-heads G with "
-                           f"--method {', '.join(REGISTRY)} (and --transfer-steps N on the source's own inputs, "
-                           f"--joint-steps N)")
-    chosen = get(method)
-    check_options(chosen, calib, calib_tokens, calib_seq_len, transfer_steps, transfer_lr, transfer_inputs,
-                  joint_steps, joint_lr, None)
-    transfer, joint_settings = training_settings(transfer_steps, transfer_lr, transfer_inputs, joint_steps, joint_lr,
-                                                 options["seed"])
-    transfer.check()
-    joint_settings.check()
-    calib = require_calibration(calib, {f"--method {method}": chosen.calibrated, "--transfer-steps": transfer.steps > 0,
-                                        "--joint-steps": joint_settings.steps > 0})
-    return convert_seq2seq(src, dst, method=method, calib=calib, calib_tokens=calib_tokens,
-                           calib_seq_len=calib_seq_len, transfer=transfer, joint_settings=joint_settings, **options)
+    return write_conversion(job, new_config, target_family(new_config, job.source_hf, options.format), blocks,
+                            budget_record, options.progress, start)
 
 
 def write_conversion(job: Job, new_config: ModelConfig, out_family, blocks, budget_record, progress: bool,

@@ -19,13 +19,10 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from ..attention import divisors
 from ..errors import GQAError
 from ..model import ModelConfig, make_norm
 from .calibration import Stream, build_block
-
-
-def divisors(n: int) -> list[int]:
-    return [g for g in range(1, n + 1) if n % g == 0]
 
 
 def check_budget(fraction: float, current: list[int]) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoints import check_finite, export_tensors, files
+from ..checkpoints import export_tensors, files
 from ..checkpoints.families import stack_heads
 from ..model import ModelConfig
 from . import budget
@@ -167,7 +167,7 @@ def read_layer(job, names: list[str], counts: list[int]) -> dict[str, torch.Tens
     """Tensors under gqa's names (fused layouts split), checked finite; counts the source parameters."""
     state: dict[str, torch.Tensor] = {}
     for name, tensor in files.read_tensors(job.index, names).items():
-        check_finite(job.src, name, tensor)
+        files.check_finite(job.src, name, tensor)
         got = job.family.import_tensor(name, tensor, job.config) if job.family else {name: tensor}
         if got:
             counts[0] += tensor.numel()

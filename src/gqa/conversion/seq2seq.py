@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..attention import check_regroup
 from ..card import conversion_step, write_card
 from ..checkpoints import files
 from ..checkpoints.seq2seq import import_state, model_from_state, read_seq2seq_config, save_seq2seq_state, target_seq2seq_family
@@ -46,7 +47,8 @@ from . import joint
 from .heads import NAMES, AttentionWeights, RopeLayout
 from .interface import CALIB_TOKENS, Calibration, CalibrationSettings, Layer, Method
 from .joint import JointSettings
-from .methods import get, owners
+from .methods import REGISTRY
+from .options import ConversionOptions
 from .report import method_line
 from .seq2seq_calibration import calibration_examples, calibrations, transfer_data
 from .transfer import TransferSettings, fit_to_targets, load_weights, weights_of
@@ -65,23 +67,22 @@ def merged_state(attn: AttentionWeights, prefix: str) -> dict:
             if getattr(attn, part) is not None}
 
 
-def convert_seq2seq(src, dst, *, n_kv_heads: int | None, method: str, seed: int, encoder: bool, format: str,
-                    overwrite: bool, method_options: dict, calib=None, calib_tokens: int | None = None,
-                    calib_seq_len: int | None = None, transfer: TransferSettings | None = None,
-                    joint_settings: JointSettings | None = None, progress: bool = True) -> dict:
-    """Convert an encoder–decoder folder (see the module docstring; options checked by `convert()`);
-    returns the report."""
+def convert_seq2seq(src, dst, options: ConversionOptions) -> dict:
+    """Convert an encoder–decoder folder (see the module docstring); returns the report."""
     start = time.time()
-    transfer, joint_settings = transfer or TransferSettings(steps=0), joint_settings or JointSettings()
-    chosen = get(method)
-    settings = chosen.make_settings(method_options, owners)
+    refuse_unsupported(options)
+    options.check()
+    transfer, joint_settings = options.training()
+    calib = options.calibration_source()
+    chosen, settings, n_kv_heads, seed, progress = options.chosen, options.settings(), options.n_kv_heads, \
+        options.seed, options.progress
     hf = files.read_config(src)
     config, family = read_seq2seq_config(src, hf)
-    kinds = check_kv_heads(config, n_kv_heads, encoder)
+    kinds = check_kv_heads(config, n_kv_heads, options.encoder)
     new_config = replace(config, **{KINDS[k][2]: [n_kv_heads] * len(getattr(config, KINDS[k][2])) for k in kinds})
-    out_family = target_seq2seq_family(new_config, hf if family else hf.get("hf_config"), format)  # before any work
-    calibration = calibration_settings(config, calib, calib_tokens, calib_seq_len)
-    files.check_destination(dst, overwrite, sources=[src])
+    out_family = target_seq2seq_family(new_config, hf if family else hf.get("hf_config"), options.format)  # now
+    calibration = calibration_settings(config, calib, options.calib_tokens, options.calib_seq_len)
+    files.check_destination(dst, options.overwrite, sources=[src])
     warn_without_tokenizer(src)
     state = import_state(src, config, family)
     dtype = state["tok_embeddings.weight"].dtype
@@ -89,20 +90,31 @@ def convert_seq2seq(src, dst, *, n_kv_heads: int | None, method: str, seed: int,
             if g_now != n_kv_heads]
     source = model_from_state(config, state, torch.float32) if calibration else None  # the source's own tensors
     fits, blocks = calibrate(src, source, calibration, todo, seed, progress) if calibration else ({}, None)
-    steps = Steps(chosen, settings, transfer, joint_settings, n_kv_heads, seed,
-                  float(hf.get("initializer_factor", hf.get("init_std", 0.02)) or 0.02))
+    steps = Steps(method=chosen, settings=settings, transfer=transfer, joint=joint_settings, n_kv_heads=n_kv_heads,
+                  seed=seed, init_std=float(hf.get("initializer_factor", hf.get("init_std", 0.02)) or 0.02))
     records = [merge_attention(state, config, kind, layer, steps, source, fits, progress) for kind, layer in
-               tqdm(todo, desc=f"converting ({method})", unit="attention", disable=not progress)]
+               tqdm(todo, desc=f"converting ({options.method})", unit="attention", disable=not progress)]
     joint_record = joint_stage(source, new_config, state, blocks, todo, joint_settings, progress) \
         if joint_settings.steps else None
-    report = seq2seq_report(src, dst, method, seed, settings, config, new_config, out_family, kinds, dtype, start)
+    report = seq2seq_report(src, dst, options, settings, config, new_config, out_family, kinds, dtype, start)
     report.update(calibration=calibration.record() if calibration else None,
                   transfer=asdict(transfer) if transfer.steps else None, joint=joint_record, layers=records)
     save_seq2seq_state(state, new_config, hf if family else hf.get("hf_config"), out_family, dst, dtype,
-                       source_dir=src, overwrite=overwrite, extra_files={"conversion.json": report},
+                       source_dir=src, overwrite=options.overwrite, extra_files={"conversion.json": report},
                        card=lambda folder: write_card(folder, source=src, step=conversion_step(report),
                                                       name=Path(dst).name))
     return report
+
+
+def refuse_unsupported(options: ConversionOptions) -> None:
+    unsupported = {"--kv-heads-per-layer": options.n_kv_heads_per_layer is not None,
+                   "--kv-budget": options.kv_budget is not None,
+                   "--transfer-inputs converted": options.transfer_inputs == "converted"}
+    for option, given in unsupported.items():
+        if given:
+            raise GQAError(f"{option} is not available for encoder–decoder models yet; give --kv-heads G with "
+                           f"--method {', '.join(REGISTRY)} (and --transfer-steps N on the source's own inputs, "
+                           f"--joint-steps N)")
 
 
 def check_kv_heads(config: Seq2SeqConfig, n_kv_heads: int | None, encoder: bool) -> list[str]:
@@ -112,9 +124,7 @@ def check_kv_heads(config: Seq2SeqConfig, n_kv_heads: int | None, encoder: bool)
     kinds = ["self", "cross", *(["encoder"] if encoder else [])]
     for kind in kinds:
         for layer, g_now in enumerate(getattr(config, KINDS[kind][2])):
-            if g_now % n_kv_heads:
-                raise GQAError(f"{kind} attention, layer {layer}: {n_kv_heads} KV heads does not divide the current "
-                               f"{g_now} (of {config.n_heads} query heads); choose a divisor of {g_now}")
+            check_regroup(g_now, n_kv_heads, config.n_heads, f"{kind} attention, layer {layer}: ")
     return kinds
 
 
@@ -135,7 +145,7 @@ def calibration_settings(config: Seq2SeqConfig, calib, calib_tokens: int | None,
     return calibration
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Steps:
     """What is done to each grouped attention: the method's merge, then the transfer, then the joint stage."""
     method: Method
@@ -215,9 +225,9 @@ def transfer_attention(source: Seq2SeqTransformer, kind: str, layer: int, merged
     return (merged if trained.get("kept") else weights_of(module, merged)), trained
 
 
-def seq2seq_report(src, dst, method: str, seed: int, settings, config: Seq2SeqConfig, new: Seq2SeqConfig,
+def seq2seq_report(src, dst, options: ConversionOptions, settings, config: Seq2SeqConfig, new: Seq2SeqConfig,
                    out_family, kinds: list[str], dtype: torch.dtype, start: float) -> dict:
-    element = torch.empty((), dtype=dtype).element_size()
+    element, method, seed = torch.empty((), dtype=dtype).element_size(), options.method, options.seed
     return {
         "gqa_version": __version__, "source": str(Path(src).resolve()), "destination": str(Path(dst).resolve()),
         "method": method, "seed": seed if method == "random" else None, "method_settings": asdict(settings) or None,
