@@ -101,12 +101,6 @@ def model_config(path: str):
     return checked_config(path)
 
 
-def is_seq2seq_model(path: str) -> bool:
-    from .conversion.seq2seq import is_seq2seq_folder
-
-    return is_seq2seq_folder(path)
-
-
 def check_out(out: str, overwrite: bool, *sources: str | None, kind: str = "folder") -> None:
     from .checkpoints.files import check_destination
 
@@ -185,7 +179,9 @@ def eval_seq2seq(args) -> None:
 def cmd_eval(args) -> None:
     import torch
 
-    if is_seq2seq_model(args.model):
+    from .kinds import kind_of
+
+    if kind_of(args.model).is_encoder_decoder:  # scored per target token of pairs or span-corrupted text
         return eval_seq2seq(args)
 
     from . import corpus
@@ -228,8 +224,8 @@ def cmd_generate(args) -> None:
     from .checkpoints import load
     from .checkpoints.tokenizer import load_tokenizer
     from .errors import warn
-    from .generate import check_generation_lengths, check_sampling, generate, generate_seq2seq
-    from .seq2seq import Seq2SeqConfig, check_source_lengths
+    from .generate import check_sampling
+    from .kinds import kind_of
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     if args.seed is not None and args.temperature == 0:
@@ -243,8 +239,8 @@ def cmd_generate(args) -> None:
     if args.cuda_graph and not device.startswith("cuda"):
         raise GQAError(f"--cuda-graph needs a CUDA device; this run is on {device}")
     config = model_config(args.model)
-    seq2seq = isinstance(config, Seq2SeqConfig)
-    if seq2seq and args.cuda_graph:
+    kind = kind_of(config)
+    if args.cuda_graph and not kind.cuda_graph:
         raise GQAError("--cuda-graph is for decoder-only models")
     kv_cache = kv_cache_option(args, config)
     if kv_cache and args.cuda_graph and kv_cache.startswith(("q", "fp8")):
@@ -257,35 +253,33 @@ def cmd_generate(args) -> None:
     if tokenizer.eos_token_id is not None and not args.ignore_eos:
         stop.add(tokenizer.eos_token_id)
     ids = [tokenizer(p)["input_ids"] for p in prompts]
-    (check_source_lengths if seq2seq else check_generation_lengths)(config, ids, args.max_new_tokens)
+    kind.check_generation_lengths(config, ids, args.max_new_tokens)
     model = load(args.model, dtype=args.dtype, device=device, kv_cache_dtype=kv_cache,
                  kv_rotation=not args.no_kv_rotation)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, stop_tokens=sorted(stop), seed=args.seed)
     for start in range(0, len(prompts), args.batch_size):
         batch = ids[start : start + args.batch_size]
-        outs = generate_seq2seq(model, batch, **options) if seq2seq else \
-            generate(model, batch, cuda_graph=args.cuda_graph, **options)
+        outs = kind.generate(model, batch, cuda_graph=args.cuda_graph, **options)
         for prompt, out in zip(prompts[start : start + args.batch_size], outs):
             completion = tokenizer.decode(out, skip_special_tokens=True)
             if args.json:
                 print(json.dumps({"prompt": prompt, "completion": completion, "tokens": out}))
             else:
-                print(f"{prompt} -> {completion}" if seq2seq else prompt + completion)
+                print(kind.completion_line(prompt, completion))
 
 
 def cmd_export(args) -> None:
     import torch
 
     from .card import write_card
-    from .checkpoints import load, parse_dtype, save, target_family
-    from .checkpoints.seq2seq import target_seq2seq_family
-    from .seq2seq import Seq2SeqConfig
+    from .checkpoints import load, parse_dtype, save
+    from .kinds import kind_of
 
     config = model_config(args.model)
     check_out(args.out, args.overwrite, args.model, kind="file" if args.format == "gguf" else "folder")
-    seq2seq = isinstance(config, Seq2SeqConfig)
-    if args.format == "gguf" and seq2seq:
+    kind = kind_of(config)
+    if args.format == "gguf" and not kind.gguf:
         raise GQAError("GGUF export writes decoder-only Llama-style models; an encoder–decoder is written as an HF "
                        "folder (at G = H) or in gqa's own format")
     if args.format == "gguf":
@@ -300,11 +294,10 @@ def cmd_export(args) -> None:
         out = write_gguf(load(args.model, dtype="float32"), args.out, args.overwrite, dtype)
         return print(f"wrote {out} (GGUF, architecture {gguf_architecture(config)})")
     model = load(args.model, dtype=args.dtype)
-    family = (target_seq2seq_family if seq2seq else target_family)(config, model.hf_config, args.format)
+    family = kind.target_family(config, model.hf_config, args.format)
     save(model, args.out, format=args.format, overwrite=args.overwrite,
          card=lambda folder: write_card(folder, source=args.model, step={"step": "export"}, name=Path(args.out).name))
-    native = "GQASeq2SeqLM" if seq2seq else "GQAForCausalLM"
-    print(f"wrote {args.out} as {family.architectures[0] if family else native + ' (gqa format)'}")
+    print(f"wrote {args.out} as {family.architectures[0] if family else kind.native_architecture + ' (gqa format)'}")
 
 
 def parse_heads_list(text: str) -> list[int]:
@@ -315,9 +308,9 @@ def parse_heads_list(text: str) -> list[int]:
 
 
 def cmd_convert(args) -> None:
-    from .conversion import ConversionOptions, convert, format_report
+    from .conversion import ConversionOptions, convert
     from .conversion.methods import option_fields
-    from .conversion.seq2seq import format_seq2seq_report, is_seq2seq_folder
+    from .kinds import kind_of
 
     options = ConversionOptions(
         n_kv_heads=args.kv_heads, kv_budget=args.kv_budget, method=args.method,
@@ -330,8 +323,8 @@ def cmd_convert(args) -> None:
     if args.seed is not None and args.method != "random" and not options.reads_calibration():
         raise GQAError(f"--seed draws --method random's heads and the calibration sample; --method {args.method} "
                        f"without calibration (--transfer-steps, --joint-steps, --kv-budget) draws nothing: drop --seed")
-    report = convert(args.model, args.out, options)
-    print(format_seq2seq_report(report) if is_seq2seq_folder(args.out) else format_report(report))
+    report = convert(args.model, args.out, options=options)
+    print(kind_of(args.out).format_report(report))
 
 
 def cmd_import_gguf(args) -> None:
@@ -421,13 +414,15 @@ def uptrain_teacher(args) -> str | None:
 def cmd_uptrain(args) -> None:
     from .checkpoints import check_reference, load
     from .checkpoints.tokenizer import load_tokenizer
-    from .train import check_seq_len, default_seq_len, train
+    from .kinds import kind_of
+    from .train import train
 
     note = uptrain_teacher(args)
     cfg = check_training(args, [args.model, args.teacher])
     config = model_config(args.model)
-    seq_len = cfg.seq_len or default_seq_len(config, cfg.data)  # checked before the model loads (`train` again)
-    check_seq_len(config, seq_len, cfg.data)
+    kind = kind_of(config)
+    seq_len = cfg.seq_len or kind.default_seq_len(config, cfg.data)  # checked before the model loads (and in train)
+    kind.check_seq_len(config, seq_len, cfg.data)
     if cfg.teacher:
         check_reference(args.model, config, cfg.teacher, "teacher", seq_len)
     if note:
@@ -463,15 +458,14 @@ def cmd_pretrain(args) -> None:
     import torch
 
     from .checkpoints.tokenizer import load_tokenizer
-    from .model import Transformer
-    from .seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+    from .kinds import kind_of
     from .train import train
 
     cfg = check_training(args, [args.tokenizer])
     config, hf = read_model_json(Path(args.config))
     tokenizer = load_tokenizer(args.tokenizer)
     torch.manual_seed(args.seed)
-    model = Seq2SeqTransformer(config) if isinstance(config, Seq2SeqConfig) else Transformer(config)
+    model = kind_of(config).build(config)
     model.init_weights()
     model.hf_config, model.source_dir = hf, Path(args.tokenizer)
     print_train_report(train(model, tokenizer, cfg, init_path=None), args.out)

@@ -38,17 +38,15 @@ from tqdm.auto import tqdm
 
 from .card import training_step, write_card
 from .checkpoints import check_reference, load, save
-from .data import BlockOrder, TokenData, check_token_ids, prepare
+from .data import BlockOrder, TokenData
 from .devices import default_device, keep_freed_memory
 from .errors import GQAError, warn
 from .evaluate import mean_kl
 from .fingerprint import digest, tensors_digest
 from .jsonfiles import append_jsonl, write_json
+from .kinds import kind_of
 from .model import Transformer
-from .seq2seq import Seq2SeqConfig, Seq2SeqTransformer
-from .seq2seq_data import Examples, is_pairs, prepare_seq2seq
-from .seq2seq_data import check_seq_len as seq2seq_check_seq_len
-from .seq2seq_data import default_seq_len as seq2seq_default_seq_len
+from .seq2seq_data import Examples
 
 PRETRAIN_LR = 3e-4  # the default from scratch, and for uptraining without a teacher
 # Uptraining a converted model next to the model it came from: distil from it, at a step size for continued
@@ -565,29 +563,14 @@ class Trainer:
         return final.to(self.save_dtype).eval()
 
 
-def default_seq_len(config, data) -> int:
-    """--seq-len when none is given: the model's positions, at most 1024 (an encoder–decoder's examples
-    within its learned positions: `seq2seq_data.default_seq_len`)."""
-    if isinstance(config, Seq2SeqConfig):
-        return seq2seq_default_seq_len(config, is_pairs(data), 1024)
-    return min(1024, config.max_positions)
-
-
-def check_seq_len(config, seq_len: int, data) -> None:
-    """Windows (or an encoder–decoder's examples) of `seq_len` tokens within the model's positions."""
-    if isinstance(config, Seq2SeqConfig):
-        return seq2seq_check_seq_len(config, seq_len, is_pairs(data))
-    if seq_len > config.max_positions:
-        raise GQAError(f"--seq-len {seq_len} exceeds the model's {config.max_positions} positions")
-
-
 def settle(cfg: TrainConfig, model: Transformer, d: Dist) -> TrainConfig:
     """The run's own copy of the config, with defaults that depend on the model filled in, checked against
     the model and the ranks (the caller's config is not changed)."""
-    cfg = replace(cfg, seq_len=cfg.seq_len if cfg.seq_len is not None else default_seq_len(model.config, cfg.data))
+    kind = kind_of(model)
+    cfg = replace(cfg, seq_len=cfg.seq_len if cfg.seq_len is not None else kind.default_seq_len(model.config, cfg.data))
     if cfg.batch_size % d.world:
         raise GQAError(f"--batch-size {cfg.batch_size} does not split over {d.world} ranks")
-    check_seq_len(model.config, cfg.seq_len, cfg.data)
+    kind.check_seq_len(model.config, cfg.seq_len, cfg.data)
     if cfg.teacher:
         if model.source_dir is None:
             raise GQAError("distilling needs to know the student's tokenizer: set model.source_dir to its folder")
@@ -598,17 +581,12 @@ def settle(cfg: TrainConfig, model: Transformer, d: Dist) -> TrainConfig:
 
 def training_data(cfg: TrainConfig, tokenizer, model: Transformer, data: TokenData | None) -> TokenData:
     """The run's blocks (a decoder) or examples (an encoder–decoder: pairs, or span-corrupted text)."""
-    seq2seq = isinstance(model, Seq2SeqTransformer)
+    kind = kind_of(model)
     if data is None:
-        data = prepare_seq2seq(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, cfg.seed) if seq2seq else \
-            prepare(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction)
+        data = kind.prepare_data(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, cfg.seed)
     elif data.seq_len != cfg.seq_len:
         raise GQAError(f"prepared data has blocks of {data.seq_len} tokens, the run asks for {cfg.seq_len}")
-    if seq2seq:
-        check_token_ids(torch.tensor([max(data.train.max_id(), data.val.max_id())]), model.config.vocab_size,
-                        str(cfg.data))
-    else:
-        check_token_ids(torch.cat([data.train.flatten(), data.val.flatten()]), model.config.vocab_size, str(cfg.data))
+    kind.check_token_ids(data, model.config.vocab_size, str(cfg.data))
     return data
 
 

@@ -136,11 +136,11 @@ def plan_calibration(config: ModelConfig, options: ConversionOptions) -> Calibra
     return calibration
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, options: ConversionOptions | None = None,
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, options: ConversionOptions | None = None,
             **keywords) -> dict:
     """Convert the model folder `src` to `dst` with fewer KV heads; returns the report written to conversion.json.
 
-    The options are a `ConversionOptions`, or its fields as keyword arguments (a method's own settings too:
+    The options are a `ConversionOptions` (`options=`), or its fields as keyword arguments (a method's own settings too:
     `convert(src, dst, n_kv_heads=1, method="aligned", grouping="greedy")`). An encoder–decoder source (T5,
     BART) has its decoder's self- and cross-attention grouped (`encoder=True`: its encoder's too; see
     `conversion.seq2seq`).

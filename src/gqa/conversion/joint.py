@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..errors import GQAError
 from ..evaluate import mean_kl
 from ..fingerprint import digest
-from ..seq2seq import Seq2SeqTransformer
+from ..kinds import kind_of
 from .transfer import ramped_cosine, relative_groups
 
 EVAL_BLOCKS = 8  # calibration blocks the before / after KL is measured on
@@ -47,19 +47,6 @@ class JointSettings:
             raise GQAError(f"--joint-lr must be a finite number > 0, got {self.lr}")
 
 
-def attention_modules(student, teacher) -> dict[str, torch.nn.Module]:
-    """Name prefix -> attention module the stage trains: every layer's (a decoder); an encoder–decoder's
-    decoder self- and cross-attention, and its encoder's where it was grouped."""
-    if not isinstance(student, Seq2SeqTransformer):
-        return {f"layers.{i}.attention": layer.attention for i, layer in enumerate(student.layers)}
-    modules = {}
-    if student.config.encoder_kv_heads != teacher.config.encoder_kv_heads:
-        modules.update({f"encoder.layers.{i}.attention": b.attention for i, b in enumerate(student.encoder.layers)})
-    for i, block in enumerate(student.decoder.layers):
-        modules.update({f"decoder.layers.{i}.attention": block.attention, f"decoder.layers.{i}.cross": block.cross})
-    return modules
-
-
 def attention_parameters(model, modules: dict[str, torch.nn.Module]) -> list[dict]:
     """Adam groups for the attention `modules` of `model` (everything else frozen)."""
     model.requires_grad_(False)
@@ -72,31 +59,19 @@ def attention_parameters(model, modules: dict[str, torch.nn.Module]) -> list[dic
     return groups
 
 
-def batch_of(blocks, index):
-    """The model inputs of calibration blocks `index`: a decoder's tokens [N, T + 1] but the last; an
-    encoder–decoder's (input ids, decoder ids)."""
-    return tuple(b[index] for b in blocks) if isinstance(blocks, tuple) else blocks[index, :-1]
-
-
-def logits_of(model, batch) -> torch.Tensor:
-    return model(*batch) if isinstance(batch, tuple) else model(batch)
-
-
-def n_blocks(blocks) -> int:
-    return len(blocks[0]) if isinstance(blocks, tuple) else len(blocks)
-
-
 def kl(teacher, student, batch) -> torch.Tensor:
-    """KL(teacher ‖ student) per token of the next-token distributions on a batch (`batch_of`)."""
+    """KL(teacher ‖ student) per token of the next-token distributions on a batch (`ModelKind.batch_inputs`)."""
+    kind = kind_of(student)
     with torch.no_grad():
-        target = logits_of(teacher, batch)
-    return mean_kl(logits_of(student, batch), target)
+        target = kind.logits(teacher, batch)
+    return mean_kl(kind.logits(student, batch), target)
 
 
 @torch.no_grad()
 def held_kl(teacher, student, blocks) -> float:
-    n = min(EVAL_BLOCKS, n_blocks(blocks))
-    return sum(float(kl(teacher, student, batch_of(blocks, slice(i, min(i + 2, n))))) * (min(i + 2, n) - i)
+    kind = kind_of(student)
+    n = min(EVAL_BLOCKS, kind.n_blocks(blocks))
+    return sum(float(kl(teacher, student, kind.batch_inputs(blocks, slice(i, min(i + 2, n))))) * (min(i + 2, n) - i)
                for i in range(0, n, 2)) / n
 
 
@@ -109,7 +84,8 @@ def attention_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tens
 def train(teacher, student, blocks, settings: JointSettings, resume, fingerprint: str, progress: bool = True) -> dict:
     """Train `student`'s attention in place (see the module docstring); returns the stage's record. blocks:
     a decoder's calibration blocks [N, T + 1], or an encoder–decoder's (input ids, decoder ids)."""
-    modules = attention_modules(student, teacher)
+    kind = kind_of(student)
+    modules = kind.attention_modules(student, teacher)
     optimizer = torch.optim.Adam(attention_parameters(student, modules))
     teacher.eval()
     before = held_kl(teacher, student, blocks)
@@ -120,13 +96,13 @@ def train(teacher, student, blocks, settings: JointSettings, resume, fingerprint
         start, tensors, optimizer_state = saved
         student.load_state_dict(tensors, strict=False)
         optimizer.load_state_dict(optimizer_state)
-    batch = min(settings.batch_blocks, n_blocks(blocks))
+    batch = min(settings.batch_blocks, kind.n_blocks(blocks))
     student.train()
     for step in tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="joint stage",
                      unit="step", disable=not progress):
-        index = torch.randint(n_blocks(blocks), (batch,), generator=torch.Generator().manual_seed(
+        index = torch.randint(kind.n_blocks(blocks), (batch,), generator=torch.Generator().manual_seed(
             settings.seed * 1_000_003 + step))
-        loss = kl(teacher, student, batch_of(blocks, index))
+        loss = kl(teacher, student, kind.batch_inputs(blocks, index))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for g in optimizer.param_groups:

@@ -40,6 +40,7 @@ from ..checkpoints import files
 from ..checkpoints.seq2seq import import_state, model_from_state, read_seq2seq_config, save_seq2seq_state, target_seq2seq_family
 from ..checkpoints.tokenizer import warn_without_tokenizer
 from ..errors import GQAError
+from ..kinds import ENCODER_DECODER
 from ..model import Attention
 from ..seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from ..version import __version__
@@ -180,7 +181,7 @@ def joint_stage(source: Seq2SeqTransformer, new_config: Seq2SeqConfig, state: di
     one go) and write it into `state`, balanced; returns the stage's record."""
     student = model_from_state(new_config, state, torch.float32)
     record = joint.train(source, student, blocks, settings, None, "", progress)
-    trained = joint.attention_state(joint.attention_modules(student, source))
+    trained = joint.attention_state(ENCODER_DECODER.attention_modules(student, source))
     state.update({name: tensor.to(state[name].dtype) for name, tensor in trained.items()})
     for kind, layer in todo:
         prefix = prefix_of(kind, layer)

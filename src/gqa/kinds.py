@@ -1,0 +1,158 @@
+"""The one place that knows a model's kind: decoder-only or encoder–decoder.
+
+Everything above the checkpoint edge asks `kind_of(...)` (a config, a model, a config.json dict or a model
+folder) and then the kind, instead of branching: how its model is built, how it generates and checks its
+generation lengths, what its logits of a batch are, how a conversion report reads, what its native
+architecture and transformers class are called. The checkpoint edge (`gqa.checkpoints`) reads the folder
+to tell the kinds apart (`checkpoints.seq2seq.is_seq2seq`); nothing else does.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .model import ModelConfig, Transformer
+from .seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    name: str
+    config_class: type
+    model_class: type
+    native_architecture: str  # what gqa's own format calls it in config.json
+    auto_class: str  # the transformers class that loads its HF folders
+    cuda_graph: bool  # whether `generate --cuda-graph` replays its decode steps
+    gguf: bool  # whether `export --format gguf` writes it (llama.cpp runs decoder-only models)
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self is ENCODER_DECODER
+
+    def build(self, config) -> Transformer | Seq2SeqTransformer:
+        return self.model_class(config)
+
+    def generate(self, model, sequences: list[list[int]], **options) -> list[list[int]]:
+        """Continue each prompt (an encoder–decoder: each source) with the decoder (`gqa.generate`)."""
+        from .generate import generate, generate_seq2seq
+
+        if self.is_encoder_decoder:
+            options.pop("cuda_graph", None)  # refused before the model loaded (`cuda_graph`)
+            return generate_seq2seq(model, sequences, **options)
+        return generate(model, sequences, **options)
+
+    def check_generation_lengths(self, config, sequences: list[list[int]], max_new_tokens: int) -> None:
+        from .generate import check_generation_lengths
+        from .seq2seq import check_source_lengths
+
+        (check_source_lengths if self.is_encoder_decoder else check_generation_lengths)(config, sequences,
+                                                                                        max_new_tokens)
+
+    def completion_line(self, prompt: str, completion: str) -> str:
+        """How `gqa generate` prints a result: a decoder continues the prompt, an encoder–decoder answers it."""
+        return f"{prompt} -> {completion}" if self.is_encoder_decoder else prompt + completion
+
+    def format_report(self, report: dict) -> str:
+        """A conversion's report (conversion.json) as `gqa convert` prints it."""
+        from .conversion import format_report
+        from .conversion.seq2seq import format_seq2seq_report
+
+        return (format_seq2seq_report if self.is_encoder_decoder else format_report)(report)
+
+    def target_family(self, config, hf_config: dict | None, format: str):
+        """The HF family a model of this kind is written as (None: gqa's own format)."""
+        from .checkpoints import target_family
+        from .checkpoints.seq2seq import target_seq2seq_family
+
+        return (target_seq2seq_family if self.is_encoder_decoder else target_family)(config, hf_config, format)
+
+    def default_seq_len(self, config, data) -> int:
+        """`--seq-len` when none is given: the model's positions, at most 1024 (an encoder–decoder's examples
+        within its learned positions: `seq2seq_data.default_seq_len`)."""
+        from .seq2seq_data import default_seq_len, is_pairs
+
+        return default_seq_len(config, is_pairs(data), 1024) if self.is_encoder_decoder else \
+            min(1024, config.max_positions)
+
+    def check_seq_len(self, config, seq_len: int, data) -> None:
+        """Windows (or an encoder–decoder's examples) of `seq_len` tokens within the model's positions."""
+        from .errors import GQAError
+        from .seq2seq_data import check_seq_len, is_pairs
+
+        if self.is_encoder_decoder:
+            return check_seq_len(config, seq_len, is_pairs(data))
+        if seq_len > config.max_positions:
+            raise GQAError(f"--seq-len {seq_len} exceeds the model's {config.max_positions} positions")
+
+    def prepare_data(self, source, tokenizer, seq_len: int, val_fraction: float, seed: int):
+        """Training and validation data: a decoder's packed blocks, an encoder–decoder's examples (pairs, or
+        span-corrupted text)."""
+        from .data import prepare
+        from .seq2seq_data import prepare_seq2seq
+
+        return prepare_seq2seq(source, tokenizer, seq_len, val_fraction, seed) if self.is_encoder_decoder else \
+            prepare(source, tokenizer, seq_len, val_fraction)
+
+    def check_token_ids(self, data, vocab_size: int, source: str) -> None:
+        import torch
+
+        from .data import check_token_ids
+
+        ids = torch.tensor([max(data.train.max_id(), data.val.max_id())]) if self.is_encoder_decoder else \
+            torch.cat([data.train.flatten(), data.val.flatten()])
+        check_token_ids(ids, vocab_size, source)
+
+    def batch_inputs(self, blocks, index) -> Any:
+        """The model inputs of calibration blocks `index`: a decoder's tokens [N, T + 1] but the last; an
+        encoder–decoder's (input ids, decoder ids), of its (input ids, decoder ids) blocks."""
+        return tuple(b[index] for b in blocks) if self.is_encoder_decoder else blocks[index, :-1]
+
+    def n_blocks(self, blocks) -> int:
+        return len(blocks[0]) if self.is_encoder_decoder else len(blocks)
+
+    def logits(self, model, batch) -> torch.Tensor:
+        """Next-token logits of a batch (`batch_inputs`)."""
+        return model(*batch) if self.is_encoder_decoder else model(batch)
+
+    def attention_modules(self, student, teacher) -> dict[str, torch.nn.Module]:
+        """Name prefix -> attention module the joint stage trains: every layer's (a decoder); an encoder–decoder's
+        decoder self- and cross-attention, and its encoder's where it was grouped."""
+        if not self.is_encoder_decoder:
+            return {f"layers.{i}.attention": layer.attention for i, layer in enumerate(student.layers)}
+        modules = {}
+        if student.config.encoder_kv_heads != teacher.config.encoder_kv_heads:
+            modules.update({f"encoder.layers.{i}.attention": b.attention for i, b in enumerate(student.encoder.layers)})
+        for i, block in enumerate(student.decoder.layers):
+            modules.update({f"decoder.layers.{i}.attention": block.attention, f"decoder.layers.{i}.cross": block.cross})
+        return modules
+
+
+DECODER = ModelKind(name="decoder", config_class=ModelConfig, model_class=Transformer,
+                    native_architecture="GQAForCausalLM", auto_class="AutoModelForCausalLM", cuda_graph=True, gguf=True)
+ENCODER_DECODER = ModelKind(name="encoder-decoder", config_class=Seq2SeqConfig, model_class=Seq2SeqTransformer,
+                            native_architecture="GQASeq2SeqLM", auto_class="AutoModelForSeq2SeqLM", cuda_graph=False,
+                            gguf=False)
+
+
+def kind_of(thing: Any) -> ModelKind:
+    """The kind of a config, a model, a config.json dict or a model folder (its config.json)."""
+    if isinstance(thing, (Seq2SeqConfig, Seq2SeqTransformer)):
+        return ENCODER_DECODER
+    if isinstance(thing, (ModelConfig, Transformer)):
+        return DECODER
+    from .checkpoints import files
+    from .checkpoints.seq2seq import is_seq2seq
+    from .errors import GQAError
+
+    if isinstance(thing, (str, os.PathLike)):
+        try:
+            thing = files.read_config(thing)
+        except GQAError:  # no readable config.json: the decoder path says what is wrong with the folder
+            return DECODER
+    if isinstance(thing, dict):
+        return ENCODER_DECODER if is_seq2seq(thing) else DECODER
+    raise TypeError(f"no model kind for {type(thing).__name__}")
