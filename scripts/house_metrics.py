@@ -37,6 +37,37 @@ def kind_branches(path: Path) -> list[str]:
             if KIND.search(line) and not line.lstrip().startswith(("def ", "#", "from ", "import "))]
 
 
+def imports_between_rooms() -> set[tuple[str, str]]:
+    """(room, room it imports from) for every relative import in src/gqa, function-level ones included; a room
+    is a top-level module or package of gqa."""
+    edges = set()
+    for path in SRC.rglob("*.py"):
+        parts = path.relative_to(SRC).with_suffix("").parts
+        package = parts if path.name == "__init__.py" else parts[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = list(package[:len(package) - node.level + 1])
+                targets = [base + node.module.split(".")] if node.module else [base + [a.name] for a in node.names]
+                edges |= {(parts[0], t[0]) for t in targets if t and t[0] != parts[0]}
+    return edges
+
+
+def room_cycles(edges: set[tuple[str, str]]) -> list[list[str]]:
+    """Groups of rooms that import each other, directly or round a circle (strongly connected, > 1 room)."""
+    rooms = {a for e in edges for a in e}
+    reach = {r: {b for a, b in edges if a == r} for r in rooms}
+    changed = True
+    while changed:
+        changed = False
+        for r in rooms:
+            more = set().union(*(reach[x] for x in reach[r])) - reach[r]
+            if more:
+                reach[r] |= more
+                changed = True
+    groups = {frozenset({r} | {x for x in reach[r] if r in reach[x]}) for r in rooms}
+    return sorted(sorted(g) for g in groups if len(g) > 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--list", action="store_true")
@@ -54,6 +85,7 @@ def main() -> None:
         found["calls with > 6 positional arguments"] += positional_calls(path, tree)
         found["model-kind questions"] += kind_branches(path)
     print(f"src/gqa: {lines:,} lines")
+    found["rooms importing each other"] = [" <-> ".join(c) for c in room_cycles(imports_between_rooms())]
     for name, items in found.items():
         print(f"{name}: {len(items)}")
         if args.list:

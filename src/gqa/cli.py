@@ -308,9 +308,8 @@ def parse_heads_list(text: str) -> list[int]:
 
 
 def cmd_convert(args) -> None:
-    from .conversion import ConversionOptions, convert
+    from .conversion import ConversionOptions, convert, format_report
     from .conversion.methods import option_fields
-    from .kinds import kind_of
 
     options = ConversionOptions(
         n_kv_heads=args.kv_heads, kv_budget=args.kv_budget, method=args.method,
@@ -324,7 +323,7 @@ def cmd_convert(args) -> None:
         raise GQAError(f"--seed draws --method random's heads and the calibration sample; --method {args.method} "
                        f"without calibration (--transfer-steps, --joint-steps, --kv-budget) draws nothing: drop --seed")
     report = convert(args.model, args.out, options=options)
-    print(kind_of(args.out).format_report(report))
+    print(format_report(report))
 
 
 def cmd_import_gguf(args) -> None:

@@ -2,9 +2,9 @@
 
 Everything above the checkpoint edge asks `kind_of(...)` (a config, a model, a config.json dict or a model
 folder) and then the kind, instead of branching: how its model is built, how it generates and checks its
-generation lengths, what its logits of a batch are, how a conversion report reads, what its native
-architecture and transformers class are called. The checkpoint edge (`gqa.checkpoints`) reads the folder
-to tell the kinds apart (`checkpoints.seq2seq.is_seq2seq`); nothing else does.
+generation lengths, what its logits of a batch are, what its native architecture and transformers class
+are called. It imports only rooms below it (models, generation, data, checkpoints). The checkpoint edge
+(`gqa.checkpoints`) reads the folder to tell the kinds apart (`checkpoints.seq2seq.is_seq2seq`).
 """
 
 from __future__ import annotations
@@ -55,13 +55,6 @@ class ModelKind:
     def completion_line(self, prompt: str, completion: str) -> str:
         """How `gqa generate` prints a result: a decoder continues the prompt, an encoder–decoder answers it."""
         return f"{prompt} -> {completion}" if self.is_encoder_decoder else prompt + completion
-
-    def format_report(self, report: dict) -> str:
-        """A conversion's report (conversion.json) as `gqa convert` prints it."""
-        from .conversion import format_report
-        from .conversion.seq2seq import format_seq2seq_report
-
-        return (format_seq2seq_report if self.is_encoder_decoder else format_report)(report)
 
     def target_family(self, config, hf_config: dict | None, format: str):
         """The HF family a model of this kind is written as (None: gqa's own format)."""

@@ -17,7 +17,6 @@ import torch
 
 from ..errors import GQAError
 from ..model import ModelConfig, Transformer
-from ..runtimes import write_remote_code
 from ..seq2seq import Seq2SeqTransformer
 from ..version import __version__
 from . import files
@@ -285,7 +284,7 @@ def save(
         writer.close()
         files.write_json(tmp / "config.json", config)
         files.copy_tokenizer(model.source_dir, tmp)
-        write_remote_code(family, tmp)
+        files.write_remote_code(family, tmp)
         for name, obj in (extra_files or {}).items():
             files.write_json(tmp / name, obj)
         if card:

@@ -18,6 +18,7 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -169,6 +170,14 @@ def stored_parameters(path: str | os.PathLike, ignore=()) -> tuple[int, str, int
             counts[dtype] += math.prod(shape)
     storage = counts.most_common(1)[0][0] if counts else "F32"
     return sum(counts.values()), storage, SAFETENSORS_BYTES.get(storage, 4)
+
+
+def write_remote_code(family, folder: Path) -> None:
+    """Copy the family's runtime modules (if any: `Family.remote_code`, kept as data in `gqa/runtimes/<family>/`)
+    into the model folder being written."""
+    for name in getattr(family, "remote_code", ()) if family is not None else ():
+        source = resources.files("gqa.runtimes").joinpath(family.name, name)
+        (Path(folder) / name).write_bytes(source.read_bytes())
 
 
 def one_line(e: BaseException) -> str:

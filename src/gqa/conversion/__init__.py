@@ -31,7 +31,6 @@ from ..devices import keep_freed_memory
 from ..errors import GQAError
 from ..fingerprint import tensors_digest
 from ..model import ModelConfig
-from ..runtimes import write_remote_code
 from ..version import __version__
 from . import budget, joint
 from .calibration import calibration_blocks
@@ -177,7 +176,7 @@ def write_conversion(job: Job, new_config: ModelConfig, out_family, blocks, budg
             counts, layers = write_model(job, new_config, out_family, writer, blocks, state, progress)
             writer.close()
             files.copy_tokenizer(job.src, tmp)
-            write_remote_code(out_family, tmp)
+            files.write_remote_code(out_family, tmp)
             files.write_json(tmp / "config.json", config_json(new_config, job.source_hf, out_family, job.dtype))
             joint_record = joint_stage(job, tmp, new_config, out_family, blocks, state, progress) \
                 if job.joint.steps else None

@@ -46,20 +46,27 @@ def conversion_report(job, new_config: ModelConfig, out_family, counts, layers, 
     return report
 
 
+# the rows of KV heads a report may hold: a decoder's per layer; an encoder–decoder's per attention kind
+HEAD_ROWS = (("kv_heads", "KV heads per layer"), ("self_kv_heads", "decoder self-attention KV heads"),
+             ("cross_kv_heads", "cross-attention KV heads"), ("encoder_kv_heads", "encoder KV heads"))
+
+
 def format_report(report: dict) -> str:
-    """The table `gqa convert` ends with."""
+    """The table `gqa convert` ends with: the rows its report has (a decoder's KV heads per layer and
+    parameters; an encoder–decoder's heads per attention kind and KV bytes per source token)."""
     def heads(hs):
         return f"{hs[0]} in all {len(hs)} layers" if len(set(hs)) == 1 else ",".join(map(str, hs))
 
-    rows = [
-        ("", "before", "after"),
-        ("KV heads per layer", heads(report["kv_heads_before"]), heads(report["kv_heads_after"])),
-        ("KV bytes per token", f"{report['kv_bytes_per_token_before']:,}",
-         f"{report['kv_bytes_per_token_after']:,}  ({report['kv_reduction']:.2f}x smaller)"),
-        ("parameters", f"{report['parameters_before']:,}", f"{report['parameters_after']:,}"),
-    ]
-    w0 = max(len(r[0]) for r in rows)
-    w1 = max(len(r[1]) for r in rows)
+    rows = [("", "before", "after")]
+    rows += [(label, heads(report[f"{key}_before"]), heads(report[f"{key}_after"])) for key, label in HEAD_ROWS
+             if f"{key}_before" in report]
+    per_token = "KV bytes per generated token" if "kv_bytes_per_source_token_before" in report else "KV bytes per token"
+    rows.append((per_token, f"{report['kv_bytes_per_token_before']:,}",
+                 f"{report['kv_bytes_per_token_after']:,}  ({report['kv_reduction']:.2f}x smaller)"))
+    for key, label in (("kv_bytes_per_source_token", "KV bytes per source token"), ("parameters", "parameters")):
+        if f"{key}_before" in report:
+            rows.append((label, f"{report[f'{key}_before']:,}", f"{report[f'{key}_after']:,}"))
+    w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
     lines = [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
     lines.append(f"method {method_line(report)}; written as {report['architecture']} to {report['destination']}")
     return "\n".join(lines)

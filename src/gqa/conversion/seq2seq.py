@@ -50,7 +50,6 @@ from .interface import CALIB_TOKENS, Calibration, CalibrationSettings, Layer, Me
 from .joint import JointSettings
 from .methods import REGISTRY
 from .options import ConversionOptions
-from .report import method_line
 from .seq2seq_calibration import calibration_examples, calibrations, transfer_data
 from .transfer import TransferSettings, fit_to_targets, load_weights, weights_of
 
@@ -243,24 +242,6 @@ def seq2seq_report(src, dst, options: ConversionOptions, settings, config: Seq2S
         "kv_reduction": config.kv_bytes_per_token(element) / new.kv_bytes_per_token(element),
         "dtype": str(dtype).removeprefix("torch."), "seconds": round(time.time() - start, 3),
     }
-
-
-def format_seq2seq_report(report: dict) -> str:
-    def heads(hs):
-        return f"{hs[0]} in all {len(hs)} layers" if len(set(hs)) == 1 else ",".join(map(str, hs))
-
-    rows = [("", "before", "after")]
-    for kind, label in (("self", "decoder self-attention KV heads"), ("cross", "cross-attention KV heads"),
-                        ("encoder", "encoder KV heads")):
-        rows.append((label, heads(report[f"{kind}_kv_heads_before"]), heads(report[f"{kind}_kv_heads_after"])))
-    rows.append(("KV bytes per generated token", f"{report['kv_bytes_per_token_before']:,}",
-                 f"{report['kv_bytes_per_token_after']:,}  ({report['kv_reduction']:.2f}x smaller)"))
-    rows.append(("KV bytes per source token", f"{report['kv_bytes_per_source_token_before']:,}",
-                 f"{report['kv_bytes_per_source_token_after']:,}"))
-    w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
-    lines = [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
-    lines.append(f"method {method_line(report)}; written as {report['architecture']} to {report['destination']}")
-    return "\n".join(lines)
 
 
 def is_seq2seq_folder(path: str | os.PathLike) -> bool:

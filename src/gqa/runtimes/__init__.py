@@ -5,17 +5,6 @@ A family whose config.json names a model class that a runtime does not ship (per
 carries gqa's own modules for it, listed in the family's `remote_code` and kept here in a folder per
 family (`decilm/`). They are written into every such output next to an `auto_map` entry of its
 config.json, so `trust_remote_code=True` loads them. gqa never imports or runs them itself: they are for
-the runtimes, and are the only Python files it writes into a model folder.
+the runtimes, and are the only Python files it writes into a model folder (`checkpoints.files.
+write_remote_code` copies them: they are this package's data, not code gqa imports).
 """
-
-from __future__ import annotations
-
-from importlib import resources
-from pathlib import Path
-
-
-def write_remote_code(family, folder: Path) -> None:
-    """Copy the family's runtime modules (if any) into the model folder being written."""
-    for name in getattr(family, "remote_code", ()) if family is not None else ():
-        source = resources.files(__package__).joinpath(family.name, name)
-        (Path(folder) / name).write_bytes(source.read_bytes())
