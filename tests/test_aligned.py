@@ -175,7 +175,7 @@ def test_layer_over_stored_bf16_tensors_computes_as_a_float32_copy_without_one(d
     assert all(p.dtype == torch.float32 for p in block.parameters())  # the norms, copied
     x = stream.hidden[:2]
     assert torch.equal(stream.attention_inputs(block), stream.attention_inputs(copy))
-    assert torch.equal(block(x, stream.rope, None, True, None, None), copy(x, stream.rope, None, True, None, None))
+    assert torch.equal(block(x, rope=stream.rope), copy(x, rope=stream.rope))
     incomplete = {k: v for k, v in stored.items() if k != "layers.1.attention.wk.weight"}
     with pytest.raises(GQAError, match="layer 1: tensors missing"):
         build_block(config, 1, incomplete)

@@ -254,7 +254,8 @@ class Attention(nn.Module):
     def queries(self, x: torch.Tensor) -> torch.Tensor:
         return self.project(x, self.wq, self.n_heads, getattr(self, "q_norm", None))
 
-    def forward(self, x, rope, mask, is_causal, cache: KVCache | PagedKVCache | None, slots, kv_lengths=None):
+    def forward(self, x, *, rope=None, mask=None, is_causal=True, cache: KVCache | PagedKVCache | None = None, slots=None,
+                kv_lengths=None):
         q = self.queries(x)
         k, v = self.keys_values(x)
         return self.attend_new(q, k, v, rope=rope, mask=mask, is_causal=is_causal, cache=cache, slots=slots,
@@ -267,7 +268,8 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         storage = cache.storage if isinstance(cache, QuantizedKVCache) else self.kv_storage if cache is None else None
         if storage is not None and storage.format.kind != "float" or isinstance(cache, QuantizedKVCache):
-            return self.output(self.attend_stored(q, k, v, storage, mask, is_causal, cache, slots))
+            return self.output(self.attend_stored(q, k, v, storage=storage, mask=mask, is_causal=is_causal, cache=cache,
+                                                  slots=slots))
         if storage is not None:  # a float format other than the model's: K and V as that cache would hold them
             k, v = storage.format.roundtrip(k), storage.format.roundtrip(v)
         fast = kv_lengths is not None  # the model decided once per forward that the kernel runs this step
@@ -287,7 +289,7 @@ class Attention(nn.Module):
                 y = attention(q, k, v, mask, scale=self.scale, is_causal=is_causal)
         return self.output(y)
 
-    def attend_stored(self, q, k, v, storage: KVStorage, mask, is_causal, cache, slots) -> torch.Tensor:
+    def attend_stored(self, q, k, v, *, storage: KVStorage, mask, is_causal, cache, slots) -> torch.Tensor:
         """Attention over K and V as a quantized cache stores them (`gqa.kv_formats`): Q, K and V rotated
         where the format rotates (K after RoPE), then K and V stored in the cache, or, without one,
         quantized and dequantized in place (so a full forward scores as cached decoding does); the output
@@ -340,9 +342,10 @@ class Block(nn.Module):
         """What the attention reads of the residual stream x."""
         return x if self.layout == "post_norm" else self.attention_norm(x)
 
-    def forward(self, x, rope, mask, is_causal, cache, slots, kv_lengths=None):
+    def forward(self, x, *, rope=None, mask=None, is_causal=True, cache=None, slots=None, kv_lengths=None):
+        """The defaults: a full causal pass over x without a cache (what calibration and the transfer run)."""
         a = self.attention_input(x)
-        h = self.attention(a, rope, mask, is_causal, cache, slots, kv_lengths)
+        h = self.attention(a, rope=rope, mask=mask, is_causal=is_causal, cache=cache, slots=slots, kv_lengths=kv_lengths)
         if self.layout == "sequential":
             x = x + h
             return x + self.mlp(self.mlp_norm(x))
@@ -495,8 +498,8 @@ class Transformer(TokenModel):
             raise GQAError(f"a paged cache holds float values; --kv-cache-dtype {storage.format.name} takes the "
                            f"static cache (no page size)")
         dtype = dtype or (storage.format.dtype if storage is not None else self.dtype)
-        return PagedKVCache.allocate(self.config.n_kv_heads, self.config.head_dim, batch_size, max_len, num_pages,
-                                     page_size, dtype, self.device)
+        return PagedKVCache.allocate(self.config.n_kv_heads, self.config.head_dim, batch_size, max_len,
+                                     num_pages=num_pages, page_size=page_size, dtype=dtype, device=self.device)
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The residual stream entering the first block: token (and, where learned, position) embeddings."""
@@ -563,7 +566,7 @@ class Transformer(TokenModel):
         use_kernel = cache is not None and seq == 1 and config.sliding_window is None and decode_kernel_available(x)
         kernel_lengths = kv_lengths if use_kernel else None
         for block in self.layers:
-            x = block(x, rope, mask, is_causal, cache, slots, kernel_lengths)
+            x = block(x, rope=rope, mask=mask, is_causal=is_causal, cache=cache, slots=slots, kv_lengths=kernel_lengths)
         logits = self.output(self.norm(x))
         if cache is not None:
             cache.lengths += n_new

@@ -266,7 +266,7 @@ def full_state(model, optimizer):
     return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, schedule, cfg: TrainConfig, d: Dist, tied: bool,
+def save_checkpoint(out: Path, step: int, model, *, optimizer, schedule, cfg: TrainConfig, d: Dist, tied: bool,
                     fingerprint: dict | None = None) -> None:
     """Model, optimizer, schedule and RNG at `step`, written atomically; the newest `keep_checkpoints` are kept."""
     from safetensors.torch import save_file
@@ -445,7 +445,7 @@ def due(step: int, every: int | None) -> bool:
 class Trainer:
     """One run's model, optimizer and schedule, and the step that advances them."""
 
-    def __init__(self, model: Transformer, cfg: TrainConfig, plan: dict, d: Dist, device: torch.device,
+    def __init__(self, model: Transformer, cfg: TrainConfig, plan: dict, *, d: Dist, device: torch.device,
                  teacher: Transformer | None, fingerprint: dict | None = None, step_tokens: list[int] | None = None):
         self.model, self.cfg, self.plan, self.d, self.device, self.teacher = model, cfg, plan, d, device, teacher
         # tokens read by each step (pairs differ in length: `plan_pairs`); else every step reads tokens_per_step
@@ -531,8 +531,8 @@ class Trainer:
                        f"applied and training stopped; {kept}; try a lower --lr")
 
     def checkpoint(self, step: int) -> None:
-        save_checkpoint(Path(self.cfg.out), step, self.net, self.optimizer, self.schedule, self.cfg, self.d, self.tied,
-                        self.fingerprint)
+        save_checkpoint(Path(self.cfg.out), step, self.net, optimizer=self.optimizer, schedule=self.schedule,
+                        cfg=self.cfg, d=self.d, tied=self.tied, fingerprint=self.fingerprint)
 
     def restore(self, path: Path | None) -> int:
         """Continue from the checkpoint at `path` (checked to come from the same inputs), with this run's
@@ -638,7 +638,8 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, init_path: str | None
     plan, step_tokens = plan_pairs(plan, cfg, data) if getattr(data, "objective", None) == "pairs" else (plan, None)
     teacher = load_teacher(cfg, model, device)
     fingerprint = run_fingerprint(cfg, model, data, teacher) if resume_from or cfg.save_every else None
-    trainer = Trainer(model, cfg, plan, d, device, teacher, fingerprint, step_tokens)
+    trainer = Trainer(model, cfg, plan, d=d, device=device, teacher=teacher, fingerprint=fingerprint,
+                      step_tokens=step_tokens)
     start = trainer.restore(resume_from)
     log = RunLog(out, d.main, start if resume_from else None)
     val_blocks = data.val[: cfg.eval_blocks]

@@ -160,10 +160,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, options: Conversi
         job.new_heads = budget_record["kv_heads"]
     new_config = replace(job.config, n_kv_heads=job.new_heads)
     return write_conversion(job, new_config, target_family(new_config, job.source_hf, options.format), blocks,
-                            budget_record, options.progress, start)
+                            budget_record, progress=options.progress, start=start)
 
 
-def write_conversion(job: Job, new_config: ModelConfig, out_family, blocks, budget_record, progress: bool,
+def write_conversion(job: Job, new_config: ModelConfig, out_family, blocks, budget_record, *, progress: bool,
                      start: float) -> dict:
     """The layer loop (and the joint stage) into a temporary folder, renamed to the destination when done."""
     with files.atomic_dir(job.dst, overwrite=job.overwrite) as tmp:
@@ -173,18 +173,19 @@ def write_conversion(job: Job, new_config: ModelConfig, out_family, blocks, budg
             state = open_resume_state(job, new_config, blocks)
         try:
             writer = files.ShardWriter(tmp, shard_bytes(job))
-            counts, layers = write_model(job, new_config, out_family, writer, blocks, state, progress)
+            counts, layers = write_model(job, new_config, out_family, writer, blocks, state, progress=progress)
             writer.close()
             files.copy_tokenizer(job.src, tmp)
             files.write_remote_code(out_family, tmp)
             files.write_json(tmp / "config.json", config_json(new_config, job.source_hf, out_family, job.dtype))
-            joint_record = joint_stage(job, tmp, new_config, out_family, blocks, state, progress) \
+            joint_record = joint_stage(job, tmp, new_config, out_family, blocks, state, progress=progress) \
                 if job.joint.steps else None
         except GQAError:  # a mistake in the input (weights holding NaN, say): nothing of this run is worth resuming
             if state:
                 state.remove()
             raise
-        report = conversion_report(job, new_config, out_family, counts, layers, budget_record, joint_record, start)
+        report = conversion_report(job, new_config, out_family, counts=counts, layers=layers,
+                                   budget_record=budget_record, joint_record=joint_record, start=start)
         files.write_json(tmp / "conversion.json", report)
         write_card(tmp, source=job.src, step=conversion_step(report), name=job.dst.name)
     if state:
@@ -202,14 +203,14 @@ def open_resume_state(job: Job, new_config: ModelConfig, blocks: torch.Tensor) -
     return ResumeState.open(job.dst, record, new_config)
 
 
-def joint_stage(job: Job, folder: Path, new_config: ModelConfig, out_family, blocks, state: ResumeState,
+def joint_stage(job: Job, folder: Path, new_config: ModelConfig, out_family, blocks, state: ResumeState, *,
                 progress: bool) -> dict:
     """Train the written model's attention against the source (`joint`), then write its weights again."""
     from ..checkpoints import load
 
     teacher, student = load(job.src, dtype=torch.float32), load(folder, dtype=torch.float32)
-    record = joint.train(teacher, student, blocks, job.joint, state, joint.stage_fingerprint(state.chain, job.joint),
-                         progress)
+    record = joint.train(teacher, student, blocks, job.joint, resume=state,
+                         fingerprint=joint.stage_fingerprint(state.chain, job.joint), progress=progress)
     del teacher
     for old in [*folder.glob("model*.safetensors"), folder / "model.safetensors.index.json"]:
         old.unlink(missing_ok=True)

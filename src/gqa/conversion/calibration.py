@@ -113,13 +113,13 @@ class Stream:
 
     @torch.no_grad()
     def attention_outputs(self, block: Block, inputs: torch.Tensor) -> torch.Tensor:
-        return torch.cat([block.attention(inputs[c], self.rope, None, True, None, None) for c in self.chunks()])
+        return torch.cat([block.attention(inputs[c], rope=self.rope) for c in self.chunks()])
 
     @torch.no_grad()
     def advance(self, block: Block) -> None:
         """Run the stream through `block`."""
         for c in self.chunks():
-            self.hidden[c] = block(self.hidden[c], self.rope, None, True, None, None)
+            self.hidden[c] = block(self.hidden[c], rope=self.rope)
 
     def advanced(self, block: Block) -> torch.Tensor:
         self.advance(block)

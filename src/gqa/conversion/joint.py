@@ -81,7 +81,7 @@ def attention_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tens
             for name, p in module.named_parameters()}
 
 
-def train(teacher, student, blocks, settings: JointSettings, resume, fingerprint: str, progress: bool = True) -> dict:
+def train(teacher, student, blocks, settings: JointSettings, *, resume, fingerprint: str, progress: bool = True) -> dict:
     """Train `student`'s attention in place (see the module docstring); returns the stage's record. blocks:
     a decoder's calibration blocks [N, T + 1], or an encoder–decoder's (input ids, decoder ids)."""
     kind = kind_of(student)

@@ -30,7 +30,7 @@ LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 BUDGET_TOKENS = 4096  # calibration tokens the sensitivities are measured on
 
 
-def write_model(job, new_config: ModelConfig, out_family, writer, blocks, state_dir, progress: bool):
+def write_model(job, new_config: ModelConfig, out_family, writer, blocks, state_dir, *, progress: bool):
     """Read, merge (and transfer) and write every layer; returns (parameters before/after, per-layer record)."""
     groups = layer_groups(job.index)
     counts = [0, 0]
@@ -64,8 +64,8 @@ def convert_layer(job, layer: int, state: dict, new_config: ModelConfig, streams
     block = build_block(job.config, layer, state) if streams else None  # over the stored tensors: no copy
     if g != g_now:
         saved = state_dir.get(layer) if state_dir and job.transfer.steps else None
-        merged, record = saved if saved is not None else merge_layer(job, layer, state, g, block, streams, state_dir,
-                                                                     record)
+        merged, record = saved if saved is not None else merge_layer(job, layer, state, g, block, streams,
+                                                                     state_dir=state_dir, record=record)
         state = {**state, **merged.to_state(layer)}
     if streams:  # the converted layer only where a stream runs through it
         streams.advance(block, build_block(new_config, layer, state) if streams.converted else None)
@@ -74,12 +74,13 @@ def convert_layer(job, layer: int, state: dict, new_config: ModelConfig, streams
     return state, record
 
 
-def merge_layer(job, layer: int, state: dict, g: int, block, streams, state_dir,
+def merge_layer(job, layer: int, state: dict, g: int, block, streams, *, state_dir,
                 record: dict) -> tuple[AttentionWeights, dict]:
     """The method's merge of one layer (then its transfer, saved for a resume); block: the source layer."""
     inputs = streams.source.attention_inputs(block) if streams else None
     attn = AttentionWeights.from_state(state, layer, job.config)
-    merged, info = merge_attention(job, layer, attn, g, inputs, streams.source.rope if streams else None, block)
+    merged, info = merge_attention(job, layer, attn, g, inputs=inputs,
+                                   rope_tables=streams.source.rope if streams else None, block=block)
     record.update(info)
     if job.transfer.steps:
         merged, info = transfer_attention(job, layer, block, merged, inputs, streams)
@@ -88,7 +89,7 @@ def merge_layer(job, layer: int, state: dict, g: int, block, streams, state_dir,
     return merged, record
 
 
-def merge_attention(job, layer: int, attn: AttentionWeights, g: int, inputs=None, rope_tables=None, block=None):
+def merge_attention(job, layer: int, attn: AttentionWeights, g: int, *, inputs=None, rope_tables=None, block=None):
     """The method's merge of one layer's attention to g KV heads (inputs: its calibration inputs [blocks, T, d];
     block: the source layer)."""
     calibration = None
@@ -101,7 +102,7 @@ def transfer_attention(job, layer: int, block, merged: AttentionWeights, inputs,
     targets = streams.source.attention_outputs(block, inputs)
     if job.transfer.inputs == "converted":
         inputs = streams.converted.attention_inputs(block)
-    return transfer_layer(job.config, layer, merged, inputs, targets, streams.source.rope, job.transfer)
+    return transfer_layer(job.config, layer, merged, inputs, targets, rope=streams.source.rope, settings=job.transfer)
 
 
 @dataclass
@@ -136,7 +137,8 @@ def choose_heads(job, blocks: torch.Tensor, progress: bool) -> dict:
 
     def merge(layer, state, inputs, g, block):
         attn = AttentionWeights.from_state(state, layer, job.config)
-        return {**state, **merge_attention(job, layer, attn, g, inputs, stream.rope, block)[0].to_state(layer)}
+        merged = merge_attention(job, layer, attn, g, inputs=inputs, rope_tables=stream.rope, block=block)[0]
+        return {**state, **merged.to_state(layer)}
 
     bar = (lambda it: tqdm(it, desc="measuring sensitivities", unit="layer")) if progress else iter
     measured = budget.measure(job.config, lambda layer: read_layer(job, by_layer[layer], [0, 0]), stream, outside,

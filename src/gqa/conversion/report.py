@@ -11,7 +11,7 @@ from ..model import ModelConfig
 from ..version import __version__
 
 
-def conversion_report(job, new_config: ModelConfig, out_family, counts, layers, budget_record, joint_record,
+def conversion_report(job, new_config: ModelConfig, out_family, *, counts, layers, budget_record, joint_record,
                       start: float) -> dict:
     element = torch.empty((), dtype=job.dtype).element_size()
     before, after = job.config.kv_bytes_per_token(element), new_config.kv_bytes_per_token(element)

@@ -92,11 +92,12 @@ def convert_seq2seq(src, dst, options: ConversionOptions) -> dict:
     fits, blocks = calibrate(src, source, calibration, todo, seed, progress) if calibration else ({}, None)
     steps = Steps(method=chosen, settings=settings, transfer=transfer, joint=joint_settings, n_kv_heads=n_kv_heads,
                   seed=seed, init_std=float(hf.get("initializer_factor", hf.get("init_std", 0.02)) or 0.02))
-    records = [merge_attention(state, config, kind, layer, steps, source, fits, progress) for kind, layer in
+    records = [merge_attention(state, config, kind, layer, steps, source, fits, progress=progress) for kind, layer in
                tqdm(todo, desc=f"converting ({options.method})", unit="attention", disable=not progress)]
-    joint_record = joint_stage(source, new_config, state, blocks, todo, joint_settings, progress) \
+    joint_record = joint_stage(source, new_config, state, blocks, todo, joint_settings, progress=progress) \
         if joint_settings.steps else None
-    report = seq2seq_report(src, dst, options, settings, config, new_config, out_family, kinds, dtype, start)
+    report = seq2seq_report(src, dst, options, settings=settings, config=config, new=new_config,
+                            out_family=out_family, kinds=kinds, dtype=dtype, start=start)
     report.update(calibration=calibration.record() if calibration else None,
                   transfer=asdict(transfer) if transfer.steps else None, joint=joint_record, layers=records)
     save_seq2seq_state(state, new_config, hf if family else hf.get("hf_config"), out_family, dst, dtype,
@@ -157,7 +158,7 @@ class Steps:
     init_std: float
 
 
-def merge_attention(state: dict, config: Seq2SeqConfig, kind: str, layer: int, steps: Steps, source, fits: dict,
+def merge_attention(state: dict, config: Seq2SeqConfig, kind: str, layer: int, steps: Steps, source, fits: dict, *,
                     progress: bool) -> dict:
     """Merge one attention in `state` (then transfer it); returns its record."""
     prefix = prefix_of(kind, layer)
@@ -166,7 +167,8 @@ def merge_attention(state: dict, config: Seq2SeqConfig, kind: str, layer: int, s
                     fits.get((kind, layer)) if steps.method.calibrated else None)
     merged, record = steps.method.merge(attn, steps.n_kv_heads, context, steps.settings)
     if steps.transfer.steps:
-        merged, trained = transfer_attention(source, kind, layer, merged, fits[kind, layer], steps.transfer, progress)
+        merged, trained = transfer_attention(source, kind, layer, merged, fits[kind, layer], steps.transfer,
+                                             progress=progress)
         record = {**record, **trained}
     if (steps.method.calibrated or steps.transfer.steps) and not steps.joint.steps:  # else after the joint stage
         merged = merged.balanced(context.rope)  # a fit's K/V are in its whitened basis: see AttentionWeights.balanced
@@ -175,11 +177,11 @@ def merge_attention(state: dict, config: Seq2SeqConfig, kind: str, layer: int, s
 
 
 def joint_stage(source: Seq2SeqTransformer, new_config: Seq2SeqConfig, state: dict, blocks: tuple, todo: list,
-                settings: JointSettings, progress: bool) -> dict:
+                settings: JointSettings, *, progress: bool) -> dict:
     """Train the grouped model's attention against the source (`joint.train`, no resume: the conversion runs in
     one go) and write it into `state`, balanced; returns the stage's record."""
     student = model_from_state(new_config, state, torch.float32)
-    record = joint.train(source, student, blocks, settings, None, "", progress)
+    record = joint.train(source, student, blocks, settings, resume=None, fingerprint="", progress=progress)
     trained = joint.attention_state(ENCODER_DECODER.attention_modules(student, source))
     state.update({name: tensor.to(state[name].dtype) for name, tensor in trained.items()})
     for kind, layer in todo:
@@ -213,7 +215,7 @@ def calibrate(src, source: Seq2SeqTransformer, calibration: CalibrationSettings,
 
 
 def transfer_attention(source: Seq2SeqTransformer, kind: str, layer: int, merged: AttentionWeights,
-                       fit: Calibration, settings: TransferSettings, progress: bool) -> tuple[AttentionWeights, dict]:
+                       fit: Calibration, settings: TransferSettings, *, progress: bool) -> tuple[AttentionWeights, dict]:
     """Train the grouped attention `merged` to give the source attention's outputs on the calibration blocks
     (`transfer.fit_to_targets`); returns its weights and the relative error before and after."""
     data = transfer_data(source, kind, layer, fit)
@@ -225,7 +227,7 @@ def transfer_attention(source: Seq2SeqTransformer, kind: str, layer: int, merged
     return (merged if trained.get("kept") else weights_of(module, merged)), trained
 
 
-def seq2seq_report(src, dst, options: ConversionOptions, settings, config: Seq2SeqConfig, new: Seq2SeqConfig,
+def seq2seq_report(src, dst, options: ConversionOptions, *, settings, config: Seq2SeqConfig, new: Seq2SeqConfig,
                    out_family, kinds: list[str], dtype: torch.dtype, start: float) -> dict:
     element, method, seed = torch.empty((), dtype=dtype).element_size(), options.method, options.seed
     return {

@@ -77,12 +77,12 @@ def weights_of(module: Attention, like: AttentionWeights) -> AttentionWeights:
 
 
 def transfer_layer(config: ModelConfig, layer: int, weights: AttentionWeights, inputs: torch.Tensor,
-                   targets: torch.Tensor, rope, settings: TransferSettings,
+                   targets: torch.Tensor, *, rope, settings: TransferSettings,
                    progress: bool = True) -> tuple[AttentionWeights, dict]:
     """Train one layer's attention on (inputs, targets) [blocks, T, d]; returns the weights and the relative
     error before and after (on all calibration blocks)."""
     module = attention_module(config, layer, weights)
-    trained = fit_to_targets(module, lambda m, blocks: m(inputs[blocks], rope, None, True, None, None), targets,
+    trained = fit_to_targets(module, lambda m, blocks: m(inputs[blocks], rope=rope), targets,
                              settings, key=layer, desc=f"transfer layer {layer}", progress=progress)
     return (weights, trained) if trained.get("kept") else (weights_of(module, weights), trained)
 
