@@ -79,6 +79,10 @@ def test_methods_take_keyword_settings_in_the_api(tiny, tmp_path):
         gqa.convert(path, tmp_path / "x", n_kv_heads=2, method="mean", grouping="contiguous", progress=False)
     with pytest.raises(TypeError):  # keyword-only: a positional KV-head count is a mistake, not a guess
         gqa.convert(path, tmp_path / "x", 2)
+    from gqa.conversion import ConversionOptions
+
+    with pytest.raises(TypeError, match="options= or keyword options, not both"):  # the keywords would be dropped
+        gqa.convert(path, tmp_path / "x", options=ConversionOptions(n_kv_heads=2), method="first")
     assert pooling.MEAN is methods.get("mean")
 
 

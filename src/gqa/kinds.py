@@ -2,9 +2,9 @@
 
 Everything above the checkpoint edge asks `kind_of(...)` (a config, a model, a config.json dict or a model
 folder) and then the kind, instead of branching: how its model is built, how it generates and checks its
-generation lengths, what its logits of a batch are, what its native architecture and transformers class
-are called. It imports only rooms below it (models, generation, data, checkpoints). The checkpoint edge
-(`gqa.checkpoints`) reads the folder to tell the kinds apart (`checkpoints.seq2seq.is_seq2seq`).
+generation lengths, what its logits of a batch are, what its native architecture is called. It imports
+only rooms below it (models, generation, data, checkpoints). The checkpoint edge (`gqa.checkpoints`) reads
+the folder to tell the kinds apart (`checkpoints.seq2seq.is_seq2seq`).
 """
 
 from __future__ import annotations
@@ -22,10 +22,8 @@ from .seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 @dataclass(frozen=True)
 class ModelKind:
     name: str
-    config_class: type
     model_class: type
     native_architecture: str  # what gqa's own format calls it in config.json
-    auto_class: str  # the transformers class that loads its HF folders
     cuda_graph: bool  # whether `generate --cuda-graph` replays its decode steps
     gguf: bool  # whether `export --format gguf` writes it (llama.cpp runs decoder-only models)
 
@@ -124,11 +122,10 @@ class ModelKind:
         return modules
 
 
-DECODER = ModelKind(name="decoder", config_class=ModelConfig, model_class=Transformer,
-                    native_architecture="GQAForCausalLM", auto_class="AutoModelForCausalLM", cuda_graph=True, gguf=True)
-ENCODER_DECODER = ModelKind(name="encoder-decoder", config_class=Seq2SeqConfig, model_class=Seq2SeqTransformer,
-                            native_architecture="GQASeq2SeqLM", auto_class="AutoModelForSeq2SeqLM", cuda_graph=False,
-                            gguf=False)
+DECODER = ModelKind(name="decoder", model_class=Transformer, native_architecture="GQAForCausalLM", cuda_graph=True,
+                    gguf=True)
+ENCODER_DECODER = ModelKind(name="encoder-decoder", model_class=Seq2SeqTransformer,
+                            native_architecture="GQASeq2SeqLM", cuda_graph=False, gguf=False)
 
 
 def kind_of(thing: Any) -> ModelKind:

@@ -39,7 +39,7 @@ from .interface import CalibrationSettings, Method
 from .joint import JointSettings
 from .layers import choose_heads, shard_bytes, write_model
 from .methods import REGISTRY, register
-from .options import ConversionOptions, reads_calibration
+from .options import ConversionOptions
 from .report import conversion_report, format_report
 from .resume import ResumeState
 from .seq2seq import convert_seq2seq, is_seq2seq_folder
@@ -48,7 +48,7 @@ from .transfer import TransferSettings
 TORCH_DTYPES = {name: dtype for dtype, name in files.SAFETENSORS_DTYPES.items() if dtype.is_floating_point}
 TransferState = ResumeState  # the name gqa 0.1 had for it
 
-__all__ = ["convert", "ConversionOptions", "reads_calibration", "target_kv_heads", "format_report", "REGISTRY",
+__all__ = ["convert", "ConversionOptions", "target_kv_heads", "format_report", "REGISTRY",
            "register", "ResumeState"]
 
 
@@ -144,6 +144,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, options: Conversi
     BART) has its decoder's self- and cross-attention grouped (`encoder=True`: its encoder's too; see
     `conversion.seq2seq`).
     """
+    if options is not None and keywords:
+        raise TypeError(f"convert() takes options= or keyword options, not both (got {', '.join(keywords)})")
     options = options or ConversionOptions.of(**keywords)
     if is_seq2seq_folder(src):
         return convert_seq2seq(src, dst, options)

@@ -65,7 +65,7 @@ class ConversionOptions:
 
     def reads_calibration(self) -> bool:
         """Whether the conversion reads calibration text (`calib`, or the default mix)."""
-        return reads_calibration(self.chosen, self.transfer_steps, self.joint_steps, self.kv_budget)
+        return self.chosen.calibrated or self.transfer_steps > 0 or self.joint_steps > 0 or self.kv_budget is not None
 
     def calibration_source(self) -> str | None:
         """The calibration text to read: the one given (checked), the default mix where the conversion reads
@@ -104,7 +104,3 @@ class ConversionOptions:
         if self.joint_lr is not None and not self.joint_steps:
             raise GQAError("--joint-lr sets the joint stage, which runs only with --joint-steps N (N > 0)")
 
-
-def reads_calibration(method: Method, transfer_steps: int, joint_steps: int, kv_budget) -> bool:
-    """Whether a conversion with these settings reads calibration text (`--calib`, or the default mix)."""
-    return method.calibrated or transfer_steps > 0 or joint_steps > 0 or kv_budget is not None
