@@ -103,30 +103,25 @@ class Fused:
 
 
 @dataclass
-class Family:
+class Description:
+    """What a family of either model shape says: how config.json is recognised (`architectures`, `model_type`),
+    its keys (`config`: one entry per field of the shape's config class), its tensors (`tensors`) and what it
+    refuses. `Family` (decoders) and `checkpoints.seq2seq.Seq2SeqFamily` add what their shape needs."""
     name: str
     architectures: tuple[str, ...]
     model_type: str
     tensors: tuple[tuple, ...]  # (hf template, gqa template[, condition(config) for writing])
-    config: dict[str, Any]  # ModelConfig field -> Key | constant
-    rope: Rope | None = field(default_factory=Rope)
-    fused: tuple[Fused, ...] = ()
-    conv1d: bool = False  # [in, out] storage of linear weights (GPT-2)
-    aliases: tuple[tuple[str, str], ...] = ()  # (old prefix, current prefix) of names older writers used
-    ignore: tuple[str, ...] = ()  # regexes of HF buffers that carry no weights
+    config: dict[str, Any]  # config field -> Key | Derived | constant
+    ignore: tuple[str, ...] = ()  # regexes of HF buffers (or tied duplicates) that carry no weights of their own
     refuse: tuple[tuple[Callable[[dict], bool], str], ...] = ()  # (config.json -> unsupported?, why)
-    write_extra: Callable[[ModelConfig, dict, dict], None] | None = None  # config.json fields beyond `config`
-    remote_code: tuple[str, ...] = ()  # gqa's modules (gqa/runtimes/NAME/) a runtime loads with trust_remote_code
-    vllm_refuse: tuple[tuple[Callable[[dict], bool], str], ...] = ()  # (config.json -> vLLM cannot load it?, why)
+    write_extra: Callable[[Any, dict, dict], None] | None = None  # config.json fields beyond `config`
 
     def __post_init__(self) -> None:
         self.rules = [(template_regex(r[0]), r[0], r[1], template_regex(r[1]), r[2] if len(r) > 2 else None)
                       for r in self.tensors]
-        self.fused_rules = [(template_regex(f.hf), f) for f in self.fused]
 
-    # -- config ------------------------------------------------------------------------------------------
-
-    def to_config(self, hf: dict) -> ModelConfig:
+    def read_keys(self, hf: dict) -> dict[str, Any]:
+        """The config fields config.json holds (refused configurations raise first)."""
         for unsupported, why in self.refuse:
             if unsupported(hf):
                 raise GQAError(f"{self.name}: {why} is not supported")
@@ -134,6 +129,55 @@ class Family:
         for name, rule in self.config.items():
             got[name] = (read_key(rule, hf, got) if isinstance(rule, Key) else
                          rule.compute(got) if isinstance(rule, Derived) else rule)
+        return got
+
+    def write_keys(self, config, base: dict) -> dict:
+        """`base` (the source's config.json) with this family's names and every `Key` written from `config`."""
+        out = dict(base, architectures=[self.architectures[0]], model_type=self.model_type)
+        for name, rule in self.config.items():
+            if isinstance(rule, Key):
+                value = getattr(config, name)
+                out[rule.name] = rule.write(value, base) if rule.write else value
+        return out
+
+    def ignored(self, name: str) -> bool:
+        return any(re.fullmatch(pattern, name) for pattern in self.ignore)
+
+    def import_rule(self, name: str) -> tuple[str, dict] | None:
+        """(gqa template, its fields) of the rule an HF tensor name matches."""
+        for regex, _hf, ours, _, _ in self.rules:
+            m = regex.fullmatch(name)
+            if m:
+                return ours, m.groupdict()
+        return None
+
+    def export_rule(self, name: str, config) -> tuple[str, dict] | None:
+        """(HF template, its fields) a gqa tensor is written under: the first rule whose condition holds."""
+        for _, hf, _ours, ours_regex, when in self.rules:
+            m = ours_regex.fullmatch(name)
+            if m and (when is None or when(config)):
+                return hf, m.groupdict()
+        return None
+
+
+@dataclass
+class Family(Description):
+    """A decoder family: the description, its rotary settings and fused tensors, and where it is served."""
+    rope: Rope | None = field(default_factory=Rope)
+    fused: tuple[Fused, ...] = ()
+    conv1d: bool = False  # [in, out] storage of linear weights (GPT-2)
+    aliases: tuple[tuple[str, str], ...] = ()  # (old prefix, current prefix) of names older writers used
+    remote_code: tuple[str, ...] = ()  # gqa's modules (gqa/runtimes/NAME/) a runtime loads with trust_remote_code
+    vllm_refuse: tuple[tuple[Callable[[dict], bool], str], ...] = ()  # (config.json -> vLLM cannot load it?, why)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.fused_rules = [(template_regex(f.hf), f) for f in self.fused]
+
+    # -- config ------------------------------------------------------------------------------------------
+
+    def to_config(self, hf: dict) -> ModelConfig:
+        got = self.read_keys(hf)
         if isinstance(got.get("n_kv_heads"), int):
             got["n_kv_heads"] = [got["n_kv_heads"]] * got["n_layers"]
         if self.rope is not None:
@@ -141,11 +185,7 @@ class Family:
         return ModelConfig(**got)
 
     def to_hf_config(self, config: ModelConfig, base: dict) -> dict:
-        out = dict(base, architectures=[self.architectures[0]], model_type=self.model_type)
-        for name, rule in self.config.items():
-            if isinstance(rule, Key):
-                value = getattr(config, name)
-                out[rule.name] = rule.write(value, base) if rule.write else value
+        out = self.write_keys(config, base)
         if self.rope is not None:
             write_rope(self.rope, config, base, out)
         if self.write_extra:
@@ -173,15 +213,14 @@ class Family:
         """One HF tensor -> the gqa tensors it holds (several for a fused one, none for a buffer). A tensor the
         family stores per head comes back as `name#h`: `stack_heads` joins them."""
         name = self.canonical_name(name)
-        if any(re.fullmatch(pattern, name) for pattern in self.ignore):
+        if self.ignored(name):
             return {}
-        for regex, _hf, ours, _, _ in self.rules:
-            m = regex.fullmatch(name)
-            if m:
-                if self.conv1d and tensor.dim() == 2 and ours.startswith("layers."):
-                    tensor = tensor.t()
-                head = f"#{m['h']}" if "h" in m.groupdict() else ""
-                return {ours.format(**m.groupdict()) + head: tensor.contiguous()}
+        if rule := self.import_rule(name):
+            ours, fields = rule
+            if self.conv1d and tensor.dim() == 2 and ours.startswith("layers."):
+                tensor = tensor.t()
+            head = f"#{fields['h']}" if "h" in fields else ""
+            return {ours.format(**fields) + head: tensor.contiguous()}
         for regex, fused in self.fused_rules:
             m = regex.fullmatch(name)
             if m:
@@ -212,15 +251,14 @@ class Family:
         return out
 
     def export_tensor(self, name: str, tensor: torch.Tensor, config: ModelConfig) -> dict[str, torch.Tensor]:
-        for _, hf, ours, ours_regex, when in self.rules:
-            m = ours_regex.fullmatch(name)
-            if m and (when is None or when(config)):
-                if self.conv1d and tensor.dim() == 2 and ours.startswith("layers."):
-                    tensor = tensor.t()
-                if "{h}" in hf:  # stored one head at a time
-                    heads = tensor.reshape(-1, config.head_dim)
-                    return {hf.format(h=h, **m.groupdict()): t.contiguous() for h, t in enumerate(heads)}
-                return {hf.format(**m.groupdict()): tensor.contiguous()}
+        if rule := self.export_rule(name, config):
+            hf, fields = rule
+            if self.conv1d and tensor.dim() == 2 and name.startswith("layers."):
+                tensor = tensor.t()
+            if "{h}" in hf:  # stored one head at a time
+                heads = tensor.reshape(-1, config.head_dim)
+                return {hf.format(h=h, **fields): t.contiguous() for h, t in enumerate(heads)}
+            return {hf.format(**fields): tensor.contiguous()}
         raise GQAError(f"the {self.name} format has no place for tensor {name!r}")
 
 
