@@ -56,8 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from llama_cpp_tools import llama_cpp_module  # noqa: E402  (builds llama.cpp from the registry's sdist once)
 
 DEMO_TOKENIZER = Path(gqa.__file__).parent / "assets" / "demo-mha"
-SHAPE = dict(layers=8, dim=1024, n_heads=16, head_dim=64, hidden=2816, vocab=32000)
-QUICK_SHAPE = dict(layers=2, dim=128, n_heads=4, head_dim=32, hidden=256, vocab=4096)
+SHAPE = dict(n_layers=8, dim=1024, n_heads=16, head_dim=64, hidden_dim=2816, vocab_size=32000)
+QUICK_SHAPE = dict(n_layers=2, dim=128, n_heads=4, head_dim=32, hidden_dim=256, vocab_size=4096)
 WARMUP_STEPS = 2
 
 

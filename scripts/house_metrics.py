@@ -15,8 +15,8 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parent.parent / "src" / "gqa"
 KERNELS = {"kernels/decode.py"}  # the Triton kernel is exempt from the function length rule
 # a model-kind question: the name of the predicate, the type test, or a branch on a flag named for the kind
-KIND = re.compile(r"is_seq2seq\w*\(|isinstance\([^)]*Seq2Seq\w*\)|isinstance\((batch|blocks), tuple\)|\bif (not )?seq2seq\b|\bseq2seq else\b|"
-                  r"\bif seq2seq_|\.is_encoder_decoder\b")
+KIND = re.compile(r"is_seq2seq\w*\(|isinstance\([^)]*Seq2Seq\w*\)|isinstance\((batch|blocks), tuple\)|"
+                  r"\bif (not )?seq2seq\b|\bseq2seq else\b|\bif seq2seq_|\.is_encoder_decoder\b")
 
 
 def long_functions(path: Path, tree: ast.AST) -> list[str]:

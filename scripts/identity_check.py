@@ -28,6 +28,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "src" / "gqa" / "assets" / "demo-mha"

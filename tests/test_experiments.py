@@ -1,6 +1,9 @@
 import json
 
+import pytest
+
 from gqa.cli import main
+from gqa.errors import GQAError
 
 
 def test_paper_experiment_quick(tmp_path):
@@ -110,3 +113,17 @@ def test_paper_t5_experiment_quick(tmp_path):
     readme = (out / "README.md").read_text()
     assert "encoder–decoder (T5)" in readme and "mean pooling > first head > random" in readme
     assert "## The calibrated conversion (`aligned` + layer-wise transfer) against mean pooling" in readme
+
+
+def test_model_presets_build_and_unknown_names_are_refused():
+    from gqa.model import ModelConfig
+    from gqa.presets import DECODERS, ENCODER_DECODERS, preset
+    from gqa.seq2seq import Seq2SeqConfig
+
+    for name in DECODERS:
+        assert isinstance(preset(name), ModelConfig)
+    for name in ENCODER_DECODERS:
+        assert isinstance(preset(name), Seq2SeqConfig)
+    assert preset("llama-1b", n_kv_heads=4).n_kv_heads == [4] * 24
+    with pytest.raises(GQAError, match="unknown model preset 'llama-7b'; known: llama-1b, llama-tiny"):
+        preset("llama-7b")

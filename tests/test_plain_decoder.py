@@ -8,7 +8,7 @@ from gqa.errors import GQAError
 from gqa.model import ModelConfig, Transformer
 from gqa.plain_decoder import PlainDecoder
 
-TINY = dict(layers=2, dim=64, n_heads=4, head_dim=16, hidden=128, vocab=320, max_positions=64)
+TINY = dict(n_layers=2, dim=64, n_heads=4, head_dim=16, hidden_dim=128, vocab_size=320, max_positions=64)
 
 
 def decode_all(decoder: PlainDecoder, ids: torch.Tensor, prefill: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 from .errors import GQAError
 from .model import Transformer
 from .plots import pyplot
+from .presets import preset
 
 
 def synchronize(device: torch.device) -> None:
@@ -25,26 +26,17 @@ def decode_rate(model: Transformer, batch_size: int, context: int, new_tokens: i
     random tokens (an encoder–decoder: an untimed encoding of that many source tokens). Only the decode
     steps are timed: each reads every weight and the whole KV cache once, which is where G KV heads instead
     of H pay off."""
-    from .seq2seq import Seq2SeqTransformer
+    from .kinds import kind_of
 
     generator = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, model.config.vocab_size, (batch_size, context), generator=generator).to(model.device)
-    if isinstance(model, Seq2SeqTransformer):  # an encoder–decoder: `context` source tokens, encoded untimed
-        encoded, cache = model.encode(prompt), model.new_cache(batch_size, new_tokens)
-        token = torch.full((batch_size, 1), model.config.decoder_start_token_id, device=model.device)
-
-        def step(t):
-            return model.decode(t, encoded, cache=cache)[:, -1:].argmax(-1)
-    else:
-        cache = model.new_cache(batch_size, context + new_tokens)
-        token = model(prompt, cache=cache)[:, -1:].argmax(-1)
-
-        def step(t):
-            return model(t, cache=cache)[:, -1:].argmax(-1)
+    prompt = torch.randint(0, model.config.vocab_size, (batch_size, context), generator=generator)
+    # room for one more token: an encoder–decoder's prefill reads its start token into the cache
+    logits, step = kind_of(model).prefill(model, prompt.tolist(), new_tokens + 1)
+    token = logits.argmax(-1)
     synchronize(model.device)
     start = time.perf_counter()
     for _ in range(new_tokens):
-        token = step(token)
+        token = step(token).argmax(-1)
     synchronize(model.device)
     return batch_size * new_tokens / (time.perf_counter() - start)
 
@@ -158,8 +150,28 @@ def flashinfer_decode(flashinfer, q, k, v, page_size: int = 16):
     indptr = torch.arange(b + 1, dtype=torch.int32, device=q.device) * (t // page_size)
     indices = torch.arange(pages, dtype=torch.int32, device=q.device)
     last = torch.full((b,), page_size, dtype=torch.int32, device=q.device)
-    wrapper.plan(indptr, indices, last, q.shape[1], g, d, page_size, q_data_type=q.dtype, kv_data_type=k.dtype)
+    wrapper.plan(indptr, indices, last, num_qo_heads=q.shape[1], num_kv_heads=g, head_dim=d, page_size=page_size,
+                 q_data_type=q.dtype, kv_data_type=k.dtype)
     return lambda: wrapper.run(q, (k_pages, v_pages))
+
+
+def time_peer(make, sets, device: torch.device, repeats: int, row: dict, name: str) -> float | None:
+    """Seconds of one decode call of a peer over each copy of the point's K/V (their mean); None where the peer
+    cannot run the point (memory, JIT: it must not end the run), its failure written into `row`."""
+    try:
+        calls = [make(q, k, v) for q, k, v in sets]
+
+        def run():
+            for call in calls:
+                call()
+        return time_call(run, device, repeats) / len(sets)
+    except Exception as e:
+        row.setdefault("failed", {})[name] = failure(e)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None
+    finally:
+        calls = None
 
 
 def bench_decode(
@@ -210,23 +222,11 @@ def bench_decode(
                 row = {"batch": b, "length": t, "kv_heads": g, "kv_bytes": kv_bytes, "copies": copies,
                        "roofline_us": kv_bytes / bandwidth * 1e6, "peers": {}}
                 for name, make in peers.items():
-                    try:
-                        calls = [make(q, k, v) for q, k, v in sets]
-
-                        def run(calls=calls):
-                            for call in calls:
-                                call()
-                        seconds = time_call(run, device, repeats) / copies
-                    except Exception as e:  # a peer that cannot run a point (memory, JIT) must not end the run
-                        row.setdefault("failed", {})[name] = failure(e)
-                        if device.type == "cuda":
-                            torch.cuda.empty_cache()
-                        continue
-                    finally:
-                        calls = None
-                    read = kv_bytes * stored_bytes.get(name, element) / element
-                    row["peers"][name] = {"us": seconds * 1e6, "gb_per_s": read / seconds / 1e9,
-                                          "fraction_of_bandwidth": read / seconds / bandwidth, "kv_bytes": read}
+                    seconds = time_peer(make, sets, device, repeats, row, name)
+                    if seconds is not None:
+                        read = kv_bytes * stored_bytes.get(name, element) / element
+                        row["peers"][name] = {"us": seconds * 1e6, "gb_per_s": read / seconds / 1e9,
+                                              "fraction_of_bandwidth": read / seconds / bandwidth, "kv_bytes": read}
                 rows.append(row)
                 sets = None  # free this point's buffers before the next is allocated
     return {"device": device_name(device), "bandwidth_bytes_per_s": bandwidth, "n_heads": n_heads,
@@ -304,28 +304,22 @@ def plot_decode(result: dict, path) -> None:
 
 # ------------------------------------------------------------------------------------------ whole-model decode
 
-TINY_LLAMA = dict(layers=2, dim=128, n_heads=4, head_dim=32, hidden=128, vocab=320)  # heads of 32: a block
 QUICK = {  # `gqa bench ... --quick`: tiny grids that check the harness on any machine, not the speed
     "decode": dict(batch_sizes=(1, 2), lengths=(64, 200), n_kv_heads=(1, 4), n_heads=8, head_dim=64, repeats=3),
     "generate": dict(n_kv_heads=(4, 1), shapes=((1, 16), (2, 24)), new_tokens=4, compile_plain=False,
-                     config_kwargs=TINY_LLAMA),
-    "capacity": dict(n_kv_heads=(4, 1), new_tokens=4, config_kwargs=TINY_LLAMA),
+                     model_preset="llama-tiny"),
+    "capacity": dict(n_kv_heads=(4, 1), new_tokens=4, model_preset="llama-tiny"),
 }
 
 
-def llama_config(n_kv_heads: int, layers: int = 24, dim: int = 2048, n_heads: int = 16, head_dim: int = 128,
-                 hidden: int = 5632, vocab: int = 32000, max_positions: int = 4096):
-    from .model import ModelConfig
-
-    return ModelConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                       head_dim=head_dim, hidden_dim=hidden, max_positions=max_positions)
-
-
-def random_llama(n_kv_heads: int, dtype: torch.dtype, device: torch.device, **config_kwargs) -> tuple[Transformer, int]:
-    """A Llama-style model with random weights (seed 0) and its weight bytes: speed does not depend on the values."""
+def random_llama(n_kv_heads: int, dtype: torch.dtype, device: torch.device, model_preset: str = "llama-1b",
+                 **changes) -> tuple[Transformer, int]:
+    """A Llama-style model of a preset's shape (`gqa.presets`, `changes` to its fields) with random weights (seed 0)
+    and its weight bytes: speed does not depend on the values."""
     torch.manual_seed(0)
+    config = preset(model_preset, n_kv_heads=n_kv_heads, **changes)
     with torch.device(device):
-        model = Transformer(llama_config(n_kv_heads, **config_kwargs))
+        model = Transformer(config)
     model.init_weights()
     model = model.to(dtype).eval()
     return model, sum(p.numel() * p.element_size() for p in model.parameters())
@@ -414,13 +408,31 @@ GENERATE_PEERS = {  # name in the results -> what it is
 }
 
 
+def generate_runs(point: tuple, *, device: torch.device, wanted: tuple, compile_plain: bool,
+                  kv_cache_dtype: str | None) -> dict:
+    """Name -> a function timing one decode step of that peer at `point` (model, batch, prompt, new tokens)."""
+    runs = {"gqa": functools.partial(decode_seconds_per_step, *point)}
+    if device.type == "cuda":
+        runs["gqa + CUDA graph"] = functools.partial(decode_seconds_per_step, *point, cuda_graph=True)
+    if kv_cache_dtype:  # the same decoder over a cache of that format, beside the float one
+        runs[f"gqa, {kv_cache_dtype} cache"] = functools.partial(decode_seconds_per_step, *point,
+                                                                 kv_cache_dtype=kv_cache_dtype)
+    if "transformers" in wanted:
+        runs[GENERATE_PEERS["transformers"]] = functools.partial(transformers_seconds_per_step, *point)
+    for name, expand_kv in (("plain", True), ("plain-gqa", False)):
+        if name in wanted:
+            label = GENERATE_PEERS[name].replace("torch.compile", "torch.compile" if compile_plain else "eager")
+            runs[label] = functools.partial(plain_seconds_per_step, *point, expand_kv=expand_kv, compile=compile_plain)
+    return runs
+
+
 def bench_generate(
     n_kv_heads=(16, 4, 1),
     shapes=((1, 1024), (32, 2048)),
     new_tokens: int = 128,
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cuda",
-    config_kwargs: dict | None = None,
+    model_preset: str = "llama-1b",
     peers=tuple(GENERATE_PEERS),
     compile_plain: bool = True,
     kv_cache_dtype: str | None = None,
@@ -439,24 +451,12 @@ def bench_generate(
     bandwidth = measured_bandwidth(device, 1.0 if device.type == "cuda" else 0.05)
     rows = []
     for g in n_kv_heads:
-        model, weight_bytes = random_llama(g, dtype, device, **(config_kwargs or {}))
+        model, weight_bytes = random_llama(g, dtype, device, model_preset)
         for batch, prompt in shapes:
             kv_bytes = batch * (prompt + new_tokens // 2) * model.kv_bytes_per_token()
             roofline = batch * bandwidth / (weight_bytes + kv_bytes)
-            point = (model, batch, prompt, new_tokens)
-            runs = {"gqa": functools.partial(decode_seconds_per_step, *point)}
-            if device.type == "cuda":
-                runs["gqa + CUDA graph"] = functools.partial(decode_seconds_per_step, *point, cuda_graph=True)
-            if kv_cache_dtype:  # the same decoder over a cache of that format, beside the float one
-                runs[f"gqa, {kv_cache_dtype} cache"] = functools.partial(decode_seconds_per_step, *point,
-                                                                         kv_cache_dtype=kv_cache_dtype)
-            if "transformers" in wanted:
-                runs[GENERATE_PEERS["transformers"]] = functools.partial(transformers_seconds_per_step, *point)
-            for name, expand_kv in (("plain", True), ("plain-gqa", False)):
-                if name in wanted:
-                    label = GENERATE_PEERS[name].replace("torch.compile", "torch.compile" if compile_plain else "eager")
-                    runs[label] = functools.partial(plain_seconds_per_step, *point, expand_kv=expand_kv,
-                                                    compile=compile_plain)
+            runs = generate_runs((model, batch, prompt, new_tokens), device=device, wanted=wanted,
+                                 compile_plain=compile_plain, kv_cache_dtype=kv_cache_dtype)
             peers, failed = {}, {}
             for name, seconds_per_step in runs.items():
                 try:
@@ -478,7 +478,7 @@ def bench_generate(
                 "tokens_per_s": peers, "fraction_of_roofline": {k: v / roofline for k, v in peers.items()},
                 **({"failed": failed} if failed else {}),
             })
-        del model, runs, point
+        del model, runs
     result = {"device": device_name(device), "bandwidth_bytes_per_s": bandwidth,
               "dtype": str(dtype).removeprefix("torch."), "rows": rows}
     result["speedups"] = speedups(rows, max(n_kv_heads))
@@ -508,8 +508,8 @@ def weight_bytes(config, dtype: torch.dtype) -> int:
     return model.num_parameters() * torch.empty((), dtype=dtype).element_size()
 
 
-def check_capacity_request(memory_gb: float, context: int, new_tokens: int, device: torch.device, n_kv_heads,
-                           dtype: torch.dtype, config_kwargs: dict) -> None:
+def check_capacity_request(memory_gb: float, context: int, new_tokens: int, *, device: torch.device, n_kv_heads,
+                           dtype: torch.dtype, model_preset: str) -> None:
     """Refuse a capacity run that cannot work, before anything is allocated: a budget this machine does not
     have (the kernel would kill the run), one the weights alone fill, a context too short to decode in."""
     from .devices import available_memory
@@ -523,7 +523,7 @@ def check_capacity_request(memory_gb: float, context: int, new_tokens: int, devi
         fits = math.floor(0.9 * free / 1024**3 * 10) / 10
         raise GQAError(f"--memory-gb {memory_gb:g} is more than {device.type} memory has available now "
                        f"({free / 1024**3:.1f} of {total / 1024**3:.1f} GiB free); pass --memory-gb {fits:g} or less")
-    largest = max(weight_bytes(llama_config(g, **{"max_positions": context} | config_kwargs), dtype) for g in n_kv_heads)
+    largest = max(weight_bytes(preset(model_preset, n_kv_heads=g, max_positions=context), dtype) for g in n_kv_heads)
     if largest >= 0.9 * memory_gb * 1024**3:
         raise GQAError(f"the model's weights alone take {largest / 1024**3:.2f} GiB, no room for a cache in "
                        f"--memory-gb {memory_gb:g}")
@@ -537,7 +537,7 @@ def bench_capacity(
     new_tokens: int = 32,
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cuda",
-    config_kwargs: dict | None = None,
+    model_preset: str = "llama-1b",
     reserve_fraction: float = 0.1,
     kv_cache_dtype: str | None = None,
 ) -> dict:
@@ -552,10 +552,11 @@ def bench_capacity(
 
     device = torch.device(device)
     budget = memory_gb * 1024**3
-    check_capacity_request(memory_gb, context, new_tokens, device, n_kv_heads, dtype, config_kwargs or {})
+    check_capacity_request(memory_gb, context, new_tokens, device=device, n_kv_heads=n_kv_heads, dtype=dtype,
+                           model_preset=model_preset)
     rows = []
     for g in n_kv_heads:
-        model, weight_bytes = random_llama(g, dtype, device, **({"max_positions": context} | (config_kwargs or {})))
+        model, weight_bytes = random_llama(g, dtype, device, model_preset, max_positions=context)
         model.set_kv_cache_dtype(kv_cache_dtype)
         per_sequence = context * model.kv_bytes_per_token()
         sequences = int((budget * (1 - reserve_fraction) - weight_bytes) // per_sequence)

@@ -141,8 +141,9 @@ def write_card(folder: Path, *, source, step: dict, name: str | None = None) -> 
     folder `source` (None: trained from scratch) by `step` (`conversion_step`, `training_step`, or
     {"step": "export"})."""
     from .info import describe
+    from .kinds import kind_of
 
-    name = name or Path(folder).name
+    name, kind = name or Path(folder).name, kind_of(folder)
     info = {k: v.replace(str(folder), name) if isinstance(v, str) else v for k, v in describe(folder).items()}
     if step["step"] == "export":
         step = {**step, "architecture": info["architecture"], "dtype": info["dtype"]}
@@ -150,16 +151,16 @@ def write_card(folder: Path, *, source, step: dict, name: str | None = None) -> 
     steps = [*history(source), step] if source else [step]
     base = base_model(source) if source else None
     meta = {"base_model": base, "library_name": library(info),
-            "pipeline_tag": "text2text-generation" if "encoder_layers" in info else "text-generation",
+            "pipeline_tag": kind.pipeline_tag,
             "tags": tags(info), "gqa_steps": steps}
     if base is None:
         del meta["base_model"]
     if source and front_matter(source).get("license"):
         meta["license"] = front_matter(source)["license"]
-    body = [f"# {name}", "", summary(info, base or "A model trained from scratch"), "", "## How it was made", "",
+    body = [f"# {name}", "", summary(info, base or "A model trained from scratch", kind), "", "## How it was made", "",
             *[f"{i}. {describe_step(s)}." for i, s in enumerate(steps, 1)], "", f"Made with gqa {__version__}.", "",
             "## KV cache", "", *kv_table(info), "", "## Quality", "", *quality(steps, name, base), "",
-            "## How to run it", "", *how_to_run(info, name)]
+            "## How to run it", "", *how_to_run(info, name, kind)]
     text = "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(body) + "\n"
     (Path(folder) / "README.md").write_text(text, encoding="utf-8")
 
@@ -181,9 +182,8 @@ def tags(info: dict) -> list[str]:
     return out
 
 
-def summary(info: dict, base: str) -> str:
-    seq2seq = "encoder_layers" in info
-    shape = f"{info['encoder_layers']} + {info['decoder_layers']} layers" if seq2seq else f"{info['layers']} layers"
+def summary(info: dict, base: str, kind) -> str:
+    shape = kind.layers_format.format(**info)
     return (f"{base} with fewer key/value heads: {info['attention']} ({shape}, {info['query_heads']} query heads), "
             f"stored as {info['architecture']} in {info['dtype']}; its KV cache is {info['kv_reduction']:.2f}x "
             f"smaller than the same model's with multi-head attention.")
@@ -219,15 +219,13 @@ def quality(steps: list[dict], name: str, base: str | None) -> list[str]:
     return lines
 
 
-def how_to_run(info: dict, name: str) -> list[str]:
-    seq2seq = "encoder_layers" in info
+def how_to_run(info: dict, name: str, kind) -> list[str]:
     lines = [f"- gqa: `gqa generate {name} --prompt \"...\"`, or `gqa.load(\"{name}\")` in Python."]
     if info["family"] == "gqa":
         lines.append("- transformers: no transformers class holds this KV-head layout; it runs in gqa.")
     else:
-        cls = "AutoModelForSeq2SeqLM" if seq2seq else "AutoModelForCausalLM"
         remote = ", trust_remote_code=True" if "trust_remote_code" in info.get("vllm", "") else ""
-        lines.append(f"- transformers: `transformers.{cls}.from_pretrained(\"{name}\"{remote})`.")
+        lines.append(f"- transformers: `transformers.{kind.auto_class}.from_pretrained(\"{name}\"{remote})`.")
     vllm = info.get("vllm", "")
     if vllm.startswith("yes"):
         flag = " --trust-remote-code" if "trust_remote_code" in vllm else ""

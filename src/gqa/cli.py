@@ -177,12 +177,14 @@ def eval_seq2seq(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    import torch
-
     from .kinds import kind_of
 
-    if kind_of(args.model).is_encoder_decoder:  # scored per target token of pairs or span-corrupted text
-        return eval_seq2seq(args)
+    return EVALUATE[kind_of(args.model).name](args)
+
+
+def eval_decoder(args) -> None:
+    """`gqa eval` of a decoder: perplexity over windows of the text (or a corpus's held-out documents)."""
+    import torch
 
     from . import corpus
     from .checkpoints import check_reference, load
@@ -218,6 +220,9 @@ def cmd_eval(args) -> None:
         if reference is not None else ""
     cache = f" with a {result['kv_cache']} KV cache" if kv_cache else ""
     print(f"perplexity {result['perplexity']:.3f} over {result['tokens']:,} tokens{cache}{agreement}")
+
+
+EVALUATE = {"decoder": eval_decoder, "encoder-decoder": eval_seq2seq}  # by `kinds.ModelKind.name`
 
 
 def cmd_generate(args) -> None:
@@ -283,7 +288,8 @@ def cmd_export(args) -> None:
         raise GQAError("GGUF export writes decoder-only Llama-style models; an encoder–decoder is written as an HF "
                        "folder (at G = H) or in gqa's own format")
     if args.format == "gguf":
-        from .checkpoints.gguf import GGUF_DTYPES, gguf_architecture, gguf_support, gguf_tokenizer_spec, write_gguf
+        from .checkpoints.gguf import GGUF_DTYPES, gguf_tokenizer_spec, write_gguf
+        from .gguf_layout import gguf_architecture, gguf_support
 
         if gguf_support(config):
             raise GQAError(f"cannot write {args.out} as GGUF: {gguf_support(config)}")
@@ -431,37 +437,16 @@ def cmd_uptrain(args) -> None:
     print_train_report(train(model, tokenizer, cfg, init_path=args.model), args.out)
 
 
-def read_model_json(path: Path):
-    """A model config for `gqa pretrain`: an HF config.json (the model is that architecture) or a gqa ModelConfig."""
-    from .checkpoints.families import family_for
-    from .checkpoints.seq2seq import is_seq2seq, read_seq2seq_config
-    from .model import ModelConfig
-
-    if not path.is_file():
-        raise GQAError(f"no model config at {path}")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise GQAError(f"{path} is not valid JSON: {e}") from None
-    try:
-        if isinstance(raw, dict) and is_seq2seq(raw):
-            return read_seq2seq_config(path, raw)[0], raw
-        if "architectures" in raw or "model_type" in raw:
-            return family_for(raw, str(path)).to_config(raw), raw
-        return ModelConfig.from_dict(raw), None
-    except (KeyError, TypeError) as e:
-        raise GQAError(f"{path} is not a usable model config: {e}") from None
-
-
 def cmd_pretrain(args) -> None:
     import torch
 
+    from .checkpoints import config_file
     from .checkpoints.tokenizer import load_tokenizer
     from .kinds import kind_of
     from .train import train
 
     cfg = check_training(args, [args.tokenizer])
-    config, hf = read_model_json(Path(args.config))
+    config, hf = config_file(Path(args.config))
     tokenizer = load_tokenizer(args.tokenizer)
     torch.manual_seed(args.seed)
     model = kind_of(config).build(config)

@@ -107,7 +107,7 @@ def calibration(s: DemoSettings, method: str) -> dict:
     return dict(calib="bundled", calib_tokens=s.calib_tokens, calib_seq_len=s.seq_len, transfer_steps=s.transfer_steps)
 
 
-def row(name: str, method: str, n_kv_heads: int, mha, before: dict, after: dict, report: dict | None,
+def row(name: str, method: str, n_kv_heads: int, mha, *, before: dict, after: dict, report: dict | None,
         kv_cache_dtype: str = "bfloat16") -> dict:
     from .kv_formats import kv_format
 
@@ -136,11 +136,12 @@ def run_demo(out: str | os.PathLike, quick: bool = False, overwrite: bool = Fals
     mha = pipe.reference
     reference = pipe.evaluate(ASSET)
     say(f"MHA validation perplexity {reference['perplexity']:.2f}")
-    rows = [row("MHA", "none", mha.config.n_heads, mha, reference, reference, None)]
+    rows = [row("MHA", "none", mha.config.n_heads, mha, before=reference, after=reference, report=None)]
     say("control: the MHA model uptrained for the same tokens, with the same recipe (distilling from itself)")
     report, control = pipe.uptrain(ASSET, out / "mha-uptrained", teacher=str(ASSET),
                                    distill_weight=CONTINUED_DISTILL_WEIGHT)
-    rows.append(row("MHA + uptraining (control)", "none", mha.config.n_heads, mha, reference, control, report))
+    rows.append(row("MHA + uptraining (control)", "none", mha.config.n_heads, mha, before=reference, after=control,
+                    report=report))
     for g in s.kv_heads:
         for method in s.methods:
             label, dest = f"{heads_name(mha.config.n_heads, g)} {method}", out / f"g{g}-{method}"
@@ -148,7 +149,7 @@ def run_demo(out: str | os.PathLike, quick: bool = False, overwrite: bool = Fals
             before = pipe.convert(ASSET, dest / "converted", g, method, seed=s.seed, **calibration(s, method))
             say(f"{label}: perplexity at α = 0 is {before['perplexity']:.2f}; uptraining ...")
             report, after = pipe.uptrain(dest / "converted", dest / "uptrained")
-            rows.append(row(label, method, g, mha, before, after, report))
+            rows.append(row(label, method, g, mha, before=before, after=after, report=report))
     rows += quantized_rows(s, pipe, mha, rows, out)
     decode = measure_decode(s, mha, out)
     for r in rows:  # decode speed is the float cache's: a quantized cache's rows are evaluation only
@@ -187,8 +188,8 @@ def quantized_rows(s: DemoSettings, pipe: Pipeline, mha, rows: list[dict], out: 
         for kv in s.kv_cache_dtypes:
             say(f"{label}, {kv} KV cache: evaluating ...")
             scores = pipe.evaluate(path, kv_cache_dtype=kv)
-            r = row(f"{label}, {kv} cache", base["method"] if base else "none", g, mha, scores, scores,
-                    None, kv_cache_dtype=kv)
+            r = row(f"{label}, {kv} cache", base["method"] if base else "none", g, mha, before=scores, after=scores,
+                    report=None, kv_cache_dtype=kv)
             if base:  # the uptrained conversion: its training is the row it was scored from
                 r.update(alpha=base["alpha"], tokens_trained=base["tokens_trained"])
                 r["val_perplexity_alpha0"] = None

@@ -36,19 +36,18 @@ from .demo import ASSET
 from .devices import default_device
 from .errors import GQAError
 from .jsonfiles import append_jsonl, read_json, write_json
-from .model import ModelConfig, Transformer
+from .kinds import kind_of
+from .model import ModelConfig
 from .pipeline import Pipeline, settings_for
 from .plots import log_y, pyplot
-from .seq2seq import Seq2SeqConfig, Seq2SeqTransformer
-from .seq2seq_data import prepare_seq2seq
+from .presets import T5_SENTINELS, preset_fields
+from .seq2seq import Seq2SeqConfig
 
 
 @dataclass
 class PaperSettings:
     architecture: str = "llama"  # "llama" (a decoder) or "t5" (an encoder–decoder, the paper's own setting)
-    model: dict = field(default_factory=lambda: dict(
-        vocab_size=4096, dim=512, n_layers=12, n_heads=8, n_kv_heads=8, head_dim=64, hidden_dim=2048,
-        max_positions=512, tie_embeddings=True))
+    model: dict = field(default_factory=lambda: preset_fields("paper-llama"))
     kv_heads: tuple[int, ...] = (1, 2, 4)
     methods: tuple[str, ...] = field(default_factory=lambda: tuple(conversion_methods.REGISTRY))  # all registered
     sweep_methods: tuple[str, ...] = ("mean", "aligned")  # uptrained over every α in `alphas`
@@ -72,23 +71,17 @@ class PaperSettings:
 
 
 PAPER_QUICK = dict(
-    model=dict(vocab_size=4096, dim=32, n_layers=2, n_heads=8, n_kv_heads=8, head_dim=4, hidden_dim=64,
-               max_positions=64, tie_embeddings=True),
+    model=preset_fields("paper-llama-quick"),
     alphas=(0.05, 0.2), pretrain_steps=20, seq_len=32, batch_size=4, eval_blocks=4, compile=False,
     decode_batch=2, decode_context=16, decode_tokens=4, decode_repeats=2, calib_tokens=256, transfer_steps=2,
 )
 
 
-SENTINELS = 32  # T5's span corruption: the tokenizer gets <extra_id_0> ... and a <pad>
 PAPER_T5 = dict(  # the paper's setting: a T5 (v1.0 layout) pre-trained with span corruption; decoder attention grouped
-    architecture="t5", model=dict(vocab_size=4096 + SENTINELS + 1, dim=512, n_heads=8, head_dim=64, hidden_dim=2048,
-                                  n_encoder_layers=6, n_decoder_layers=6, encoder_kv_heads=8, self_kv_heads=8,
-                                  cross_kv_heads=8, max_positions=512, pad_token_id=4096 + SENTINELS,
-                                  decoder_start_token_id=4096 + SENTINELS, eos_token_id=0),
+    architecture="t5", model=preset_fields("paper-t5"),
     methods=("mean", "first", "random", "aligned"), sweep_methods=("mean", "aligned"), seq_len=256,
     transfer_steps=100)  # as for decoders: `aligned`, then the layer-wise transfer
-PAPER_T5_QUICK = dict(model=dict(PAPER_T5["model"], dim=32, n_heads=8, head_dim=4, hidden_dim=64, n_encoder_layers=2,
-                                 n_decoder_layers=2, max_positions=64), alphas=(0.05, 0.2), pretrain_steps=20,
+PAPER_T5_QUICK = dict(model=preset_fields("paper-t5-quick"), alphas=(0.05, 0.2), pretrain_steps=20,
                       seq_len=32, batch_size=4, eval_blocks=4, compile=False, decode_batch=2, decode_context=16,
                       decode_tokens=4, decode_repeats=2, calib_tokens=256, transfer_steps=2)
 
@@ -97,7 +90,7 @@ def t5_tokenizer(folder: Path):
     """The demo model's tokenizer with T5's sentinels and a padding token, saved in `folder`."""
     tokenizer = load_tokenizer(ASSET)
     tokenizer.add_special_tokens({"pad_token": "<pad>",
-                                  "additional_special_tokens": [f"<extra_id_{i}>" for i in range(SENTINELS)]})
+                                  "additional_special_tokens": [f"<extra_id_{i}>" for i in range(T5_SENTINELS)]})
     tokenizer.save_pretrained(folder)
     return load_tokenizer(folder)
 
@@ -143,12 +136,9 @@ class Rows(list):
 def fresh_model(config, seed: int, tokenizer_dir: Path = ASSET):
     """A model to train from scratch: a Llama-style decoder, or a T5 (v1.0 layout) for a `Seq2SeqConfig`."""
     torch.manual_seed(seed)
-    if isinstance(config, Seq2SeqConfig):
-        model = Seq2SeqTransformer(config)
-        model.hf_config = t5_config_json(config)
-    else:
-        model = Transformer(config)
-        model.hf_config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    kind = kind_of(config)
+    model = kind.build(config)
+    model.hf_config = FRESH_HF_CONFIG[kind.name](config)
     model.init_weights()
     model.source_dir = tokenizer_dir
     return model
@@ -163,6 +153,12 @@ def t5_config_json(config: Seq2SeqConfig) -> dict:
         feed_forward_proj="relu", tie_word_embeddings=True, pad_token_id=config.pad_token_id,
         eos_token_id=config.eos_token_id, decoder_start_token_id=config.decoder_start_token_id,
         architectures=["T5ForConditionalGeneration"]).to_dict()
+
+
+FRESH_HF_CONFIG = {  # what a model trained from scratch is written as, by kind
+    "decoder": lambda config: {"architectures": ["LlamaForCausalLM"], "model_type": "llama"},
+    "encoder-decoder": t5_config_json,
+}
 
 
 def paper_model_config(s: PaperSettings, kv_heads: int | None = None):
@@ -186,14 +182,13 @@ def run_paper(out: str | Path, quick: bool = False, device: str | None = None,
     started = time.time()
     tokenizer_dir = runs / "tokenizer" if s.architecture == "t5" else ASSET
     tokenizer = t5_tokenizer(tokenizer_dir) if s.architecture == "t5" else load_tokenizer(ASSET)
-    data = prepare_seq2seq("bundled", tokenizer, s.seq_len) if s.architecture == "t5" else \
-        prepare("bundled", tokenizer, s.seq_len)
+    mha_config = paper_model_config(s)
+    data = kind_of(mha_config).prepare_data("bundled", tokenizer, s.seq_len, val_fraction=0.05, seed=0)
     pipe = Pipeline(tokenizer, data, s.eval_blocks, device=resolve(device),
                     train_settings=dict(data="bundled", seq_len=s.seq_len, batch_size=s.batch_size, eval_every=None,
                                         eval_blocks=s.eval_blocks, save_every=None, compile=s.compile, device=device))
     rows = Rows(runs / "rows.jsonl")
     # 1. the MHA starting point
-    mha_config = paper_model_config(s)
     pre, scores = pipe.train(fresh_model(mha_config, 0, tokenizer_dir), runs / "mha", steps=s.pretrain_steps,
                              lr=s.lr, seed=0)
     pretrain_tokens = pre["tokens"]

@@ -145,13 +145,17 @@ def generate(
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     check_token_inputs(prompts, stop_tokens, model.config.vocab_size, "prompt")
     check_generation_lengths(model.config, prompts, max_new_tokens)
-    lengths = [len(p) for p in prompts]
-    device = model.device
-    batch = len(prompts)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
+    logits, step = prefill(model, prompts, max_new_tokens, page_size=page_size, cuda_graph=cuda_graph)
+    return sample_until_stopped(logits, step, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                top_p=top_p, stop_tokens=stop_tokens, generator=generator)
 
+
+def prefill(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+            page_size: int | None = None, cuda_graph: bool = False):
+    """Read the prompts into a new cache with room for `max_new_tokens` more: (each prompt's next-token logits
+    [B, vocab], the decode step: tokens [B] -> the next logits)."""
+    lengths, device, batch = [len(p) for p in prompts], model.device, len(prompts)
     tokens = torch.zeros(batch, max(lengths), dtype=torch.long, device=device)
     mask = torch.zeros_like(tokens, dtype=torch.bool)
     for b, p in enumerate(prompts):
@@ -165,12 +169,8 @@ def generate(
     else:
         cache = model.new_cache(batch, max(lengths) + max_new_tokens)
     logits = model(tokens, attention_mask=mask, cache=cache)
-    last = torch.as_tensor(lengths, device=device) - 1
-    logits = logits[torch.arange(batch, device=device), last]
-
-    step = DecodeStep(model, cache, cuda_graph=cuda_graph) if max_new_tokens > 1 else None
-    return sample_until_stopped(logits, step, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                top_p=top_p, stop_tokens=stop_tokens, generator=generator)
+    logits = logits[torch.arange(batch, device=device), torch.as_tensor(lengths, device=device) - 1]
+    return logits, DecodeStep(model, cache, cuda_graph=cuda_graph) if max_new_tokens > 1 else None
 
 
 def sample_until_stopped(logits: torch.Tensor, step, *, max_new_tokens: int, temperature: float, top_k: int | None,
@@ -207,14 +207,20 @@ def generate_seq2seq(model, sources: Sequence[Sequence[int]], max_new_tokens: in
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     check_token_inputs(sources, stop_tokens, model.config.vocab_size, "source")
     check_source_lengths(model.config, sources, max_new_tokens)
+    generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
+    logits, step = prefill_seq2seq(model, sources, max_new_tokens)
+    return sample_until_stopped(logits, step, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                top_p=top_p, stop_tokens=stop_tokens, generator=generator)
+
+
+def prefill_seq2seq(model, sources: Sequence[Sequence[int]], max_new_tokens: int):
+    """An encoder–decoder's `prefill`: the sources encoded once (the cross-attention cache filled), the decoder's
+    start token read; (next-token logits [B, vocab], the decode step)."""
     device, width, pad = model.device, max(len(s) for s in sources), model.config.pad_token_id
     ids = torch.tensor([list(s) + [pad] * (width - len(s)) for s in sources], device=device)
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sources], device=device)
     encoded = model.encode(ids, mask)
     cache = model.new_cache(len(sources), max_new_tokens)
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     start = torch.full((len(sources), 1), model.config.decoder_start_token_id, dtype=torch.long, device=device)
     logits = model.decode(start, encoded, cache=cache)[:, -1]
-    return sample_until_stopped(logits, lambda tokens: model.decode(tokens[:, None], encoded, cache=cache)[:, -1],
-                                max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                stop_tokens=stop_tokens, generator=generator)
+    return logits, lambda tokens: model.decode(tokens[:, None], encoded, cache=cache)[:, -1]

@@ -9,8 +9,8 @@ from typing import Any
 
 from .attention import heads_name
 from .checkpoints import check_layout, files, read_model_config
-from .checkpoints.gguf import gguf_support
 from .checkpoints.seq2seq import check_seq2seq_layout, is_seq2seq, read_seq2seq_config
+from .gguf_layout import gguf_support
 from .kv_formats import kv_format, names
 from .model import ModelConfig
 from .runtimes.vllm_runtime import vllm_support

@@ -26,6 +26,9 @@ class ModelKind:
     native_architecture: str  # what gqa's own format calls it in config.json
     cuda_graph: bool  # whether `generate --cuda-graph` replays its decode steps
     gguf: bool  # whether `export --format gguf` writes it (llama.cpp runs decoder-only models)
+    auto_class: str  # the transformers Auto class that loads its HF folders
+    pipeline_tag: str  # the Hub's task name for it
+    layers_format: str  # how `gqa info`'s keys name its layers (the model card's summary)
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -42,6 +45,13 @@ class ModelKind:
             options.pop("cuda_graph", None)  # refused before the model loaded (`cuda_graph`)
             return generate_seq2seq(model, sequences, **options)
         return generate(model, sequences, **options)
+
+    def prefill(self, model, sequences: list[list[int]], max_new_tokens: int, **options):
+        """(next-token logits [B, vocab], step: tokens [B] -> the next logits) after reading each prompt (an
+        encoder–decoder: after encoding each source), with a cache for `max_new_tokens` more."""
+        from .generate import prefill, prefill_seq2seq
+
+        return (prefill_seq2seq if self.is_encoder_decoder else prefill)(model, sequences, max_new_tokens, **options)
 
     def check_generation_lengths(self, config, sequences: list[list[int]], max_new_tokens: int) -> None:
         from .generate import check_generation_lengths
@@ -123,9 +133,12 @@ class ModelKind:
 
 
 DECODER = ModelKind(name="decoder", model_class=Transformer, native_architecture="GQAForCausalLM", cuda_graph=True,
-                    gguf=True)
+                    gguf=True, auto_class="AutoModelForCausalLM", pipeline_tag="text-generation",
+                    layers_format="{layers} layers")
 ENCODER_DECODER = ModelKind(name="encoder-decoder", model_class=Seq2SeqTransformer,
-                            native_architecture="GQASeq2SeqLM", cuda_graph=False, gguf=False)
+                            native_architecture="GQASeq2SeqLM", cuda_graph=False, gguf=False,
+                            auto_class="AutoModelForSeq2SeqLM", pipeline_tag="text2text-generation",
+                            layers_format="{encoder_layers} + {decoder_layers} layers")
 
 
 def kind_of(thing: Any) -> ModelKind:

@@ -404,15 +404,3 @@ def kv_storage(name: str | None, head_dim: int, model_dtype: torch.dtype = torch
     if fmt.kind == "llama" and pairs_adjacent:
         order = torch.stack([torch.arange(head_dim // 2), torch.arange(head_dim // 2) + head_dim // 2], -1).flatten()
     return KVStorage(fmt, *rotation_sizes(fmt, head_dim, rotation), key_order=order)
-
-
-def llama_cpp_pairs_adjacent(config) -> bool:
-    """Whether llama.cpp runs this decoder's rotate-half RoPE over adjacent pairs, holding Q/K in that order:
-    what gqa exports as GGUF `llama` / `deci` (Llama, Mistral and what shares their layout), as llama.cpp's
-    own converter does; `qwen2` and the other NEOX-style architectures keep HF's order, as do models
-    without RoPE."""
-    from .checkpoints.gguf import gguf_architecture, gguf_support
-
-    if config.positions != "rope" or config.rope_style != "half" or gguf_support(config) is not None:
-        return False
-    return gguf_architecture(config) in ("llama", "deci")

@@ -19,8 +19,9 @@ from torch import nn
 from .attention import attend_quantized, attention, build_mask, check_heads
 from .cache import KVCache, PagedKVCache, QuantizedKVCache, kv_bytes_per_token
 from .errors import GQAError
+from .gguf_layout import llama_cpp_pairs_adjacent
 from .kernels import decode_kernel_available, gqa_decode
-from .kv_formats import KVStorage, kv_storage, llama_cpp_pairs_adjacent, rotate
+from .kv_formats import KVStorage, kv_storage, rotate
 
 BLOCKS = ("sequential", "parallel", "parallel_shared", "post_norm")
 ROPE_STYLES = ("half", "interleaved")

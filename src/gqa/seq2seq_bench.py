@@ -19,15 +19,10 @@ import torch
 from .attention import check_heads
 from .bench import spread
 from .errors import GQAError
+from .presets import preset
 from .seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 
-# T5-base geometry (v1.1 / Flan-T5 layout): 12 + 12 layers, d_model 768, 12 heads of 64, gated-GELU 2048
-T5_BASE = dict(vocab_size=32128, dim=768, n_heads=12, head_dim=64, hidden_dim=2048, n_encoder_layers=12,
-               n_decoder_layers=12, encoder_kv_heads=12, self_kv_heads=12, cross_kv_heads=12, mlp="gated",
-               activation="gelu_tanh", tie_embeddings=False, output_scale=1.0, eos_token_id=1)
-QUICK = dict(config=dict(T5_BASE, vocab_size=512, dim=64, n_heads=4, head_dim=16, hidden_dim=128, n_encoder_layers=2,
-                         n_decoder_layers=2, encoder_kv_heads=4, self_kv_heads=4, cross_kv_heads=4),
-             kv_heads=(4, 1), sources=(16,), batches=(2,), new_tokens=4, repeats=2)
+QUICK = dict(model_preset="t5-tiny", kv_heads=(4, 1), sources=(16,), batches=(2,), new_tokens=4, repeats=2)
 
 
 def pooled(model: Seq2SeqTransformer, g: int) -> Seq2SeqTransformer:
@@ -86,11 +81,11 @@ def hf_seconds(model, sources: torch.Tensor, new_tokens: int) -> float:
     return time.perf_counter() - start
 
 
-def bench_seq2seq(config: dict | None = None, kv_heads=(12, 4, 1), sources=(128, 512), batches=(1, 8),
+def bench_seq2seq(model_preset: str = "t5-base", kv_heads=(12, 4, 1), sources=(128, 512), batches=(1, 8),
                   new_tokens: int = 32, repeats: int = 5, seed: int = 0) -> dict:
     """Rows of (batch, source length, model) with the median and range of the rounds (see the module docstring)."""
     torch.manual_seed(seed)
-    config = Seq2SeqConfig(**(config or T5_BASE))
+    config = preset(model_preset)
     for g in kv_heads:
         check_heads(config.n_heads, g)
     mha = Seq2SeqTransformer(config)

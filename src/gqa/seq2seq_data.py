@@ -225,7 +225,8 @@ def prepare_seq2seq(source, tokenizer, seq_len: int, val_fraction: float = 0.05,
         val = examples([p for p, v in zip(pairs, split) if v], pad_id)
         if len(train) == 0:
             raise GQAError(f"{source} has too few pairs for training and validation")
-        return Seq2SeqData(train, val, len(rows), train.numel(), val.numel(), "pairs", seq_len)
+        return Seq2SeqData(train, val, documents=len(rows), train_tokens=train.numel(), val_tokens=val.numel(),
+                           objective="pairs", seq_len=seq_len)
     docs = read_documents(source)
     objective, _ = sentinels(tokenizer)
     val_docs = [d for d in docs if is_validation(d, val_fraction)]
@@ -240,7 +241,8 @@ def prepare_seq2seq(source, tokenizer, seq_len: int, val_fraction: float = 0.05,
     if len(train) == 0 or len(val) == 0:
         raise GQAError(f"{source} has too little text for training and validation blocks of {seq_len} tokens; give more "
                        f"text or a smaller {length_option}")
-    return Seq2SeqData(train, val, len(docs), train_tokens, val_tokens, objective, seq_len)
+    return Seq2SeqData(train, val, documents=len(docs), train_tokens=train_tokens, val_tokens=val_tokens,
+                       objective=objective, seq_len=seq_len)
 
 
 def eval_examples(source, tokenizer, seq_len: int, max_tokens: int | None = None) -> Examples:

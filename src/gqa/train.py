@@ -415,6 +415,18 @@ def prepare_out(cfg: TrainConfig) -> tuple[Path | None, str | None]:
     return None, None
 
 
+def start_out(cfg: TrainConfig, d) -> tuple[Path | None, Path]:
+    """`prepare_out`, then the main rank clears OUT for a run from step 0: (checkpoint to resume from, OUT)."""
+    resume_from, restart = prepare_out(cfg)
+    out = Path(cfg.out)
+    if restart and d.main:
+        warn(restart)
+    if d.main and resume_from is None and out.exists():
+        shutil.rmtree(out)
+    d.barrier()
+    return resume_from, out
+
+
 class RunLog:
     """train/log.jsonl: a line per step, plus the evaluations. On resume, what the interrupted run logged past
     its checkpoint is dropped, so the log reads as one uninterrupted run."""
@@ -627,13 +639,7 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, init_path: str | None
         keep_freed_memory()
     cfg = settle(cfg, model, d)
     plan = plan_steps(cfg)
-    resume_from, restart = prepare_out(cfg)
-    out = Path(cfg.out)
-    if restart and d.main:
-        warn(restart)
-    if d.main and resume_from is None and out.exists():
-        shutil.rmtree(out)
-    d.barrier()
+    resume_from, out = start_out(cfg, d)
     data = training_data(cfg, tokenizer, model, data)
     plan, step_tokens = plan_pairs(plan, cfg, data) if getattr(data, "objective", None) == "pairs" else (plan, None)
     teacher = load_teacher(cfg, model, device)

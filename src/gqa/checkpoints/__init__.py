@@ -8,6 +8,7 @@ KV-head layout, as GPT-BigCode for a GPT-2 model with one KV head, and otherwise
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ from ..seq2seq import Seq2SeqTransformer
 from ..version import __version__
 from . import files
 from .families import BY_ARCHITECTURE, MQA_FORM, PER_LAYER, Family, family_for, stack_heads
-from .seq2seq import is_seq2seq, load_seq2seq, save_seq2seq
+from .seq2seq import check_seq2seq_layout, is_seq2seq, load_seq2seq, read_seq2seq_config, save_seq2seq
 
 NATIVE_ARCHITECTURE = "GQAForCausalLM"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -60,8 +61,6 @@ def read_model_config(path: str | os.PathLike) -> tuple[ModelConfig, Family | No
 def checked_config(path: str | os.PathLike):
     """A folder's config, checked against its weights' headers (no weight is read): a `ModelConfig`, or for an
     encoder–decoder a `Seq2SeqConfig` (both have the vocab_size and max_positions that checks read)."""
-    from .seq2seq import check_seq2seq_layout, read_seq2seq_config
-
     if is_seq2seq(hf := files.read_config(path)):
         config, family = read_seq2seq_config(path, hf)
         check_seq2seq_layout(path, config, family)
@@ -292,3 +291,19 @@ def save(
     return Path(dest)
 
 
+def config_file(path: Path):
+    """A model config for `gqa pretrain`: an HF config.json (the model is that architecture) or a gqa ModelConfig."""
+    if not path.is_file():
+        raise GQAError(f"no model config at {path}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise GQAError(f"{path} is not valid JSON: {e}") from None
+    try:
+        if isinstance(raw, dict) and is_seq2seq(raw):
+            return read_seq2seq_config(path, raw)[0], raw
+        if "architectures" in raw or "model_type" in raw:
+            return family_for(raw, str(path)).to_config(raw), raw
+        return ModelConfig.from_dict(raw), None
+    except (KeyError, TypeError) as e:
+        raise GQAError(f"{path} is not a usable model config: {e}") from None

