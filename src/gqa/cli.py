@@ -138,7 +138,7 @@ def cmd_info(args) -> None:
 def eval_seq2seq(args) -> None:
     """`gqa eval` of an encoder–decoder: loss per target token of pairs, or of span-corrupted text."""
     from . import corpus
-    from .checkpoints import check_reference, load
+    from .checkpoints import check_reference
     from .checkpoints.tokenizer import load_tokenizer
     from .evaluate import compare_examples
     from .seq2seq_data import check_seq_len, default_seq_len, eval_examples, is_pairs
@@ -158,22 +158,34 @@ def eval_seq2seq(args) -> None:
     if examples.max_id() >= config.vocab_size:
         raise GQAError(f"{args.data}: the tokenizer produced token id {examples.max_id()}, but the model's vocabulary "
                        f"has {config.vocab_size} entries; use the tokenizer that belongs to the model")
-    model = load(args.model, dtype=args.dtype, device=device, kv_cache_dtype=kv_cache,
-                 kv_rotation=not args.no_kv_rotation)
-    reference = load(args.reference, dtype=args.dtype, device=device) if args.reference else None
+    model, reference = eval_models(args, device, kv_cache)
     result = compare_examples(model, examples, teacher=reference, batch_size=args.batch_size)
     result["examples"] = len(examples)
-    if kv_cache:
+    n = f"{len(examples):,} example{'s' if len(examples) > 1 else ''}"
+    whole = f" (examples are scored whole: --max-tokens {args.max_tokens:,} is reached within the first {n})" \
+        if args.max_tokens and result["tokens"] != args.max_tokens else ""
+    report_eval(args, result, model, f"target tokens of {n}{whole}")
+
+
+def eval_models(args, device: str, kv_cache: str | None):
+    """`gqa eval`'s model (its cache stored as asked) and its reference (None without --reference)."""
+    from .checkpoints import load
+
+    model = load(args.model, dtype=args.dtype, device=device, kv_cache_dtype=kv_cache,
+                 kv_rotation=not args.no_kv_rotation)
+    return model, load(args.reference, dtype=args.dtype, device=device) if args.reference else None
+
+
+def report_eval(args, result: dict, model, scored: str) -> None:
+    """`gqa eval`'s JSON, or its line: perplexity over what was `scored`, the cache, agreement with the reference."""
+    if args.kv_cache_dtype:
         result["kv_cache"] = model.kv_cache_storage.name
     if args.json:
         return print_json(result)
     agreement = f"; top-1 agreement with the reference {result['top1_agreement']:.3f}, KL {result['kl']:.4f}" \
-        if reference is not None else ""
-    n = f"{len(examples):,} example{'s' if len(examples) > 1 else ''}"
-    whole = f" (examples are scored whole: --max-tokens {args.max_tokens:,} is reached within the first {n})" \
-        if args.max_tokens and result["tokens"] != args.max_tokens else ""
-    cache = f" with a {result['kv_cache']} KV cache" if kv_cache else ""
-    print(f"perplexity {result['perplexity']:.3f} over {result['tokens']:,} target tokens of {n}{whole}{cache}{agreement}")
+        if args.reference else ""
+    cache = f" with a {result['kv_cache']} KV cache" if args.kv_cache_dtype else ""
+    print(f"perplexity {result['perplexity']:.3f} over {result['tokens']:,} {scored}{cache}{agreement}")
 
 
 def cmd_eval(args) -> None:
@@ -187,7 +199,7 @@ def eval_decoder(args) -> None:
     import torch
 
     from . import corpus
-    from .checkpoints import check_reference, load
+    from .checkpoints import check_reference
     from .checkpoints.tokenizer import load_tokenizer
     from .data import check_token_ids, is_validation, tokenize
     from .evaluate import perplexity
@@ -208,18 +220,9 @@ def eval_decoder(args) -> None:
     if args.max_tokens:
         tokens = tokens[: args.max_tokens + 1]  # + 1: the first token of a window is context, not scored
     check_token_ids(tokens, config.vocab_size, args.data)
-    model = load(args.model, dtype=args.dtype, device=device, kv_cache_dtype=kv_cache,
-                 kv_rotation=not args.no_kv_rotation)
-    reference = load(args.reference, dtype=args.dtype, device=device) if args.reference else None
+    model, reference = eval_models(args, device, kv_cache)
     result = perplexity(model, tokens, seq_len=args.seq_len, batch_size=args.batch_size, reference=reference)
-    if kv_cache:
-        result["kv_cache"] = model.kv_cache_storage.name
-    if args.json:
-        return print_json(result)
-    agreement = f"; top-1 agreement with the reference {result['top1_agreement']:.3f}, KL {result['kl']:.4f}" \
-        if reference is not None else ""
-    cache = f" with a {result['kv_cache']} KV cache" if kv_cache else ""
-    print(f"perplexity {result['perplexity']:.3f} over {result['tokens']:,} tokens{cache}{agreement}")
+    report_eval(args, result, model, "tokens")
 
 
 EVALUATE = {"decoder": eval_decoder, "encoder-decoder": eval_seq2seq}  # by `kinds.ModelKind.name`
