@@ -89,6 +89,22 @@ class ModelKind:
         if seq_len > config.max_positions:
             raise GQAError(f"--seq-len {seq_len} exceeds the model's {config.max_positions} positions")
 
+    def calibration_seq_len(self, config, seq_len: int | None) -> int:
+        """--calib-seq-len checked (default: 512 within the model's positions): a decoder's blocks need 2 tokens,
+        an encoder–decoder's span-corrupted text a few spans (16), and learned positions room for the eos."""
+        from .errors import GQAError
+        from .seq2seq_data import check_seq_len, default_seq_len
+
+        if self.is_encoder_decoder:
+            low, why, seq_len = 16, " (span corruption needs a few spans)", seq_len or default_seq_len(config, False)
+        else:
+            low, why, seq_len = 2, "", seq_len or min(512, config.max_positions)
+        if not low <= seq_len <= config.max_positions:
+            raise GQAError(f"--calib-seq-len must be in [{low}, {config.max_positions}]{why}, got {seq_len}")
+        if self.is_encoder_decoder:
+            check_seq_len(config, seq_len, pairs=False, option="--calib-seq-len")
+        return seq_len
+
     def prepare_data(self, source, tokenizer, seq_len: int, val_fraction: float, seed: int):
         """Training and validation data: a decoder's packed blocks, an encoder–decoder's examples (pairs, or
         span-corrupted text)."""

@@ -111,13 +111,14 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def check_layout(path, config: ModelConfig, family: Family | None) -> None:
-    """Check a folder's tensors against its config from the safetensors headers alone, before any weight is
-    read: every tensor the config implies is there, with the shape it implies, and nothing else is."""
+def check_layout(path, config: ModelConfig, family: Family | None, shapes: dict | None = None) -> None:
+    """Check a folder's tensors against its config from the safetensors headers alone (`shapes`: as
+    `files.tensor_shapes` read them), before any weight is read: every tensor the config implies is there,
+    with the shape it implies, and nothing else is."""
     expected = expected_shapes(config)
     found: dict[str, tuple[int, ...]] = {}
     origin: dict[str, tuple[str, tuple, int]] = {}  # gqa name -> (the file's tensor, its shape, parts it gave)
-    for name, (shape, _) in files.tensor_shapes(path).items():
+    for name, (shape, _) in (shapes or files.tensor_shapes(path)).items():
         placeholder = torch.empty(shape, device="meta")
         try:
             imported = family.import_tensor(name, placeholder, config) if family else {name: placeholder}

@@ -118,13 +118,20 @@ def iter_file(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, f.get_tensor(name)
 
 
-def tensor_index(path: str | os.PathLike) -> dict[str, Path]:
-    """Name -> the file that holds it, from the headers alone."""
-    index = {}
+def read_headers(path: str | os.PathLike) -> dict[str, tuple[list[int], str, Path]]:
+    """Name -> (shape, dtype, the file that holds it) from the safetensors headers, without reading any weights."""
+    headers = {}
     for file in weight_files(path):
         with open_weights(file) as f:
-            index.update({name: file for name in f.keys()})
-    return index
+            for name in f.keys():
+                s = f.get_slice(name)
+                headers[name] = (list(s.get_shape()), s.get_dtype(), file)
+    return headers
+
+
+def tensor_index(path: str | os.PathLike, headers: dict | None = None) -> dict[str, Path]:
+    """Name -> the file that holds it, from the headers alone."""
+    return {name: file for name, (_, _, file) in (headers or read_headers(path)).items()}
 
 
 def read_tensors(index: dict[str, Path], names: list[str]) -> dict[str, torch.Tensor]:
@@ -140,15 +147,9 @@ def read_tensors(index: dict[str, Path], names: list[str]) -> dict[str, torch.Te
     return out
 
 
-def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[list[int], str]]:
+def tensor_shapes(path: str | os.PathLike, headers: dict | None = None) -> dict[str, tuple[list[int], str]]:
     """Name -> (shape, dtype) from the safetensors headers, without reading any weights."""
-    shapes = {}
-    for file in weight_files(path):
-        with open_weights(file) as f:
-            for name in f.keys():
-                s = f.get_slice(name)
-                shapes[name] = (list(s.get_shape()), s.get_dtype())
-    return shapes
+    return {name: (shape, dtype) for name, (shape, dtype, _) in (headers or read_headers(path)).items()}
 
 
 def check_finite(path, name: str, tensor: torch.Tensor) -> None:

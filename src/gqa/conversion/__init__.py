@@ -113,27 +113,17 @@ def plan(src, dst, options: ConversionOptions) -> Job:
         new_heads = None
     else:
         new_heads = target_kv_heads(config.n_kv_heads, config.n_heads, options.n_kv_heads, options.n_kv_heads_per_layer)
-    calibration = plan_calibration(config, options)
-    check_layout(src, config, family)  # from the headers: a config that disagrees with the weights stops here
+    calibration = options.calibration_for(config)
+    headers = files.read_headers(src)  # read once: the layout check, the index of files, the storage dtype
+    shapes = files.tensor_shapes(src, headers)
+    check_layout(src, config, family, shapes)  # a config that disagrees with the weights stops here
     files.check_destination(dst, options.overwrite, sources=[src])
     source_hf = hf.get("hf_config") if family is None else hf
     return Job(src=Path(src), dst=Path(dst), config=config, family=family, source_hf=source_hf, method=options.chosen,
                settings=settings, seed=options.seed, calibration=calibration, transfer=transfer, joint=joint_settings,
                kv_budget=options.kv_budget, new_heads=new_heads, overwrite=options.overwrite,
-               index=files.tensor_index(src), dtype=storage_dtype(files.tensor_shapes(src)),
+               index=files.tensor_index(src, headers), dtype=storage_dtype(shapes),
                init_std=init_std(source_hf or {}))
-
-
-def plan_calibration(config: ModelConfig, options: ConversionOptions) -> CalibrationSettings | None:
-    calib = options.calibration_source()
-    if calib is None:
-        return None
-    seq_len = options.calib_seq_len or min(512, config.max_positions)
-    if not 2 <= seq_len <= config.max_positions:
-        raise GQAError(f"--calib-seq-len must be in [2, {config.max_positions}], got {seq_len}")
-    calibration = CalibrationSettings(calib, options.tokens, seq_len)
-    calibration.check()
-    return calibration
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, options: ConversionOptions | None = None,

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..errors import GQAError
-from .interface import CALIB_DATA, CALIB_TOKENS, Method
+from .interface import CALIB_DATA, CALIB_TOKENS, CalibrationSettings, Method
 from .joint import JointSettings
 from .methods import calibrated, get, owners
 from .transfer import TransferSettings
@@ -66,6 +66,19 @@ class ConversionOptions:
     def reads_calibration(self) -> bool:
         """Whether the conversion reads calibration text (`calib`, or the default mix)."""
         return self.chosen.calibrated or self.transfer_steps > 0 or self.joint_steps > 0 or self.kv_budget is not None
+
+    def calibration_for(self, config) -> CalibrationSettings | None:
+        """The calibration a conversion of a model of `config` reads (None where nothing does), its block length
+        checked against what the model's kind needs (`kinds.ModelKind.calibration_seq_len`)."""
+        from ..kinds import kind_of
+
+        calib = self.calibration_source()
+        if calib is None:
+            return None
+        calibration = CalibrationSettings(calib, self.tokens, kind_of(config).calibration_seq_len(config,
+                                                                                                  self.calib_seq_len))
+        calibration.check()
+        return calibration
 
     def calibration_source(self) -> str | None:
         """The calibration text to read: the one given (checked), the default mix where the conversion reads

@@ -45,7 +45,7 @@ from ..seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from ..version import __version__
 from . import joint
 from .heads import NAMES, AttentionWeights, RopeLayout
-from .interface import CALIB_TOKENS, Calibration, CalibrationSettings, Layer, Method
+from .interface import Calibration, CalibrationSettings, Layer, Method
 from .joint import JointSettings
 from .methods import REGISTRY
 from .options import ConversionOptions
@@ -72,7 +72,7 @@ def convert_seq2seq(src, dst, options: ConversionOptions) -> dict:
     refuse_unsupported(options)
     options.check()
     transfer, joint_settings = options.training()
-    calib = options.calibration_source()
+    options.calibration_source()  # a bad --calib is refused before the model is read
     chosen, settings, n_kv_heads, seed, progress = options.chosen, options.settings(), options.n_kv_heads, \
         options.seed, options.progress
     hf = files.read_config(src)
@@ -80,7 +80,7 @@ def convert_seq2seq(src, dst, options: ConversionOptions) -> dict:
     kinds = check_kv_heads(config, n_kv_heads, options.encoder)
     new_config = replace(config, **{KINDS[k][2]: [n_kv_heads] * len(getattr(config, KINDS[k][2])) for k in kinds})
     out_family = target_seq2seq_family(new_config, hf if family else hf.get("hf_config"), options.format)  # now
-    calibration = calibration_settings(config, calib, options.calib_tokens, options.calib_seq_len)
+    calibration = options.calibration_for(config)
     files.check_destination(dst, options.overwrite, sources=[src])
     warn_without_tokenizer(src)
     state = import_state(src, config, family)
@@ -127,23 +127,6 @@ def check_kv_heads(config: Seq2SeqConfig, n_kv_heads: int | None, encoder: bool)
         for layer, g_now in enumerate(getattr(config, KINDS[kind][2])):
             check_regroup(g_now, n_kv_heads, config.n_heads, f"{kind} attention, layer {layer}: ")
     return kinds
-
-
-def calibration_settings(config: Seq2SeqConfig, calib, calib_tokens: int | None,
-                         calib_seq_len: int | None) -> CalibrationSettings | None:
-    """The calibration of the source: blocks of text (span-corrupted), within its positions."""
-    from ..seq2seq_data import check_seq_len, default_seq_len
-
-    if not calib:
-        return None
-    calibration = CalibrationSettings(str(calib), CALIB_TOKENS if calib_tokens is None else calib_tokens,
-                                      calib_seq_len or default_seq_len(config, pairs=False))
-    if not 16 <= calibration.seq_len <= config.max_positions:
-        raise GQAError(f"--calib-seq-len must be in [16, {config.max_positions}] (span corruption needs a few "
-                       f"spans), got {calibration.seq_len}")
-    check_seq_len(config, calibration.seq_len, pairs=False, option="--calib-seq-len")
-    calibration.check()
-    return calibration
 
 
 @dataclass(frozen=True, kw_only=True)
