@@ -29,6 +29,7 @@ import torch
 from .attention import heads_name
 from .bench import device_name, interleaved_decode_rates
 from .checkpoints import load
+from .checkpoints.seq2seq import t5_config
 from .checkpoints.tokenizer import load_tokenizer
 from .conversion import methods as conversion_methods
 from .data import prepare
@@ -144,20 +145,9 @@ def fresh_model(config, seed: int, tokenizer_dir: Path = ASSET):
     return model
 
 
-def t5_config_json(config: Seq2SeqConfig) -> dict:
-    import transformers
-
-    return transformers.T5Config(
-        vocab_size=config.vocab_size, d_model=config.dim, d_kv=config.head_dim, d_ff=config.hidden_dim,
-        num_layers=config.n_encoder_layers, num_decoder_layers=config.n_decoder_layers, num_heads=config.n_heads,
-        feed_forward_proj="relu", tie_word_embeddings=True, pad_token_id=config.pad_token_id,
-        eos_token_id=config.eos_token_id, decoder_start_token_id=config.decoder_start_token_id,
-        architectures=["T5ForConditionalGeneration"]).to_dict()
-
-
 FRESH_HF_CONFIG = {  # what a model trained from scratch is written as, by kind
     "decoder": lambda config: {"architectures": ["LlamaForCausalLM"], "model_type": "llama"},
-    "encoder-decoder": t5_config_json,
+    "encoder-decoder": lambda config: t5_config(config).to_dict(),
 }
 
 

@@ -45,15 +45,9 @@ def hf_t5(config: Seq2SeqConfig, state: dict):
     """transformers' T5 with the same weights (the MHA model), for its `generate` as the peer."""
     import transformers
 
-    from .checkpoints.seq2seq import T5
+    from .checkpoints.seq2seq import T5, t5_config
 
-    hf = transformers.T5Config(vocab_size=config.vocab_size, d_model=config.dim, d_kv=config.head_dim,
-                               d_ff=config.hidden_dim, num_layers=config.n_encoder_layers,
-                               num_decoder_layers=config.n_decoder_layers, num_heads=config.n_heads,
-                               feed_forward_proj="gated-gelu" if config.mlp == "gated" else "relu",
-                               tie_word_embeddings=config.tie_embeddings, decoder_start_token_id=0, pad_token_id=0,
-                               eos_token_id=config.eos_token_id)
-    model = transformers.T5ForConditionalGeneration(hf).eval()
+    model = transformers.T5ForConditionalGeneration(t5_config(config)).eval()
     tensors = T5.export_state(state, config)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected or [m for m in missing if "embed_tokens" not in m]:

@@ -21,7 +21,7 @@ import torch
 from ..errors import GQAError
 from ..seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from . import files
-from .families import Derived, Description, Key, act_key, activation
+from .families import Derived, Description, Key, act_key, activation, hf_activation
 
 NATIVE_SEQ2SEQ = "GQASeq2SeqLM"
 
@@ -117,6 +117,19 @@ def mt5_scales_tied_output() -> bool:
     import transformers
 
     return int(transformers.__version__.split(".")[0]) < 5
+
+
+def t5_config(config: Seq2SeqConfig):
+    """transformers' `T5Config` of a T5-layout model gqa built (trained from scratch, or a benchmark's)."""
+    import transformers
+
+    projection = ("gated-" if config.mlp == "gated" else "") + hf_activation(config.activation, None)
+    return transformers.T5Config(
+        vocab_size=config.vocab_size, d_model=config.dim, d_kv=config.head_dim, d_ff=config.hidden_dim,
+        num_layers=config.n_encoder_layers, num_decoder_layers=config.n_decoder_layers, num_heads=config.n_heads,
+        feed_forward_proj=projection, tie_word_embeddings=config.tie_embeddings,
+        pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id,
+        decoder_start_token_id=config.decoder_start_token_id, architectures=["T5ForConditionalGeneration"])
 
 
 @dataclass
