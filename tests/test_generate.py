@@ -58,3 +58,30 @@ def test_prompt_longer_than_positions(tiny):
         gqa.generate(model, [[1] * 129], max_new_tokens=1)
     with pytest.raises(GQAError, match="exceeds the model's 128 positions"):
         gqa.generate(model, [[1] * 120], max_new_tokens=20)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (gpu_acceptance.py runs it)")
+@pytest.mark.parametrize("name", ["llama-tiny", "t5-tiny"])
+def test_cuda_graph_decoding_equals_eager_decoding(name):
+    """Both shapes' decode steps replayed from a CUDA graph give the logits of the same steps run eagerly."""
+    from gqa.kinds import kind_of
+    from gqa.presets import preset
+
+    config = preset(name, n_kv_heads=2) if name == "llama-tiny" else preset(name, self_kv_heads=2, cross_kv_heads=2)
+    kind = kind_of(config)
+    torch.manual_seed(0)
+    model = kind.build(config)
+    model.init_weights()
+    model = model.to("cuda").eval()
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    runs = []
+    with torch.inference_mode():
+        for cuda_graph in (False, True):
+            logits, step = kind.prefill(model, prompts, 6, cuda_graph=cuda_graph)
+            steps = [logits]
+            for _ in range(5):
+                steps.append(step(steps[-1].argmax(-1)))
+            runs.append(torch.stack(steps))
+    torch.testing.assert_close(runs[1], runs[0])
+    assert kind.generate(model, prompts, max_new_tokens=6, cuda_graph=True) == kind.generate(model, prompts,
+                                                                                             max_new_tokens=6)

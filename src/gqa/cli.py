@@ -248,8 +248,6 @@ def cmd_generate(args) -> None:
         raise GQAError(f"--cuda-graph needs a CUDA device; this run is on {device}")
     config = model_config(args.model)
     kind = kind_of(config)
-    if args.cuda_graph and not kind.cuda_graph:
-        raise GQAError("--cuda-graph is for decoder-only models")
     kv_cache = kv_cache_option(args, config)
     if kv_cache and args.cuda_graph and kv_cache.startswith(("q", "fp8")):
         raise GQAError(f"--cuda-graph replays a float cache; a {kv_cache} cache decodes without it")

@@ -49,8 +49,9 @@ class DecodeStep:
     lengths; the lengths are restored afterwards.
     """
 
-    def __init__(self, model: Transformer, cache, cuda_graph: bool = False):
-        self.model, self.cache = model, cache
+    def __init__(self, model, cache, cuda_graph: bool = False, *, forward=None):
+        # forward: tokens [B, 1] -> logits [B, 1, vocab], writing the cache (default: the decoder's forward)
+        self.forward = forward or (lambda tokens: model(tokens, cache=cache))
         self.graph = None
         if cuda_graph and model.device.type == "cuda":
             self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=model.device)
@@ -59,22 +60,28 @@ class DecodeStep:
             stream.wait_stream(torch.cuda.current_stream(model.device))
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    model(self.tokens, cache=cache)
+                    self.forward(self.tokens)
             torch.cuda.current_stream(model.device).wait_stream(stream)
             cache.lengths.copy_(saved)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.logits = model(self.tokens, cache=cache)[:, -1]
+                self.logits = self.forward(self.tokens)[:, -1]
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.graph is None:
-            return self.model(tokens[:, None], cache=self.cache)[:, -1]
+            return self.forward(tokens[:, None])[:, -1]
         self.tokens.copy_(tokens[:, None])
         self.graph.replay()
         return self.logits
 
 
 STOP_CHECK_EVERY = 8  # steps between host reads of "all sequences stopped" (each read synchronises)
+
+
+def check_cuda_graph(model, cuda_graph: bool) -> None:
+    storage = model.kv_cache_storage
+    if cuda_graph and storage is not None and storage.format.quantized:
+        raise GQAError(f"--cuda-graph replays a float cache; a {storage.format.name} cache decodes without it")
 
 
 def check_token_inputs(sequences, stop_tokens, vocab: int, what: str) -> None:
@@ -139,9 +146,7 @@ def generate(
         with model.storing_kv_as(kv_cache_dtype, kv_rotation):
             return generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, stop_tokens=stop_tokens, seed=seed, page_size=page_size, cuda_graph=cuda_graph)
-    storage = model.kv_cache_storage
-    if cuda_graph and storage is not None and storage.format.quantized:
-        raise GQAError(f"--cuda-graph replays a float cache; a {storage.format.name} cache decodes without it")
+    check_cuda_graph(model, cuda_graph)
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     check_token_inputs(prompts, stop_tokens, model.config.vocab_size, "prompt")
     check_generation_lengths(model.config, prompts, max_new_tokens)
@@ -198,29 +203,31 @@ def sample_until_stopped(logits: torch.Tensor, step, *, max_new_tokens: int, tem
 @torch.inference_mode()
 def generate_seq2seq(model, sources: Sequence[Sequence[int]], max_new_tokens: int = 32, temperature: float = 0.0,
                      top_k: int | None = None, top_p: float | None = None, stop_tokens: Sequence[int] = (),
-                     seed: int | None = None) -> list[list[int]]:
+                     seed: int | None = None, cuda_graph: bool = False) -> list[list[int]]:
     """An encoder–decoder's `generate`: the sources are encoded once (the cross-attention cache filled once, G
     heads per layer), then the decoder runs from its start token, one token per step against its
     self-attention cache. Returns each sequence's new tokens, up to and including a stop token."""
     from .seq2seq import check_source_lengths
 
+    check_cuda_graph(model, cuda_graph)
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     check_token_inputs(sources, stop_tokens, model.config.vocab_size, "source")
     check_source_lengths(model.config, sources, max_new_tokens)
     generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
-    logits, step = prefill_seq2seq(model, sources, max_new_tokens)
+    logits, step = prefill_seq2seq(model, sources, max_new_tokens, cuda_graph=cuda_graph)
     return sample_until_stopped(logits, step, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                 top_p=top_p, stop_tokens=stop_tokens, generator=generator)
 
 
-def prefill_seq2seq(model, sources: Sequence[Sequence[int]], max_new_tokens: int):
+def prefill_seq2seq(model, sources: Sequence[Sequence[int]], max_new_tokens: int, *, cuda_graph: bool = False):
     """An encoder–decoder's `prefill`: the sources encoded once (the cross-attention cache filled), the decoder's
     start token read; (next-token logits [B, vocab], the decode step)."""
     device, width, pad = model.device, max(len(s) for s in sources), model.config.pad_token_id
     ids = torch.tensor([list(s) + [pad] * (width - len(s)) for s in sources], device=device)
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sources], device=device)
     encoded = model.encode(ids, mask)
-    cache = model.new_cache(len(sources), max_new_tokens)
+    cache = model.new_cache(len(sources), max_new_tokens + cuda_graph)  # + 1: the graph's warm-up runs one past
     start = torch.full((len(sources), 1), model.config.decoder_start_token_id, dtype=torch.long, device=device)
     logits = model.decode(start, encoded, cache=cache)[:, -1]
-    return logits, lambda tokens: model.decode(tokens[:, None], encoded, cache=cache)[:, -1]
+    step = DecodeStep(model, cache, cuda_graph, forward=lambda tokens: model.decode(tokens, encoded, cache=cache))
+    return logits, step if max_new_tokens > 1 else None

@@ -24,7 +24,6 @@ class ModelKind:
     name: str
     model_class: type
     native_architecture: str  # what gqa's own format calls it in config.json
-    cuda_graph: bool  # whether `generate --cuda-graph` replays its decode steps
     gguf: bool  # whether `export --format gguf` writes it (llama.cpp runs decoder-only models)
     auto_class: str  # the transformers Auto class that loads its HF folders
     pipeline_tag: str  # the Hub's task name for it
@@ -41,10 +40,7 @@ class ModelKind:
         """Continue each prompt (an encoder–decoder: each source) with the decoder (`gqa.generate`)."""
         from .generate import generate, generate_seq2seq
 
-        if self.is_encoder_decoder:
-            options.pop("cuda_graph", None)  # refused before the model loaded (`cuda_graph`)
-            return generate_seq2seq(model, sequences, **options)
-        return generate(model, sequences, **options)
+        return (generate_seq2seq if self.is_encoder_decoder else generate)(model, sequences, **options)
 
     def prefill(self, model, sequences: list[list[int]], max_new_tokens: int, **options):
         """(next-token logits [B, vocab], step: tokens [B] -> the next logits) after reading each prompt (an
@@ -148,11 +144,11 @@ class ModelKind:
         return modules
 
 
-DECODER = ModelKind(name="decoder", model_class=Transformer, native_architecture="GQAForCausalLM", cuda_graph=True,
+DECODER = ModelKind(name="decoder", model_class=Transformer, native_architecture="GQAForCausalLM",
                     gguf=True, auto_class="AutoModelForCausalLM", pipeline_tag="text-generation",
                     layers_format="{layers} layers")
 ENCODER_DECODER = ModelKind(name="encoder-decoder", model_class=Seq2SeqTransformer,
-                            native_architecture="GQASeq2SeqLM", cuda_graph=False, gguf=False,
+                            native_architecture="GQASeq2SeqLM", gguf=False,
                             auto_class="AutoModelForSeq2SeqLM", pipeline_tag="text2text-generation",
                             layers_format="{encoder_layers} + {decoder_layers} layers")
 

@@ -364,9 +364,10 @@ class Seq2SeqTransformer(TokenModel):
         come after `cache.lengths` earlier ones (all sequences at the same step) and the cache advances."""
         batch, seq = decoder_ids.shape
         device = decoder_ids.device
-        start = 0 if cache is None else int(cache.lengths[0])
-        check_positions(self.config, start + seq, "a target")
-        positions = start + torch.arange(seq, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):  # a CUDA graph reads no host
+            check_positions(self.config, seq + (0 if cache is None else int(cache.lengths[0])), "a target")
+        # every sequence is at the same step: its positions follow the cache's length, read on the device
+        positions = torch.arange(seq, device=device) + (0 if cache is None else cache.lengths[:1])
         total = seq if cache is None else cache.max_len
         keys = torch.arange(total, device=device)
         allowed = keys[None, :] <= positions[:, None]  # causal, and only slots written so far
