@@ -135,38 +135,6 @@ def cmd_info(args) -> None:
         print(f"{key:<{width}}  {value}")
 
 
-def eval_seq2seq(args) -> None:
-    """`gqa eval` of an encoder–decoder: loss per target token of pairs, or of span-corrupted text."""
-    from . import corpus
-    from .checkpoints import check_reference
-    from .checkpoints.tokenizer import load_tokenizer
-    from .evaluate import compare_examples
-    from .seq2seq_data import check_seq_len, default_seq_len, eval_examples, is_pairs
-
-    if args.data not in corpus.NAMES and not Path(args.data).is_file():
-        raise GQAError(f"no data at {args.data} (and it is not a bundled corpus: {', '.join(corpus.NAMES)})")
-    device = pick_device(args.device)
-    config = model_config(args.model)
-    kv_cache = kv_cache_option(args, config)
-    pairs = is_pairs(args.data)
-    seq_len = args.seq_len or default_seq_len(config, pairs)
-    check_seq_len(config, seq_len, pairs)
-    if args.reference:
-        check_seq_len(model_config(args.reference), seq_len, pairs)
-        check_reference(args.model, config, args.reference, "reference")
-    examples = eval_examples(args.data, load_tokenizer(args.model), seq_len, args.max_tokens)
-    if examples.max_id() >= config.vocab_size:
-        raise GQAError(f"{args.data}: the tokenizer produced token id {examples.max_id()}, but the model's vocabulary "
-                       f"has {config.vocab_size} entries; use the tokenizer that belongs to the model")
-    model, reference = eval_models(args, device, kv_cache)
-    result = compare_examples(model, examples, teacher=reference, batch_size=args.batch_size)
-    result["examples"] = len(examples)
-    n = f"{len(examples):,} example{'s' if len(examples) > 1 else ''}"
-    whole = f" (examples are scored whole: --max-tokens {args.max_tokens:,} is reached within the first {n})" \
-        if args.max_tokens and result["tokens"] != args.max_tokens else ""
-    report_eval(args, result, model, f"target tokens of {n}{whole}")
-
-
 def eval_models(args, device: str, kv_cache: str | None):
     """`gqa eval`'s model (its cache stored as asked) and its reference (None without --reference)."""
     from .checkpoints import load
@@ -189,43 +157,26 @@ def report_eval(args, result: dict, model, scored: str) -> None:
 
 
 def cmd_eval(args) -> None:
+    """`gqa eval`: perplexity of held-out text (a decoder: windows of its tokens; an encoder–decoder: the target
+    tokens of pairs or of span-corrupted text), with a reference: top-1 agreement and KL."""
+    from .checkpoints.tokenizer import load_tokenizer
+    from .data import check_source
     from .kinds import kind_of
 
-    return EVALUATE[kind_of(args.model).name](args)
-
-
-def eval_decoder(args) -> None:
-    """`gqa eval` of a decoder: perplexity over windows of the text (or a corpus's held-out documents)."""
-    import torch
-
-    from . import corpus
-    from .checkpoints import check_reference
-    from .checkpoints.tokenizer import load_tokenizer
-    from .data import check_token_ids, is_validation, tokenize
-    from .evaluate import perplexity
-
-    text = None if args.data in corpus.NAMES else read_text(args.data)  # check the data before loading anything
+    check_source(args.data)  # before anything is loaded
+    kind = kind_of(args.model)
     device = pick_device(args.device)
     config = model_config(args.model)
     kv_cache = kv_cache_option(args, config)
-    if args.seq_len and args.seq_len > config.max_positions:
-        raise GQAError(f"--seq-len {args.seq_len} exceeds the model's {config.max_positions} positions")
+    seq_len = args.seq_len or kind.default_seq_len(config, args.data, evaluating=True)
+    kind.check_seq_len(config, seq_len, args.data)
     if args.reference:
-        check_reference(args.model, config, args.reference, "reference", args.seq_len or min(config.max_positions, 1024))
-    tokenizer = load_tokenizer(args.model)
-    if text is None:  # a bundled corpus: its held-out documents, the split training never sees
-        tokens = tokenize([d for d in corpus.documents(args.data) if is_validation(d, 0.05)], tokenizer)
-    else:
-        tokens = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-    if args.max_tokens:
-        tokens = tokens[: args.max_tokens + 1]  # + 1: the first token of a window is context, not scored
-    check_token_ids(tokens, config.vocab_size, args.data)
+        kind.check_reference(args.model, config, args.reference, seq_len, args.data)
+    data = kind.eval_data(args.data, load_tokenizer(args.model), seq_len, args.max_tokens, config.vocab_size)
     model, reference = eval_models(args, device, kv_cache)
-    result = perplexity(model, tokens, seq_len=args.seq_len, batch_size=args.batch_size, reference=reference)
-    report_eval(args, result, model, "tokens")
-
-
-EVALUATE = {"decoder": eval_decoder, "encoder-decoder": eval_seq2seq}  # by `kinds.ModelKind.name`
+    result, scored = kind.score(model, data, reference=reference, seq_len=seq_len, batch_size=args.batch_size,
+                                max_tokens=args.max_tokens)
+    report_eval(args, result, model, scored)
 
 
 def cmd_generate(args) -> None:

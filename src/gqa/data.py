@@ -134,6 +134,23 @@ def check_token_ids(tokens: torch.Tensor, vocab_size: int, source: str) -> None:
                        f"has {vocab_size} entries; use the tokenizer that belongs to the model")
 
 
+def eval_tokens(source, tokenizer, max_tokens: int | None = None) -> torch.Tensor:
+    """What `gqa eval` scores a decoder on: a text file whole, or a bundled corpus's held-out documents (the
+    split training never sees); `max_tokens`: the first max_tokens + 1 (a window's first token is context)."""
+    from . import corpus
+
+    if str(source) in corpus.NAMES:
+        tokens = tokenize([d for d in corpus.documents(str(source)) if is_validation(d, 0.05)], tokenizer)
+    else:
+        if not Path(source).is_file():
+            raise GQAError(f"no text file at {source}")
+        text = read_text(Path(source))
+        if not text.strip():
+            raise GQAError(f"{source} is empty")
+        tokens = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    return tokens[: max_tokens + 1] if max_tokens else tokens
+
+
 def pack(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
     n = stream.numel() // (seq_len + 1)
     return stream[: n * (seq_len + 1)].view(n, seq_len + 1)

@@ -67,13 +67,13 @@ class ModelKind:
 
         return (target_seq2seq_family if self.is_encoder_decoder else target_family)(config, hf_config, format)
 
-    def default_seq_len(self, config, data) -> int:
+    def default_seq_len(self, config, data, *, evaluating: bool = False) -> int:
         """`--seq-len` when none is given: the model's positions, at most 1024 (an encoder–decoder's examples
-        within its learned positions: `seq2seq_data.default_seq_len`)."""
+        within its learned positions: `seq2seq_data.default_seq_len`; at most 512 where `gqa eval` scores them)."""
         from .seq2seq_data import default_seq_len, is_pairs
 
-        return default_seq_len(config, is_pairs(data), 1024) if self.is_encoder_decoder else \
-            min(1024, config.max_positions)
+        return default_seq_len(config, is_pairs(data), 512 if evaluating else 1024) if self.is_encoder_decoder \
+            else min(1024, config.max_positions)
 
     def check_seq_len(self, config, seq_len: int, data) -> None:
         """Windows (or an encoder–decoder's examples) of `seq_len` tokens within the model's positions."""
@@ -100,6 +100,42 @@ class ModelKind:
         if self.is_encoder_decoder:
             check_seq_len(config, seq_len, pairs=False, option="--calib-seq-len")
         return seq_len
+
+    def check_reference(self, model: str, config, reference: str, seq_len: int, data) -> None:
+        """`gqa eval --reference`: the same kind, vocabulary and tokenizer, and room for the examples or windows."""
+        from .checkpoints import check_reference, checked_config
+
+        if self.is_encoder_decoder:
+            self.check_seq_len(checked_config(reference), seq_len, data)
+        check_reference(model, config, reference, "reference", None if self.is_encoder_decoder else seq_len)
+
+    def eval_data(self, source: str, tokenizer, seq_len: int, max_tokens: int | None, vocab_size: int):
+        """What `gqa eval` scores, its token ids checked: a decoder's token stream (`data.eval_tokens`), an
+        encoder–decoder's examples (`seq2seq_data.eval_examples`)."""
+        from .data import check_token_ids, eval_tokens
+        from .seq2seq_data import eval_examples
+
+        if self.is_encoder_decoder:
+            data = eval_examples(source, tokenizer, seq_len, max_tokens)
+            check_token_ids(torch.tensor([data.max_id()]), vocab_size, source)
+        else:
+            data = eval_tokens(source, tokenizer, max_tokens)
+            check_token_ids(data, vocab_size, source)
+        return data
+
+    def score(self, model, data, *, reference, seq_len: int, batch_size: int, max_tokens: int | None) -> tuple:
+        """(`gqa eval`'s scores, what they were scored over): windows of the token stream, or each example's
+        target tokens (scored whole: --max-tokens is reached within the first examples that hold it)."""
+        from .evaluate import compare_examples, perplexity
+
+        if not self.is_encoder_decoder:
+            return perplexity(model, data, seq_len=seq_len, batch_size=batch_size, reference=reference), "tokens"
+        result = compare_examples(model, data, teacher=reference, batch_size=batch_size)
+        result["examples"] = len(data)
+        n = f"{len(data):,} example{'s' if len(data) > 1 else ''}"
+        whole = f" (examples are scored whole: --max-tokens {max_tokens:,} is reached within the first {n})" \
+            if max_tokens and result["tokens"] != max_tokens else ""
+        return result, f"target tokens of {n}{whole}"
 
     def prepare_data(self, source, tokenizer, seq_len: int, val_fraction: float, seed: int):
         """Training and validation data: a decoder's packed blocks, an encoder–decoder's examples (pairs, or
