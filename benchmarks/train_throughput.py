@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-CONFIG = dict(vocab_size=4096, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, head_dim=64, hidden_dim=3072,
-              max_positions=1024, tie_embeddings=True)
+from gqa.presets import preset_fields
+
+CONFIG = preset_fields("llama-125m")
 TOKENIZER = Path(__file__).resolve().parents[1] / "src" / "gqa" / "assets" / "demo-mha"
 
 

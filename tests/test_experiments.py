@@ -125,5 +125,5 @@ def test_model_presets_build_and_unknown_names_are_refused():
     for name in ENCODER_DECODERS:
         assert isinstance(preset(name), Seq2SeqConfig)
     assert preset("llama-1b", n_kv_heads=4).n_kv_heads == [4] * 24
-    with pytest.raises(GQAError, match="unknown model preset 'llama-7b'; known: llama-1b, llama-tiny"):
+    with pytest.raises(GQAError, match="unknown model preset 'llama-7b'; known: llama-1b, llama-125m, llama-tiny"):
         preset("llama-7b")

@@ -14,6 +14,9 @@ DECODERS = {
     # TinyLlama-1.1B's geometry with multi-head attention: `gqa bench generate / capacity`
     "llama-1b": dict(vocab_size=32000, dim=2048, n_layers=24, n_heads=16, n_kv_heads=16, head_dim=128,
                      hidden_dim=5632, max_positions=4096),
+    # GPT-2-small's geometry on the demo tokenizer: `benchmarks/train_throughput.py`
+    "llama-125m": dict(vocab_size=4096, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, head_dim=64, hidden_dim=3072,
+                       max_positions=1024, tie_embeddings=True),
     # `--quick` harness checks (heads of 32: one block of the decode kernel)
     "llama-tiny": dict(vocab_size=320, dim=128, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=32, hidden_dim=128,
                        max_positions=4096),
