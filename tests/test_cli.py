@@ -98,7 +98,7 @@ def test_folder_without_config(tmp_path, capsys):
 
 
 def test_missing_folder(tmp_path, capsys):
-    user_error(capsys, ["eval", tmp_path / "nope", "--data", tmp_path / "t.txt"], "no text file")
+    user_error(capsys, ["eval", tmp_path / "nope", "--data", tmp_path / "t.txt"], "no data at")
     user_error(capsys, ["info", tmp_path / "nope"], "no model folder")
 
 
