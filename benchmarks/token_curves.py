@@ -2,7 +2,7 @@
 
 Three curves on SmolLM2-135M, every point a real gqa command on the `general` calibration mix:
 - calibration tokens for the layer-wise transfer (`--transfer-steps 300`), half the KV bytes and MQA;
-- calibration tokens for the joint stage (`--transfer-steps 100 --joint-steps 40`), MQA;
+- calibration tokens for the joint stage (`--transfer-steps 100 --joint-steps 40`), half the KV bytes and MQA;
 - distillation tokens after conversion (`gqa uptrain` from the transfer conversion on 65,536 tokens, half
   the KV bytes and MQA; its defaults: distil from the source, lr 1e-4), 61k to 1M tokens here, 10M and 100M on a GPU
   (`scripts/gpu_acceptance.py --parts distill-curve`).
@@ -76,7 +76,7 @@ class Point:
 
 POINTS = {p.name: p for p in
           [Point(f"{kv}-transfer-{s}", "calibration: transfer", kv, n) for kv in KV for s, n in SIZES.items()] +
-          [Point(f"mqa-joint-{s}", "calibration: joint", "mqa", n) for s, n in SIZES.items()] +
+          [Point(f"{kv}-joint-{s}", "calibration: joint", kv, n) for kv in KV for s, n in SIZES.items()] +
           [Point(f"{kv}-distill-{s}", "distillation", kv, steps * BATCH * SEQ_LEN) for kv in KV
            for s, steps in DISTILL.items()]}
 
