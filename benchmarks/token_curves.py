@@ -5,7 +5,8 @@ Three curves on SmolLM2-135M, every point a real gqa command on the `general` ca
 - calibration tokens for the joint stage (`--transfer-steps 100 --joint-steps 40`), half the KV bytes and MQA;
 - distillation tokens after conversion (`gqa uptrain` from the transfer conversion on 65,536 tokens, half
   the KV bytes and MQA; its defaults: distil from the source, lr 1e-4), 61k to 1M tokens here, 10M and 100M on a GPU
-  (`scripts/gpu_acceptance.py --parts distill-curve`).
+  (`scripts/gpu_acceptance.py --parts distill-curve`); and the same with the KL alone (`--lm-weight 0`:
+  the student fitted to the source's distributions, not to the text's; points `half-kl-*`, `mqa-kl-*`).
 Each point is scored with the model's own (bf16) cache and with llama.cpp's q8_0 cache, against the
 original with a float32 cache (`gqa eval --reference`), on 8,192 held-out tokens of each set: the
 validation splits of wiki and shakespeare, CPython's language reference and the Linux kernel's process
@@ -52,9 +53,13 @@ DISTILL = {"61k": 15, "250k": 60, "1m": 240, "10m": 2_442, "100m": 24_415}  # st
 @dataclass(frozen=True)
 class Point:
     name: str
-    curve: str  # "calibration: transfer", "calibration: joint", "distillation"
+    curve: str  # "calibration: transfer", "calibration: joint", "distillation", "distillation: KL only"
     kv: str  # half / mqa
     tokens: int  # calibration tokens, or distillation tokens read
+
+    @property
+    def distils(self) -> bool:
+        return self.curve.startswith("distillation")
 
     @property
     def start(self) -> str:
@@ -63,12 +68,14 @@ class Point:
 
     def command(self, original: Path, path: Path, work: Path, calib: str, device: list[str],
                 micro_batch: int = BATCH) -> list[str]:
-        if self.curve == "distillation":  # steps of BATCH sequences, in micro-batches that bound the memory
+        if self.distils:  # steps of BATCH sequences, in micro-batches that bound the memory
             steps = DISTILL[self.name.rsplit("-", 1)[1]]
+            kl_only = ["--lm-weight", "0"] if self.curve == "distillation: KL only" else []
             return ["uptrain", str(work / self.start), str(path), "--data", calib, "--steps", str(steps),
                     "--batch-size", str(micro_batch), "--grad-accum", str(BATCH // micro_batch), "--seq-len",
                     str(SEQ_LEN), "--eval-every", "100000",
-                    "--save-every", str(max(20, steps // 20)), *device, "--overwrite"]  # checkpoints to resume from
+                    "--save-every", str(max(20, steps // 20)), *kl_only, *device,
+                    "--overwrite"]  # checkpoints to resume from
         stage = self.curve.split(": ")[1]
         return ["convert", str(original), str(path), *KV[self.kv], "--method", "aligned", "--calib", calib,
                 "--calib-tokens", str(self.tokens), *STAGES[stage], "--overwrite"]
@@ -77,8 +84,8 @@ class Point:
 POINTS = {p.name: p for p in
           [Point(f"{kv}-transfer-{s}", "calibration: transfer", kv, n) for kv in KV for s, n in SIZES.items()] +
           [Point(f"{kv}-joint-{s}", "calibration: joint", kv, n) for kv in KV for s, n in SIZES.items()] +
-          [Point(f"{kv}-distill-{s}", "distillation", kv, steps * BATCH * SEQ_LEN) for kv in KV
-           for s, steps in DISTILL.items()]}
+          [Point(f"{kv}-{name}-{s}", curve, kv, steps * BATCH * SEQ_LEN) for kv in KV for s, steps in DISTILL.items()
+           for name, curve in (("distill", "distillation"), ("kl", "distillation: KL only"))]}
 
 
 def original_model(work: Path, gguf: str, log: list) -> Path:
@@ -108,10 +115,10 @@ def measure_point(point: Point, original: Path, work: Path, data: dict, args, do
             continue
         log: list = []
         if not (path / "config.json").exists():
-            if point.curve == "distillation" and not (work / point.start / "config.json").exists():
+            if point.distils and not (work / point.start / "config.json").exists():
                 raise SystemExit(f"{point.name} starts from {point.start}: measure that point first")
             command = point.command(original, path, work, args.calib, device(args), args.micro_batch)
-            if point.curve == "distillation" and latest_checkpoint(path):  # a run cut short (a 10-minute call)
+            if point.distils and latest_checkpoint(path):  # a run cut short (a 10-minute call)
                 command[command.index("--overwrite")] = "--resume"
             run(command, log, point.name)
         row = {"point": point.name, "curve": point.curve, "kv": point.kv, "tokens": point.tokens, "cache": cache,

@@ -13,8 +13,9 @@ from gqa.plots import pyplot
 
 FRONTIER = Path(__file__).resolve().parents[1] / "docs" / "results" / "kv-frontier" / "smollm2" / "results.json"
 STYLE = {("calibration: transfer", "half"): ("s", "#2ca02c"), ("calibration: transfer", "mqa"): ("^", "#1f77b4"),
-         ("calibration: joint", "mqa"): ("v", "#9467bd"), ("distillation", "half"): ("P", "#ff7f0e"),
-         ("distillation", "mqa"): ("D", "#d62728")}
+         ("calibration: joint", "half"): ("<", "#17becf"), ("calibration: joint", "mqa"): ("v", "#9467bd"),
+         ("distillation", "half"): ("P", "#ff7f0e"), ("distillation", "mqa"): ("D", "#d62728"),
+         ("distillation: KL only", "half"): ("X", "#8c564b"), ("distillation: KL only", "mqa"): ("d", "#e377c2")}
 
 
 def ratio(row: dict, results: dict, s: str) -> float:

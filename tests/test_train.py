@@ -170,6 +170,24 @@ def test_distillation_against_the_teacher(pretrained, corpus, tmp_path):
     assert logged == pytest.approx(expected, rel=1e-4) and expected > 0.01
 
 
+def test_distillation_alone_follows_the_teacher_not_the_text(pretrained, corpus, tmp_path, capsys):
+    """--lm-weight 0 trains on KL(teacher ‖ student) alone: a student equal to its teacher gets no gradient
+    at all (with the LM loss it does); a checkpoint of such a run resumes only with the same weight."""
+    def first_step(out, *extra):
+        run_cli("uptrain", pretrained, tmp_path / out, "--data", corpus, "--steps", "2", "--save-every", "1",
+                "--teacher", pretrained, *TRAIN, *extra)
+        return json.loads((tmp_path / out / "train" / "log.jsonl").read_text().splitlines()[1])
+
+    assert first_step("kl-only", "--lm-weight", "0")["grad_norm"] == pytest.approx(0.0, abs=1e-6)
+    assert first_step("both")["grad_norm"] > 0.1
+    (tmp_path / "kl-only" / "config.json").unlink()  # as if killed after a checkpoint
+    user_error(capsys, ["uptrain", pretrained, tmp_path / "kl-only", "--data", corpus, "--steps", "2",
+                        "--save-every", "1", "--teacher", pretrained, *TRAIN, "--resume"],
+               "was trained with --lm-weight 0.0 (this run: 1.0)")
+    user_error(capsys, ["uptrain", pretrained, tmp_path / "o", "--data", corpus, "--steps", "1", "--lm-weight", "0",
+                        "--no-teacher"], "--lm-weight 0 leaves the distillation loss alone, which needs a --teacher")
+
+
 def test_mean_kl_matches_definition():
     torch.manual_seed(0)
     s, t = torch.randn(2, 3, 7), torch.randn(2, 3, 7)

@@ -306,6 +306,7 @@ def train_config(args):
         grad_clip=args.grad_clip, eval_every=args.eval_every, eval_blocks=args.eval_blocks,
         save_every=args.save_every, seed=args.seed, val_fraction=args.val_fraction,
         teacher=getattr(args, "teacher", None), distill_weight=getattr(args, "distill_weight", None),
+        lm_weight=getattr(args, "lm_weight", 1.0),
         strategy=args.strategy or "ddp", compile=args.compile, device=args.device, overwrite=args.overwrite,
         resume=args.resume,
     )
@@ -757,6 +758,8 @@ def add_train_verbs(sub) -> None:
     p.add_argument("--no-teacher", action="store_true", help="train on the data alone, even a converted model")
     p.add_argument("--distill-weight", type=NON_NEGATIVE, default=None,
                    help="loss = LM + w * KL(teacher || student) (default 1 for the conversion's source, else 0.5)")
+    p.add_argument("--lm-weight", type=NON_NEGATIVE, default=1.0,
+                   help="the LM loss's weight (0: distillation alone, the student fitted to the teacher, not the text)")
     p.set_defaults(func=cmd_uptrain)
 
     p = sub.add_parser("pretrain", help="train a model from scratch (same loop)")

@@ -8,7 +8,8 @@ pairs a step reads the target tokens of its examples (padding is no token), so t
 
 The loop: AdamW (no decay on norms and biases), linear warm-up then cosine decay to `min_lr_ratio`,
 gradient clipping and accumulation, bf16 autocast on CUDA (fp32 on the CPU), optional torch.compile.
-The loss is the LM loss, plus `distill_weight` × KL(teacher ‖ student) when a teacher is given.
+The loss is `lm_weight` × the LM loss, plus `distill_weight` × KL(teacher ‖ student) when a teacher is given
+(`lm_weight` 0: distillation alone, the student fitted to the teacher's distributions and not to the text's).
 
 Distributed runs use torch.distributed under torchrun: DDP, or FSDP2 (`fully_shard` per block) for models
 that do not fit one GPU. Every rank reads its slice of each global micro-batch, so the run is the same
@@ -81,6 +82,7 @@ class TrainConfig:
     val_fraction: float = 0.05
     teacher: str | None = None
     distill_weight: float | None = None  # default 0.5 with a teacher; without one it has nothing to weigh
+    lm_weight: float = 1.0  # 0 with a teacher: the KL alone
     strategy: str = "ddp"  # with more than one rank: ddp | fsdp
     compile: bool = False
     device: str | None = None
@@ -96,12 +98,14 @@ def plan_steps(cfg: TrainConfig) -> dict:
     for name in ("seq_len", "batch_size", "grad_accum"):
         if getattr(cfg, name) < 1:
             raise GQAError(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("lr", "weight_decay", "grad_clip", "distill_weight", "min_lr_ratio"):
+    for name in ("lr", "weight_decay", "grad_clip", "distill_weight", "lm_weight", "min_lr_ratio"):
         value = getattr(cfg, name)
         if value is not None and (not math.isfinite(value) or value < 0):
             raise GQAError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     if cfg.distill_weight is not None and not cfg.teacher:
         raise GQAError("--distill-weight weighs the distillation loss, which needs a --teacher to distil from")
+    if cfg.lm_weight == 0 and not cfg.teacher:
+        raise GQAError("--lm-weight 0 leaves the distillation loss alone, which needs a --teacher to distil from")
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     alpha_tokens = None
     if cfg.alpha is not None:
@@ -325,7 +329,10 @@ def write_final_model(model: Transformer, out: Path, report: dict, source: str |
 
 # ------------------------------------------------------------------------------------------- what a run is made of
 
-RUN_DEFINING = ("seq_len", "batch_size", "grad_accum", "seed", "val_fraction", "distill_weight")
+RUN_DEFINING = ("seq_len", "batch_size", "grad_accum", "seed", "val_fraction", "distill_weight", "lm_weight")
+# settings added after checkpoints existed, with the value every run before them had: written into a
+# fingerprint only when they differ from it, so older checkpoints resume and default runs stay byte-identical
+SINCE = {"lm_weight": 1.0}
 DATA_DEFINING = ("seq_len", "val_fraction", "seed")  # these re-cut the data: its tokens differ with them
 
 
@@ -335,7 +342,8 @@ def run_fingerprint(cfg: TrainConfig, model: Transformer, data: TokenData, teach
     starting model's and the teacher's weights. The learning rate, schedule and the rest may change on a
     resume (a lower --lr after a divergence); these may not."""
     return {
-        "settings": {name: getattr(cfg, name) for name in RUN_DEFINING},
+        "settings": {name: getattr(cfg, name) for name in RUN_DEFINING
+                     if name not in SINCE or getattr(cfg, name) != SINCE[name]},
         "data": tensors_digest(data_tensors(data)),
         "model": tensors_digest(model.state_dict()),
         "teacher": tensors_digest(teacher.state_dict()) if teacher is not None else None,
@@ -356,7 +364,9 @@ def changed_settings(saved, now: dict) -> list[str]:
     """The run-defining settings that differ from a checkpoint's, as '--name THEN (this run: NOW)'."""
     if not isinstance(saved, dict):  # an older gqa kept one digest of them all: which one differs is unknown
         return [] if saved == digest(now) else [f"settings ({', '.join(option(n) for n in RUN_DEFINING)})"]
-    return [f"{option(n)} {saved.get(n)} (this run: {now[n]})" for n in RUN_DEFINING if saved.get(n) != now[n]]
+    now = {n: now.get(n, SINCE.get(n)) for n in RUN_DEFINING}
+    return [f"{option(n)} {saved.get(n, SINCE.get(n))} (this run: {now[n]})" for n in RUN_DEFINING
+            if saved.get(n, SINCE.get(n)) != now[n]]
 
 
 def option(name: str) -> str:
@@ -514,7 +524,7 @@ class Trainer:
             with sync:
                 lm, kl = self.losses(blocks)
                 lm_sum += lm.detach()
-                loss = lm if kl is None else lm + cfg.distill_weight * kl
+                loss = cfg.lm_weight * lm if kl is None else cfg.lm_weight * lm + cfg.distill_weight * kl
                 if kl is not None:
                     kl_sum += kl.detach()
                 (loss / cfg.grad_accum).backward()
