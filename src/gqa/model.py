@@ -381,6 +381,10 @@ class TokenModel(nn.Module):
         if self.config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
+    def reset_rope(self) -> None:
+        """(Re)compute the tables a model computes rather than stores, after it was built on the meta device
+        (a decoder's rotary table; an encoder–decoder has none)."""
+
     def allocate_cache(self, n_kv_heads: list[int], batch_size: int, max_len: int,
                        dtype: torch.dtype | None = None) -> KVCache | QuantizedKVCache:
         """A static cache of `n_kv_heads` per layer, storing what `set_kv_cache_dtype` chose unless `dtype`

@@ -18,13 +18,16 @@ import torch
 
 from ..errors import GQAError
 from ..model import ModelConfig, Transformer
-from ..seq2seq import Seq2SeqTransformer
+from ..seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from ..version import __version__
 from . import files
 from .families import BY_ARCHITECTURE, MQA_FORM, PER_LAYER, Family, family_for, stack_heads
-from .seq2seq import check_seq2seq_layout, is_seq2seq, load_seq2seq, read_seq2seq_config, save_seq2seq
+from .seq2seq import NATIVE_SEQ2SEQ, check_seq2seq_layout, import_state, is_seq2seq, read_seq2seq_config, target_seq2seq_family
 
 NATIVE_ARCHITECTURE = "GQAForCausalLM"
+# the two model shapes, by config class: the model built from it, and gqa's own format's names for it
+SHAPES = {ModelConfig: (Transformer, NATIVE_ARCHITECTURE, "gqa"),
+          Seq2SeqConfig: (Seq2SeqTransformer, NATIVE_SEQ2SEQ, "gqa-seq2seq")}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -101,7 +104,10 @@ def import_tensors(path, config: ModelConfig, family: Family | None) -> dict[str
     for name, tensor in files.iter_tensors(path):
         files.check_finite(path, name, tensor)
         state.update(family.import_tensor(name, tensor, config) if family else {name: tensor})
-    return stack_heads(state)
+    state = stack_heads(state)
+    if config.tie_embeddings and "tok_embeddings.weight" in state:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    return state
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -177,32 +183,32 @@ def load(
     kv_cache_dtype: what its KV cache stores ("q8_0", "q4_0", "fp8_e4m3", ...: `Transformer.set_kv_cache_dtype`).
     """
     dtype = parse_dtype(dtype)
-    if is_seq2seq(raw := files.read_config(path)):  # an encoder–decoder (T5, BART): its own model class
-        model = load_seq2seq(path, raw, dtype, device)
+    if is_seq2seq(hf := files.read_config(path)):  # an encoder–decoder (T5, BART): its own model class
+        config, family = read_seq2seq_config(path, hf)
+        state = import_state(path, config, family)
     else:
-        model = load_decoder(path, dtype, device)
+        config, family, hf = read_model_config(path)
+        check_layout(path, config, family)
+        state = import_tensors(path, config, family)
+    model = model_from_state(config, state, dtype, device)
+    model.hf_config = hf.get("hf_config") if family is None else hf
+    model.source_dir = Path(path)
     if kv_cache_dtype is not None:
         model.set_kv_cache_dtype(kv_cache_dtype, kv_rotation)
     return model
 
 
-def load_decoder(path, dtype: torch.dtype | None, device) -> Transformer:
-    config, family, hf = read_model_config(path)
-    check_layout(path, config, family)
+def model_from_state(config, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None, device=None):
+    """The model over gqa tensors (built on the meta device, the tensors assigned, the head tied), in eval mode;
+    dtype None: the embeddings'."""
     with torch.device("meta"):
-        model = Transformer(config)
-    state = import_tensors(path, config, family)
-    if config.tie_embeddings and "tok_embeddings.weight" in state:
-        state["output.weight"] = state["tok_embeddings.weight"]
+        model = SHAPES[type(config)][0](config)
     dtype = dtype or state["tok_embeddings.weight"].dtype
     state = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
     model.tie_weights()
     model.reset_rope()
-    model.eval()
-    model.hf_config = hf.get("hf_config") if family is None else hf
-    model.source_dir = Path(path)
-    return model
+    return model.eval()
 
 
 def target_family(config: ModelConfig, hf_config: dict | None, format: str = "auto") -> Family | None:
@@ -238,28 +244,27 @@ def target_family(config: ModelConfig, hf_config: dict | None, format: str = "au
     return None
 
 
-def config_json(config: ModelConfig, hf_config: dict | None, family: Family | None, dtype: torch.dtype) -> dict:
-    """The config.json of a folder written as `family` (None: gqa's own format)."""
-    base = dict(hf_config or {})
-    for key in ("_name_or_path", "torch_dtype", "dtype", "transformers_version"):
-        base.pop(key, None)
+def config_json(config, hf_config: dict | None, family, dtype: torch.dtype) -> dict:
+    """The config.json of a folder written as `family` (None: gqa's own format), checked: what a reader of it
+    builds is this model."""
+    base = {k: v for k, v in (hf_config or {}).items() if k not in ("_name_or_path", "torch_dtype", "dtype",
+                                                                     "transformers_version")}
     dtype_name = str(dtype).removeprefix("torch.")
     if family is None:
-        return {
-            "architectures": [NATIVE_ARCHITECTURE],
-            "model_type": "gqa",
-            "gqa_version": __version__,
-            "gqa_config": config.to_dict(),
-            "hf_config": base or None,
-            "torch_dtype": dtype_name,
-        }
-    out = family.to_hf_config(config, base)
-    out["torch_dtype"] = dtype_name
-    return out
+        _, architecture, model_type = SHAPES[type(config)]
+        return {"architectures": [architecture], "model_type": model_type, "gqa_version": __version__,
+                "gqa_config": config.to_dict(), "hf_config": base or None, "torch_dtype": dtype_name}
+    written = family.to_hf_config(config, base)
+    read = family.to_config(written)
+    if read != config:
+        differ = [k for k, v in config.to_dict().items() if read.to_dict().get(k) != v]
+        raise GQAError(f"{family.name}'s config.json cannot express this model ({', '.join(differ)} would read back "
+                       f"differently); write gqa's own format (--format native)")
+    return {**written, "torch_dtype": dtype_name}
 
 
 def save(
-    model: Transformer,
+    model: Transformer | Seq2SeqTransformer,
     dest: str | os.PathLike,
     format: str = "auto",
     overwrite: bool = False,
@@ -270,20 +275,28 @@ def save(
 ) -> Path:
     """Write `model` to folder `dest` atomically; returns the path. Tokenizer files travel with it. `card`, if
     given, writes the model card into the finished folder before it is renamed (`gqa.card.write_card`)."""
-    dtype = parse_dtype(dtype) or model.dtype
-    if isinstance(model, Seq2SeqTransformer):
-        return save_seq2seq(model, dest, format=format, overwrite=overwrite, dtype=dtype, card=card)
-    family = target_family(model.config, model.hf_config, format)
-    state = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    state = export_tensors(state, model.config, family)
-    config = config_json(model.config, model.hf_config, family, dtype)
+    target = target_seq2seq_family if isinstance(model.config, Seq2SeqConfig) else target_family
+    return save_state(model.state_dict(), model.config, model.hf_config, target(model.config, model.hf_config, format),
+                      dest, parse_dtype(dtype) or model.dtype, source_dir=model.source_dir, overwrite=overwrite,
+                      shard_bytes=shard_bytes, extra_files=extra_files, card=card)
+
+
+def save_state(state: dict[str, torch.Tensor], config, hf_config: dict | None, family, dest, dtype: torch.dtype, *,
+               source_dir=None, overwrite: bool = False, shard_bytes: int = files.SHARD_BYTES,
+               extra_files: dict[str, Any] | None = None, card: Callable[[Path], None] | None = None) -> Path:
+    """Write gqa tensors as `family`'s folder (None: gqa's own format) in `dtype`, atomically: shards,
+    config.json, the tokenizer from `source_dir`, the family's runtime code, `extra_files` (JSON) and the
+    model card `card(folder)` writes."""
+    state = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v for k, v in state.items()}
+    tensors = export_tensors(state, config, family)
+    config_file = config_json(config, hf_config, family, dtype)  # a config the family cannot hold stops here
     with files.atomic_dir(dest, overwrite=overwrite) as tmp:
         writer = files.ShardWriter(tmp, shard_bytes)
-        for name, tensor in state.items():
+        for name, tensor in tensors.items():
             writer.add(name, tensor)
         writer.close()
-        files.write_json(tmp / "config.json", config)
-        files.copy_tokenizer(model.source_dir, tmp)
+        files.write_json(tmp / "config.json", config_file)
+        files.copy_tokenizer(source_dir, tmp)
         files.write_remote_code(family, tmp)
         for name, obj in (extra_files or {}).items():
             files.write_json(tmp / name, obj)

@@ -308,45 +308,6 @@ def import_state(path, config: Seq2SeqConfig, family: Seq2SeqFamily | None, read
     return state
 
 
-def model_from_state(config: Seq2SeqConfig, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
-                     device=None) -> Seq2SeqTransformer:
-    """The model over gqa tensors (built on the meta device, the tensors assigned, the head tied), in eval mode."""
-    with torch.device("meta"):
-        model = Seq2SeqTransformer(config)
-    dtype = dtype or state["tok_embeddings.weight"].dtype
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True, strict=True)
-    model.tie_weights()
-    return model.eval()
-
-
-def load_seq2seq(path, hf: dict, dtype: torch.dtype | None, device) -> Seq2SeqTransformer:
-    config, family = read_seq2seq_config(path, hf)
-    model = model_from_state(config, import_state(path, config, family), dtype, device)
-    model.hf_config = hf.get("hf_config") if family is None else hf
-    model.source_dir = Path(path)
-    return model
-
-
-def seq2seq_config_json(config: Seq2SeqConfig, hf_config: dict | None, family: Seq2SeqFamily | None,
-                        dtype: torch.dtype) -> dict:
-    from ..version import __version__
-
-    base = {k: v for k, v in (hf_config or {}).items() if k not in ("_name_or_path", "torch_dtype", "dtype",
-                                                                     "transformers_version")}
-    dtype_name = str(dtype).removeprefix("torch.")
-    if family is None:
-        return {"architectures": [NATIVE_SEQ2SEQ], "model_type": "gqa-seq2seq", "gqa_version": __version__,
-                "gqa_config": config.to_dict(), "hf_config": base or None, "torch_dtype": dtype_name}
-    written = family.to_hf_config(config, base)
-    # what a reader of this config.json builds must be this model: checked by reading it back
-    read = family.to_config(written)
-    if read != config:
-        differ = [k for k, v in config.to_dict().items() if read.to_dict().get(k) != v]
-        raise GQAError(f"{family.name}'s config.json cannot express this model ({', '.join(differ)} would read back "
-                       f"differently); write gqa's own format (--format native)")
-    return {**written, "torch_dtype": dtype_name}
-
-
 def target_seq2seq_family(config: Seq2SeqConfig, hf_config: dict | None, format: str) -> Seq2SeqFamily | None:
     """The HF family a model is written as (its source's, at G = H), or None for gqa's own format."""
     if format == "native" or not hf_config:
@@ -359,34 +320,3 @@ def target_seq2seq_family(config: Seq2SeqConfig, hf_config: dict | None, format:
                        f"transformers has no encoder–decoder class with a KV-head count for this layout; write "
                        f"gqa's own format (--format native)")
     return None
-
-
-def save_seq2seq_state(state: dict[str, torch.Tensor], config: Seq2SeqConfig, hf_config: dict | None,
-                       family: Seq2SeqFamily | None, dest, dtype: torch.dtype, source_dir=None, overwrite: bool = False,
-                       extra_files: dict | None = None, card=None) -> Path:
-    """Write gqa tensors as `family`'s folder (None: gqa's own format), atomically, tokenizer beside them, and
-    the model card `card(folder)` writes."""
-    state = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v for k, v in state.items()}
-    if family is not None:
-        tensors = family.export_state(state, config)
-    else:
-        tensors = {k: v for k, v in state.items() if not (k == "output.weight" and config.tie_embeddings)}
-    with files.atomic_dir(dest, overwrite=overwrite) as tmp:
-        writer = files.ShardWriter(tmp)
-        for name, tensor in tensors.items():
-            writer.add(name, tensor)
-        writer.close()
-        files.copy_tokenizer(source_dir, tmp)
-        for name, obj in (extra_files or {}).items():
-            files.write_json(tmp / name, obj)
-        files.write_json(tmp / "config.json", seq2seq_config_json(config, hf_config, family, dtype))
-        if card:
-            card(tmp)
-    return Path(dest)
-
-
-def save_seq2seq(model: Seq2SeqTransformer, dest, format: str = "auto", overwrite: bool = False,
-                 dtype: torch.dtype | None = None, card=None) -> Path:
-    family = target_seq2seq_family(model.config, model.hf_config, format)
-    return save_seq2seq_state(model.state_dict(), model.config, model.hf_config, family, dest, dtype or model.dtype,
-                              source_dir=model.source_dir, overwrite=overwrite, card=card)

@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from ..attention import check_regroup
 from ..card import conversion_step, write_card
-from ..checkpoints import files
-from ..checkpoints.seq2seq import import_state, model_from_state, read_seq2seq_config, save_seq2seq_state, target_seq2seq_family
+from ..checkpoints import files, model_from_state, save_state
+from ..checkpoints.seq2seq import import_state, read_seq2seq_config, target_seq2seq_family
 from ..checkpoints.tokenizer import warn_without_tokenizer
 from ..errors import GQAError
 from ..kinds import ENCODER_DECODER
@@ -100,10 +100,9 @@ def convert_seq2seq(src, dst, options: ConversionOptions) -> dict:
                             out_family=out_family, kinds=kinds, dtype=dtype, start=start)
     report.update(calibration=calibration.record() if calibration else None,
                   transfer=asdict(transfer) if transfer.steps else None, joint=joint_record, layers=records)
-    save_seq2seq_state(state, new_config, hf if family else hf.get("hf_config"), out_family, dst, dtype,
-                       source_dir=src, overwrite=options.overwrite, extra_files={"conversion.json": report},
-                       card=lambda folder: write_card(folder, source=src, step=conversion_step(report),
-                                                      name=Path(dst).name))
+    save_state(state, new_config, hf if family else hf.get("hf_config"), out_family, dst, dtype, source_dir=src,
+               overwrite=options.overwrite, extra_files={"conversion.json": report},
+               card=lambda folder: write_card(folder, source=src, step=conversion_step(report), name=Path(dst).name))
     return report
 
 
