@@ -230,7 +230,7 @@ def cmd_export(args) -> None:
     import torch
 
     from .card import write_card
-    from .checkpoints import load, parse_dtype, save
+    from .checkpoints import architecture_name, load, parse_dtype, save, target_family
     from .kinds import kind_of
 
     config = model_config(args.model)
@@ -252,10 +252,10 @@ def cmd_export(args) -> None:
         out = write_gguf(load(args.model, dtype="float32"), args.out, args.overwrite, dtype)
         return print(f"wrote {out} (GGUF, architecture {gguf_architecture(config)})")
     model = load(args.model, dtype=args.dtype)
-    family = kind.target_family(config, model.hf_config, args.format)
+    family = target_family(config, model.hf_config, args.format)
     save(model, args.out, format=args.format, overwrite=args.overwrite,
          card=lambda folder: write_card(folder, source=args.model, step={"step": "export"}, name=Path(args.out).name))
-    print(f"wrote {args.out} as {family.architectures[0] if family else kind.native_architecture + ' (gqa format)'}")
+    print(f"wrote {args.out} as {architecture_name(config, family)}{'' if family else ' (gqa format)'}")
 
 
 def parse_heads_list(text: str) -> list[int]:

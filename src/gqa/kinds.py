@@ -2,7 +2,7 @@
 
 Everything above the checkpoint edge asks `kind_of(...)` (a config, a model, a config.json dict or a model
 folder) and then the kind, instead of branching: how its model is built, how it generates and checks its
-generation lengths, what its logits of a batch are, what its native architecture is called. It imports
+generation lengths, what its logits of a batch are, how its model card names it. It imports
 only rooms below it (models, generation, data, checkpoints). The checkpoint edge (`gqa.checkpoints`) reads
 the folder to tell the kinds apart (`checkpoints.seq2seq.is_seq2seq`).
 """
@@ -23,7 +23,6 @@ from .seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 class ModelKind:
     name: str
     model_class: type
-    native_architecture: str  # what gqa's own format calls it in config.json
     gguf: bool  # whether `export --format gguf` writes it (llama.cpp runs decoder-only models)
     auto_class: str  # the transformers Auto class that loads its HF folders
     pipeline_tag: str  # the Hub's task name for it
@@ -59,13 +58,6 @@ class ModelKind:
     def completion_line(self, prompt: str, completion: str) -> str:
         """How `gqa generate` prints a result: a decoder continues the prompt, an encoder–decoder answers it."""
         return f"{prompt} -> {completion}" if self.is_encoder_decoder else prompt + completion
-
-    def target_family(self, config, hf_config: dict | None, format: str):
-        """The HF family a model of this kind is written as (None: gqa's own format)."""
-        from .checkpoints import target_family
-        from .checkpoints.seq2seq import target_seq2seq_family
-
-        return (target_seq2seq_family if self.is_encoder_decoder else target_family)(config, hf_config, format)
 
     def default_seq_len(self, config, data, *, evaluating: bool = False) -> int:
         """`--seq-len` when none is given: the model's positions, at most 1024 (an encoder–decoder's examples
@@ -180,11 +172,9 @@ class ModelKind:
         return modules
 
 
-DECODER = ModelKind(name="decoder", model_class=Transformer, native_architecture="GQAForCausalLM",
-                    gguf=True, auto_class="AutoModelForCausalLM", pipeline_tag="text-generation",
-                    layers_format="{layers} layers")
-ENCODER_DECODER = ModelKind(name="encoder-decoder", model_class=Seq2SeqTransformer,
-                            native_architecture="GQASeq2SeqLM", gguf=False,
+DECODER = ModelKind(name="decoder", model_class=Transformer, gguf=True, auto_class="AutoModelForCausalLM",
+                    pipeline_tag="text-generation", layers_format="{layers} layers")
+ENCODER_DECODER = ModelKind(name="encoder-decoder", model_class=Seq2SeqTransformer, gguf=False,
                             auto_class="AutoModelForSeq2SeqLM", pipeline_tag="text2text-generation",
                             layers_format="{encoder_layers} + {decoder_layers} layers")
 

@@ -22,7 +22,8 @@ from ..seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from ..version import __version__
 from . import files
 from .families import BY_ARCHITECTURE, MQA_FORM, PER_LAYER, Family, family_for, stack_heads
-from .seq2seq import NATIVE_SEQ2SEQ, check_seq2seq_layout, import_state, is_seq2seq, read_seq2seq_config, target_seq2seq_family
+from .seq2seq import NATIVE_SEQ2SEQ, check_seq2seq_layout, import_state, is_seq2seq, read_seq2seq_config
+from .seq2seq import target_family as target_seq2seq_family
 
 NATIVE_ARCHITECTURE = "GQAForCausalLM"
 # the two model shapes, by config class: the model built from it, and gqa's own format's names for it
@@ -38,6 +39,11 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name not in DTYPES:
         raise GQAError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
     return DTYPES[name]
+
+
+def architecture_name(config, family) -> str:
+    """What a folder of this model written as `family` (None: gqa's own format) calls its architecture."""
+    return family.architectures[0] if family is not None else SHAPES[type(config)][1]
 
 
 def is_native(hf: dict) -> bool:
@@ -211,8 +217,9 @@ def model_from_state(config, state: dict[str, torch.Tensor], dtype: torch.dtype 
     return model.eval()
 
 
-def target_family(config: ModelConfig, hf_config: dict | None, format: str = "auto") -> Family | None:
-    """The HF family a model with this config is written as, or None for gqa's own format.
+def target_family(config, hf_config: dict | None, format: str = "auto"):
+    """The HF family a model with this config is written as, or None for gqa's own format (an encoder–decoder:
+    `seq2seq.target_family`).
 
     The source's own architecture when its config.json can hold the model (KV-head layout included);
     otherwise the family's form for what it cannot hold (GPT-2 with one KV head is GPT-BigCode; a Llama-style
@@ -220,6 +227,8 @@ def target_family(config: ModelConfig, hf_config: dict | None, format: str = "au
     """
     if format not in ("auto", "hf", "native"):
         raise GQAError(f"unknown format {format!r}; choose auto, hf or native")
+    if isinstance(config, Seq2SeqConfig):
+        return target_seq2seq_family(config, hf_config, format)
     if format == "native":
         return None
     source = None
@@ -275,8 +284,8 @@ def save(
 ) -> Path:
     """Write `model` to folder `dest` atomically; returns the path. Tokenizer files travel with it. `card`, if
     given, writes the model card into the finished folder before it is renamed (`gqa.card.write_card`)."""
-    target = target_seq2seq_family if isinstance(model.config, Seq2SeqConfig) else target_family
-    return save_state(model.state_dict(), model.config, model.hf_config, target(model.config, model.hf_config, format),
+    family = target_family(model.config, model.hf_config, format)
+    return save_state(model.state_dict(), model.config, model.hf_config, family,
                       dest, parse_dtype(dtype) or model.dtype, source_dir=model.source_dir, overwrite=overwrite,
                       shard_bytes=shard_bytes, extra_files=extra_files, card=card)
 

@@ -308,7 +308,7 @@ def import_state(path, config: Seq2SeqConfig, family: Seq2SeqFamily | None, read
     return state
 
 
-def target_seq2seq_family(config: Seq2SeqConfig, hf_config: dict | None, format: str) -> Seq2SeqFamily | None:
+def target_family(config: Seq2SeqConfig, hf_config: dict | None, format: str) -> Seq2SeqFamily | None:
     """The HF family a model is written as (its source's, at G = H), or None for gqa's own format."""
     if format == "native" or not hf_config:
         return None

@@ -7,6 +7,7 @@ from dataclasses import asdict
 
 import torch
 
+from ..checkpoints import architecture_name
 from ..model import ModelConfig
 from ..version import __version__
 
@@ -21,7 +22,7 @@ def conversion_report(job, new_config: ModelConfig, out_family, *, counts, layer
         "destination": str(job.dst.resolve()),
         "method": job.method.name,
         "seed": job.seed if job.method.name == "random" or job.calibration else None,
-        "architecture": (out_family.architectures[0] if out_family else "GQAForCausalLM"),
+        "architecture": architecture_name(new_config, out_family),
         "query_heads": job.config.n_heads,
         "kv_heads_before": job.config.n_kv_heads,
         "kv_heads_after": new_config.n_kv_heads,

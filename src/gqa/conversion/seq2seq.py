@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from ..attention import check_regroup
 from ..card import conversion_step, write_card
-from ..checkpoints import files, model_from_state, save_state
-from ..checkpoints.seq2seq import import_state, read_seq2seq_config, target_seq2seq_family
+from ..checkpoints import architecture_name, files, model_from_state, save_state, target_family
+from ..checkpoints.seq2seq import import_state, read_seq2seq_config
 from ..checkpoints.tokenizer import warn_without_tokenizer
 from ..errors import GQAError
 from ..kinds import ENCODER_DECODER
@@ -79,7 +79,7 @@ def convert_seq2seq(src, dst, options: ConversionOptions) -> dict:
     config, family = read_seq2seq_config(src, hf)
     kinds = check_kv_heads(config, n_kv_heads, options.encoder)
     new_config = replace(config, **{KINDS[k][2]: [n_kv_heads] * len(getattr(config, KINDS[k][2])) for k in kinds})
-    out_family = target_seq2seq_family(new_config, hf if family else hf.get("hf_config"), options.format)  # now
+    out_family = target_family(new_config, hf if family else hf.get("hf_config"), options.format)  # now
     calibration = options.calibration_for(config)
     files.check_destination(dst, options.overwrite, sources=[src])
     warn_without_tokenizer(src)
@@ -215,7 +215,7 @@ def seq2seq_report(src, dst, options: ConversionOptions, *, settings, config: Se
     return {
         "gqa_version": __version__, "source": str(Path(src).resolve()), "destination": str(Path(dst).resolve()),
         "method": method, "seed": seed if method == "random" else None, "method_settings": asdict(settings) or None,
-        "architecture": out_family.architectures[0] if out_family else "GQASeq2SeqLM", "query_heads": config.n_heads,
+        "architecture": architecture_name(new, out_family), "query_heads": config.n_heads,
         "converted": kinds,
         **{f"{k}_kv_heads_{when}": getattr(c, KINDS[k][2]) for k in KINDS for when, c in (("before", config),
                                                                                             ("after", new))},
