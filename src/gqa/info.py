@@ -8,21 +8,21 @@ import os
 from typing import Any
 
 from .attention import heads_name
-from .checkpoints import check_layout, files, read_model_config
-from .checkpoints.seq2seq import check_seq2seq_layout, is_seq2seq, read_seq2seq_config
+from .checkpoints import files, read_checked
 from .gguf_layout import gguf_support
+from .kinds import kind_of
 from .kv_formats import kv_format, names
 from .model import ModelConfig
 from .runtimes.vllm_runtime import vllm_support
+from .seq2seq import Seq2SeqConfig
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """What `gqa info` prints: architecture, heads per layer, parameters, KV bytes per token, whether vLLM
     serves it. Reads no weights."""
-    if is_seq2seq(raw := files.read_config(path)):
-        return describe_seq2seq(path, raw)
-    config, family, hf = read_model_config(path)
-    check_layout(path, config, family)
+    config, family, hf = read_checked(path)  # a config that disagrees with the weights describes nothing
+    if kind_of(config).is_encoder_decoder:
+        return describe_seq2seq(path, config, family, hf)
     params, storage, element = files.stored_parameters(path, family.ignore if family else ())
     kv = config.kv_bytes_per_token(element)
     mha = config.n_layers * 2 * config.n_heads * config.head_dim * element
@@ -62,11 +62,9 @@ def llama_cpp_support(config: ModelConfig) -> str:
     return f"no: {why}" if why else "yes: gqa export MODEL FILE.gguf --format gguf"
 
 
-def describe_seq2seq(path, hf: dict) -> dict:
+def describe_seq2seq(path, config: Seq2SeqConfig, family, hf: dict) -> dict:
     """What `gqa info` prints for an encoder–decoder: heads of each attention kind, and the KV bytes per
     generated token (the decoder's self-attention cache) and per source token (its cross-attention cache)."""
-    config, family = read_seq2seq_config(path, hf)
-    check_seq2seq_layout(path, config, family)  # a config that disagrees with the weights describes nothing
     params, storage, element = files.stored_parameters(path, family.ignore if family else ())
     mha = 2 * config.n_decoder_layers * config.n_heads * config.head_dim * element
 

@@ -22,7 +22,7 @@ from ..seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from ..version import __version__
 from . import files
 from .families import BY_ARCHITECTURE, MQA_FORM, PER_LAYER, Family, family_for, stack_heads
-from .seq2seq import NATIVE_SEQ2SEQ, check_seq2seq_layout, import_state, is_seq2seq, read_seq2seq_config
+from .seq2seq import NATIVE_SEQ2SEQ, is_seq2seq, read_seq2seq_config
 from .seq2seq import target_family as target_seq2seq_family
 
 NATIVE_ARCHITECTURE = "GQAForCausalLM"
@@ -70,13 +70,16 @@ def read_model_config(path: str | os.PathLike) -> tuple[ModelConfig, Family | No
 def checked_config(path: str | os.PathLike):
     """A folder's config, checked against its weights' headers (no weight is read): a `ModelConfig`, or for an
     encoder–decoder a `Seq2SeqConfig` (both have the vocab_size and max_positions that checks read)."""
-    if is_seq2seq(hf := files.read_config(path)):
-        config, family = read_seq2seq_config(path, hf)
-        check_seq2seq_layout(path, config, family)
-        return config
-    config, family, _ = read_model_config(path)
+    return read_checked(path)[0]
+
+
+def read_checked(path: str | os.PathLike) -> tuple[Any, Family | None, dict]:
+    """(config, family or None for gqa's own format, raw config.json) of a model folder of either shape, its
+    tensors checked against the config from the safetensors headers alone (`check_layout`)."""
+    hf = files.read_config(path)
+    config, family = read_seq2seq_config(path, hf) if is_seq2seq(hf) else read_model_config(path)[:2]
     check_layout(path, config, family)
-    return config
+    return config, family, hf
 
 
 def check_reference(model: str | os.PathLike, config: ModelConfig, reference: str | os.PathLike, role: str,
@@ -105,7 +108,9 @@ def export_tensors(state: dict[str, torch.Tensor], config: ModelConfig, family: 
     return {k: v for k, v in state.items() if not (k == "output.weight" and config.tie_embeddings)}
 
 
-def import_tensors(path, config: ModelConfig, family: Family | None) -> dict[str, torch.Tensor]:
+def import_tensors(path, config, family) -> dict[str, torch.Tensor]:
+    """A folder's tensors under gqa's names (per-head pieces joined, a tied head set to the embeddings),
+    checked finite; its layout is `check_layout`'s to check first."""
     state: dict[str, torch.Tensor] = {}
     for name, tensor in files.iter_tensors(path):
         files.check_finite(path, name, tensor)
@@ -116,14 +121,14 @@ def import_tensors(path, config: ModelConfig, family: Family | None) -> dict[str
     return state
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config) -> dict[str, tuple[int, ...]]:
     """Every gqa tensor a model with this config holds, and its shape (from a model built on the meta device)."""
     with torch.device("meta"):
-        model = Transformer(config)
+        model = SHAPES[type(config)][0](config)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def check_layout(path, config: ModelConfig, family: Family | None, shapes: dict | None = None) -> None:
+def check_layout(path, config, family, shapes: dict | None = None) -> None:
     """Check a folder's tensors against its config from the safetensors headers alone (`shapes`: as
     `files.tensor_shapes` read them), before any weight is read: every tensor the config implies is there,
     with the shape it implies, and nothing else is."""
@@ -189,13 +194,8 @@ def load(
     kv_cache_dtype: what its KV cache stores ("q8_0", "q4_0", "fp8_e4m3", ...: `Transformer.set_kv_cache_dtype`).
     """
     dtype = parse_dtype(dtype)
-    if is_seq2seq(hf := files.read_config(path)):  # an encoder–decoder (T5, BART): its own model class
-        config, family = read_seq2seq_config(path, hf)
-        state = import_state(path, config, family)
-    else:
-        config, family, hf = read_model_config(path)
-        check_layout(path, config, family)
-        state = import_tensors(path, config, family)
+    config, family, hf = read_checked(path)
+    state = import_tensors(path, config, family)
     model = model_from_state(config, state, dtype, device)
     model.hf_config = hf.get("hf_config") if family is None else hf
     model.source_dir = Path(path)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import GQAError
-from ..seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+from ..seq2seq import Seq2SeqConfig
 from . import files
 from .families import Derived, Description, Key, act_key, activation, hf_activation
 
@@ -261,51 +261,6 @@ def head_differs(path, family: Seq2SeqFamily, config: Seq2SeqConfig) -> bool:
         return False
     tensors = files.read_tensors(index, [embedding, head])
     return not torch.equal(tensors[embedding], tensors[head])
-
-
-def expected_shapes(config: Seq2SeqConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        model = Seq2SeqTransformer(config)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
-
-
-def headers(path):
-    """(name, a meta tensor of its shape) for every tensor of a folder: checks read no weights."""
-    for name, (shape, _) in files.tensor_shapes(path).items():
-        yield name, torch.empty(shape, device="meta")
-
-
-def check_seq2seq_layout(path, config: Seq2SeqConfig, family: Seq2SeqFamily | None) -> None:
-    """The folder's tensors against its config, from the safetensors headers alone."""
-    import_state(path, config, family, read=headers)
-
-
-def import_state(path, config: Seq2SeqConfig, family: Seq2SeqFamily | None, read=None) -> dict[str, torch.Tensor]:
-    """gqa tensors of a folder (checked against the config: nothing missing, nothing unexpected, shapes)."""
-    state: dict[str, torch.Tensor] = {}
-    origin: dict[str, str] = {}  # gqa name -> the file's: what errors name
-    for name, tensor in (read or files.iter_tensors)(path):
-        if tensor.device.type != "meta":
-            files.check_finite(path, name, tensor)
-        imported = family.import_tensor(name, tensor, config) if family else {name: tensor}
-        state.update(imported)
-        origin.update({k: name for k in imported})
-    if config.tie_embeddings:
-        state.setdefault("output.weight", state.get("tok_embeddings.weight"))
-    expected = expected_shapes(config)
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        missing = [family.file_name(n, config) if family else n for n in missing]  # as the file would name them
-        raise GQAError(f"{path}: the checkpoint misses {missing[:3]} / has unexpected "
-                       f"{[origin.get(n, n) for n in unexpected[:3]]} for its config")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != expected[name]:
-            shape = tuple(tensor.shape)
-            if name == "output.bias":  # BART's final_logits_bias is [1, vocab] in the file
-                shape, expected[name] = (1, *shape), (1, *expected[name])
-            raise GQAError(f"{path}: tensor {origin.get(name, name)} has shape {shape}, but config.json implies "
-                           f"{expected[name]}")
-    return state
 
 
 def target_family(config: Seq2SeqConfig, hf_config: dict | None, format: str) -> Seq2SeqFamily | None:

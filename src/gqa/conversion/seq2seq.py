@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from ..attention import check_regroup
 from ..card import conversion_step, write_card
-from ..checkpoints import architecture_name, files, model_from_state, save_state, target_family
-from ..checkpoints.seq2seq import import_state, read_seq2seq_config
+from ..checkpoints import architecture_name, check_layout, files, import_tensors, model_from_state, save_state, target_family
+from ..checkpoints.seq2seq import read_seq2seq_config
 from ..checkpoints.tokenizer import warn_without_tokenizer
 from ..errors import GQAError
 from ..kinds import ENCODER_DECODER
@@ -83,7 +83,8 @@ def convert_seq2seq(src, dst, options: ConversionOptions) -> dict:
     calibration = options.calibration_for(config)
     files.check_destination(dst, options.overwrite, sources=[src])
     warn_without_tokenizer(src)
-    state = import_state(src, config, family)
+    check_layout(src, config, family)
+    state = import_tensors(src, config, family)
     dtype = state["tok_embeddings.weight"].dtype
     todo = [(kind, layer) for kind in kinds for layer, g_now in enumerate(getattr(config, KINDS[kind][2]))
             if g_now != n_kv_heads]
