@@ -184,13 +184,14 @@ def calibrate(src, source: Seq2SeqTransformer, calibration: CalibrationSettings,
     """(kind, layer) -> Calibration of every attention to be grouped, read off the source model (float32), and
     the calibration examples as model inputs (input ids, decoder ids)."""
     from ..checkpoints.tokenizer import load_tokenizer
+    from ..data import check_token_ids
 
     config = source.config
 
     input_ids, labels = calibration_examples(calibration.data, load_tokenizer(src), calibration.tokens,
                                              calibration.seq_len, seed)
-    if input_ids.max() >= config.vocab_size or labels.max() >= config.vocab_size:
-        raise GQAError(f"{src}: its tokenizer gives ids beyond the model's vocabulary ({config.vocab_size})")
+    for ids in (input_ids, labels):
+        check_token_ids(ids, config.vocab_size, calibration.data)
     if progress:
         print(f"calibrating on {input_ids.numel():,} source and {labels.numel():,} target tokens "
               f"of {calibration.data}", file=sys.stderr)
