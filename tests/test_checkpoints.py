@@ -219,3 +219,22 @@ def test_shard_writer_streams_every_dtype_into_shards_safetensors_reads_back(tmp
 
     assert sorted(p.name for p in one.iterdir()) == ["model.safetensors"]
     assert torch.equal(load_file(str(one / "model.safetensors"))["a"], tensors["a"])
+
+
+def test_a_missing_tensor_is_named_as_the_files_name_it(tiny, tmp_path):
+    """A folder that lacks a tensor its config implies is refused before any weight is read, naming the tensor
+    as the family's files name it, for both model shapes (one layout check)."""
+    from safetensors.torch import load_file, save_file
+
+    t5 = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4,
+                               decoder_start_token_id=0)
+    transformers.T5ForConditionalGeneration(t5).save_pretrained(tmp_path / "t5")
+    folders = {tmp_path / "t5": "decoder.block.0.layer.1.EncDecAttention.k.weight"}
+    folders[tmp_path / "llama"] = "model.layers.0.self_attn.k_proj.weight"
+    tiny("llama")[0].save_pretrained(tmp_path / "llama")
+    for folder, name in folders.items():
+        tensors = load_file(str(folder / "model.safetensors"))
+        del tensors[name]
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(GQAError, match=rf"the checkpoint misses \['{name}'\] for its config \(1 missing"):
+            describe(folder)

@@ -149,8 +149,9 @@ def check_layout(path, config, family, shapes: dict | None = None) -> None:
         found.setdefault("output.weight", found["tok_embeddings.weight"])
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
-    if missing or unexpected:
-        what = f"misses {missing[:3]}" if missing else f"has unexpected {unexpected[:3]}"
+    if missing or unexpected:  # named as the files name them
+        what = f"misses {[family.file_name(n, config) if family else n for n in missing[:3]]}" if missing else \
+            f"has unexpected {[origin[n][0] if n in origin else n for n in unexpected[:3]]}"
         raise GQAError(f"{path}: the checkpoint {what} for its config ({len(missing)} missing, {len(unexpected)} unexpected)")
     for name, shape in found.items():
         if shape != expected[name]:

@@ -151,6 +151,15 @@ class Description:
                 return ours, m.groupdict()
         return None
 
+    def file_name(self, name: str, config) -> str:
+        """The name a gqa tensor has in this family's files (its own where no one file tensor holds it alone:
+        no rule, or a per-head template)."""
+        rule = self.export_rule(name, config)
+        try:
+            return rule[0].format(**rule[1]) if rule else name
+        except KeyError:
+            return name
+
     def export_rule(self, name: str, config) -> tuple[str, dict] | None:
         """(HF template, its fields) a gqa tensor is written under: the first rule whose condition holds."""
         for _, hf, _ours, ours_regex, when in self.rules:

@@ -58,11 +58,6 @@ class Seq2SeqFamily(Description):
             out[self.file_name(name, config)] = tensor.reshape(1, -1) if name == "output.bias" else tensor
         return out
 
-    def file_name(self, name: str, config: Seq2SeqConfig) -> str:
-        """The name a gqa tensor has in this family's files (its own where the family has none)."""
-        rule = self.export_rule(name, config)
-        return rule[0].format(**rule[1]) if rule else name
-
     def can_express(self, config: Seq2SeqConfig) -> bool:
         heads = config.encoder_kv_heads + config.self_kv_heads + config.cross_kv_heads
         return all(g == config.n_heads for g in heads)
