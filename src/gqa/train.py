@@ -364,9 +364,8 @@ def changed_settings(saved, now: dict) -> list[str]:
     """The run-defining settings that differ from a checkpoint's, as '--name THEN (this run: NOW)'."""
     if not isinstance(saved, dict):  # an older gqa kept one digest of them all: which one differs is unknown
         return [] if saved == digest(now) else [f"settings ({', '.join(option(n) for n in RUN_DEFINING)})"]
-    now = {n: now.get(n, SINCE.get(n)) for n in RUN_DEFINING}
-    return [f"{option(n)} {saved.get(n, SINCE.get(n))} (this run: {now[n]})" for n in RUN_DEFINING
-            if saved.get(n, SINCE.get(n)) != now[n]]
+    saved, now = ({n: d.get(n, SINCE.get(n)) for n in RUN_DEFINING} for d in (saved, now))  # omitted: SINCE's value
+    return [f"{option(n)} {saved[n]} (this run: {now[n]})" for n in RUN_DEFINING if saved[n] != now[n]]
 
 
 def option(name: str) -> str:
@@ -524,7 +523,7 @@ class Trainer:
             with sync:
                 lm, kl = self.losses(blocks)
                 lm_sum += lm.detach()
-                loss = cfg.lm_weight * lm if kl is None else cfg.lm_weight * lm + cfg.distill_weight * kl
+                loss = cfg.lm_weight * lm + (0 if kl is None else cfg.distill_weight * kl)
                 if kl is not None:
                     kl_sum += kl.detach()
                 (loss / cfg.grad_accum).backward()

@@ -50,9 +50,10 @@ def is_native(hf: dict) -> bool:
     return NATIVE_ARCHITECTURE in (hf.get("architectures") or [])
 
 
-def read_model_config(path: str | os.PathLike) -> tuple[ModelConfig, Family | None, dict]:
-    """(ModelConfig, family or None for gqa's own format, raw config.json) of a decoder-only model folder."""
-    hf = files.read_config(path)
+def read_model_config(path: str | os.PathLike, hf: dict | None = None) -> tuple[ModelConfig, Family | None, dict]:
+    """(ModelConfig, family or None for gqa's own format, raw config.json) of a decoder-only model folder
+    (`hf`: its config.json where the caller has read it)."""
+    hf = files.read_config(path) if hf is None else hf
     if is_seq2seq(hf):
         raise GQAError(f"{path} is an encoder–decoder model ({(hf.get('architectures') or [hf.get('model_type')])[0]});"
                        f" this needs a decoder-only model")
@@ -77,7 +78,7 @@ def read_checked(path: str | os.PathLike) -> tuple[Any, Family | None, dict]:
     """(config, family or None for gqa's own format, raw config.json) of a model folder of either shape, its
     tensors checked against the config from the safetensors headers alone (`check_layout`)."""
     hf = files.read_config(path)
-    config, family = read_seq2seq_config(path, hf) if is_seq2seq(hf) else read_model_config(path)[:2]
+    config, family = read_seq2seq_config(path, hf) if is_seq2seq(hf) else read_model_config(path, hf)[:2]
     check_layout(path, config, family)
     return config, family, hf
 
@@ -265,10 +266,7 @@ def config_json(config, hf_config: dict | None, family, dtype: torch.dtype) -> d
         return {"architectures": [architecture], "model_type": model_type, "gqa_version": __version__,
                 "gqa_config": config.to_dict(), "hf_config": base or None, "torch_dtype": dtype_name}
     written = family.to_hf_config(config, base)
-    # `extra` is how a family's layout was read (Falcon's old or new block), not the model: not compared
-    read = family.to_config(written).to_dict()
-    differ = [k for k, v in config.to_dict().items() if k != "extra" and read.get(k) != v]
-    if differ:
+    if differ := family.read_back_differs(config, written):
         raise GQAError(f"{family.name}'s config.json cannot express this model ({', '.join(differ)} would read back "
                        f"differently); write gqa's own format (--format native)")
     return {**written, "torch_dtype": dtype_name}

@@ -151,6 +151,12 @@ class Description:
                 return ours, m.groupdict()
         return None
 
+    def read_back_differs(self, config, written: dict) -> list[str]:
+        """The model's fields a reader of `written` (this family's config.json for `config`) would build
+        differently; `extra` (how a layout was read, e.g. Falcon's old or new block) is not the model."""
+        read = self.to_config(written).to_dict()
+        return [k for k, v in config.to_dict().items() if k != "extra" and read.get(k) != v]
+
     def file_name(self, name: str, config) -> str:
         """The name a gqa tensor has in this family's files (its own where no one file tensor holds it alone:
         no rule, or a per-head template)."""
@@ -205,10 +211,9 @@ class Family(Description):
         """Whether this family's config.json holds the model: written and read back, it is the same model
         (KV heads, biases, norms, rotary layout: whatever the family has no key for comes back different)."""
         try:
-            back = self.to_config(self.to_hf_config(config, {}))
+            return not self.read_back_differs(config, self.to_hf_config(config, {}))
         except (GQAError, KeyError, TypeError, ValueError):
             return False
-        return replace(back, extra={}) == replace(config, extra={})
 
     # -- tensors -----------------------------------------------------------------------------------------
 
